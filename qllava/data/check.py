@@ -1,0 +1,152 @@
+"""`qllava data check` (scan a dataset for every problem) and `qllava data show` (the label audit)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import AutoConfig
+
+from qllava.data.dataset import IGNORE_INDEX, encoder_from_recipe, parse_sample, read_records
+from qllava.errors import QllavaError
+from qllava.model.load import check_base, load_processor
+from qllava.recipe import Recipe
+
+
+@dataclass
+class Report:
+    errors: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        out = list(self.lines)
+        if self.errors:
+            out.append(f"{len(self.errors)} error(s):")
+            out += [f"  - {e}" for e in self.errors]
+        else:
+            out.append("no errors")
+        return "\n".join(out)
+
+
+def _load(recipe: Recipe):
+    from qllava.demo import resolve_demo_paths
+
+    recipe = resolve_demo_paths(recipe)
+    base = check_base(recipe.model.base)
+    config = AutoConfig.from_pretrained(base)
+    processor = load_processor(base)
+    return recipe, encoder_from_recipe(recipe, processor, config)
+
+
+def _image_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return "not found"
+    try:
+        with Image.open(path) as img:
+            img.convert("RGB").load()
+    except Exception as exc:  # PIL raises many types for corrupt files
+        return f"cannot be decoded ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _scan(path: str, recipe: Recipe, encoder, report: Report) -> None:
+    records = read_records(path)
+    folder = Path(recipe.data.image_folder) if recipe.data.image_folder else None
+    lengths, images, text_only, over, lost, tokens, trained = [], 0, 0, 0, 0, 0, 0
+    for i, record in enumerate(tqdm(records, desc=f"check {Path(path).name}", unit="sample")):
+        try:
+            sample = parse_sample(record, i, path)
+        except QllavaError as exc:
+            report.errors.append(str(exc))
+            continue
+        if sample.image:
+            problem = "no data.image_folder set" if folder is None else _image_problem(folder / sample.image)
+            if problem:
+                report.errors.append(f"sample {sample.id!r} ({sample.where}): image `{sample.image}` {problem}")
+                continue
+            images += 1
+        else:
+            text_only += 1
+        full = encoder.max_length
+        encoder.max_length = 10**9  # measure the untruncated length
+        try:
+            item = encoder.encode(sample)
+        except QllavaError as exc:
+            report.errors.append(str(exc))
+            continue
+        finally:
+            encoder.max_length = full
+        n = len(item["input_ids"])
+        lengths.append(n)
+        targets = [lab != IGNORE_INDEX for lab in item["labels"]]
+        kept = sum(targets[:full])
+        tokens += min(n, full)
+        trained += kept
+        if n > full:
+            over += 1
+            lost += kept == 0
+        if sum(targets) == 0:
+            report.errors.append(f"sample {sample.id!r} ({sample.where}): no token carries loss after templating")
+    report.lines.append(f"{path}: {len(records)} samples ({images} with an image, {text_only} text-only)")
+    if lengths:
+        q = statistics.quantiles(lengths, n=20) if len(lengths) > 1 else [lengths[0]] * 19
+        report.lines.append(
+            f"  tokens per sample (image tokens included, {encoder.image_tokens} per image): min {min(lengths)}, "
+            f"mean {statistics.fmean(lengths):.0f}, median {statistics.median(lengths):.0f}, p95 {q[18]:.0f}, "
+            f"max {max(lengths)}")
+        report.lines.append(f"  over data.max_length={encoder.max_length}: {over} sample(s), cut on the right "
+                            f"({lost} of them lose every trained token)")
+        report.lines.append(f"  trained tokens: {trained} of {tokens} ({trained / max(tokens, 1):.1%})")
+
+
+def check_dataset(recipe: Recipe) -> Report:
+    """Scan data.train (and data.eval): every problem is collected, each naming sample id and file."""
+    recipe, encoder = _load(recipe)
+    report = Report(lines=[f"template {recipe.data.template}, max_length {recipe.data.max_length}"])
+    for path in filter(None, (recipe.data.train, recipe.data.eval)):
+        _scan(path, recipe, encoder, report)
+    return report
+
+
+def show_sample(recipe: Recipe, index: int) -> str:
+    """One training sample as the model sees it; tokens that carry loss are wrapped in [[ ]]."""
+    recipe, encoder = _load(recipe)
+    records = read_records(recipe.data.train)
+    if not 0 <= index < len(records):
+        raise QllavaError(f"--index {index} is out of range: {recipe.data.train} has {len(records)} samples")
+    sample = parse_sample(records[index], index, recipe.data.train)
+    item = encoder.encode(sample)
+    tok = encoder.tokenizer
+    pieces, run, trained_run = [], [], False
+    ids, labels = item["input_ids"], item["labels"]
+
+    def flush():
+        if run:
+            text = tok.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            pieces.append(f"[[{text}]]" if trained_run else text)
+
+    i = 0
+    while i < len(ids):
+        if ids[i] == encoder.image_token_id:
+            flush()
+            run = []
+            j = i
+            while j < len(ids) and ids[j] == encoder.image_token_id:
+                j += 1
+            pieces.append(f"<image x{j - i}>")
+            i = j
+            continue
+        trained = labels[i] != IGNORE_INDEX
+        if trained != trained_run:
+            flush()
+            run, trained_run = [], trained
+        run.append(ids[i])
+        i += 1
+    flush()
+    n_trained = sum(lab != IGNORE_INDEX for lab in labels)
+    header = (f"sample {sample.id!r} ({sample.where}), template {recipe.data.template}: {len(ids)} tokens, "
+              f"{n_trained} carry loss (marked [[ ]]){', truncated' if item['truncated'] else ''}")
+    return header + "\n\n" + "".join(pieces)

@@ -1,0 +1,285 @@
+"""LLaVA-format datasets: read the index at start, tokenize and decode images lazily per sample.
+
+Data format (haotian-liu/LLaVA): a JSON list (or JSONL) of
+``{"id": ..., "image": "rel/path.jpg" (optional), "conversations": [{"from": "human", "value":
+"<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from qllava.data.images import load_image
+from qllava.data.templates import render
+from qllava.errors import QllavaError
+
+IMAGE_TAG = "<image>"
+IGNORE_INDEX = -100
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class Sample:
+    id: str
+    where: str
+    """File and position, for error messages."""
+    image: str | None
+    turns: list[tuple[str, str]]
+    system: str | None
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """A JSON list or a JSONL file -> raw records (dicts are not validated here)."""
+    p = Path(path)
+    if not p.is_file():
+        raise QllavaError(f"data file `{p}` not found")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".jsonl" or not text.lstrip().startswith("["):
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise QllavaError(f"{p}:{lineno}: not valid JSON ({exc.msg}); "
+                                      "expected one sample object per line") from None
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise QllavaError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(records, list):
+        raise QllavaError(f"{p}: expected a JSON list of samples")
+    return records
+
+
+def parse_sample(record, index: int, source: str) -> Sample:
+    """Validate one record and place `<image>` as LLaVA does; raise a QllavaError naming the sample."""
+    where = f"{source}[{index}]"
+    if not isinstance(record, dict):
+        raise QllavaError(f"{where}: a sample must be an object with `conversations`")
+    sid = str(record.get("id", index))
+    label = f"sample {sid!r} ({where})"
+    image = record.get("image")
+    if isinstance(image, list):
+        if len(image) > 1:
+            raise QllavaError(f"{label}: {len(image)} images; one image per sample is supported")
+        image = image[0] if image else None
+    if image is not None and not (isinstance(image, str) and image):
+        raise QllavaError(f"{label}: `image` must be a relative path string")
+    convs = record.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise QllavaError(f"{label}: `conversations` must be a non-empty list")
+    turns: list[tuple[str, str]] = []
+    system = None
+    tags = 0
+    for t, turn in enumerate(convs):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise QllavaError(f"{label}: turn {t} must be an object with `from` and a string `value`")
+        role = ROLES.get(turn.get("from"))
+        if role is None:
+            raise QllavaError(f"{label}: turn {t} has unknown role {turn.get('from')!r} "
+                              f"(use one of {', '.join(sorted(ROLES))})")
+        value = turn["value"]
+        if not value.replace(IMAGE_TAG, "").strip():
+            raise QllavaError(f"{label}: turn {t} ({turn.get('from')}) has empty text")
+        if role == "system":
+            if t != 0:
+                raise QllavaError(f"{label}: a system turn may only come first")
+            system = value
+            continue
+        if IMAGE_TAG in value:
+            if role != "user":
+                raise QllavaError(f"{label}: turn {t}: `<image>` may only appear in a human turn")
+            tags += value.count(IMAGE_TAG)
+        turns.append((role, value))
+    if tags > (1 if image else 0):
+        raise QllavaError(f"{label}: {tags} `<image>` tag(s) but {1 if image else 0} image(s)")
+    if not any(role == "assistant" for role, _ in turns):
+        raise QllavaError(f"{label}: no assistant (gpt) turn, so nothing would be trained")
+    for t, (role, _) in enumerate(turns):
+        expected = "user" if t % 2 == 0 else "assistant"
+        if role != expected:
+            raise QllavaError(f"{label}: turns must alternate human/gpt starting with human; "
+                              f"turn {t} is `{role}`")
+    if turns[-1][0] != "assistant":
+        raise QllavaError(f"{label}: the last human turn has no gpt reply")
+    if image:
+        # LLaVA moves the image to the start of the first human turn.
+        turns = [(role, text.replace(IMAGE_TAG, "").strip()) for role, text in turns]
+        turns[0] = ("user", f"{IMAGE_TAG}\n{turns[0][1]}")
+    return Sample(sid, where, image, turns, system)
+
+
+def num_image_tokens(config) -> int:
+    """Image tokens per image implied by a LlavaConfig (as LlavaProcessor expands them)."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    has_cls = vision.model_type.startswith("clip")
+    if config.vision_feature_select_strategy == "default":
+        return patches + int(has_cls) - 1
+    return patches + int(has_cls)
+
+
+class Encoder:
+    """Sample -> token ids and labels: loss only on reply spans, `<image>` expanded, cut to max_length."""
+
+    def __init__(self, tokenizer, template: str, *, image_token_id: int, image_tokens: int, max_length: int,
+                 system: str | None = None) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise QllavaError("a fast tokenizer (tokenizer.json) is needed to map reply spans to tokens")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.image_token_id = image_token_id
+        self.image_tokens = image_tokens
+        self.max_length = max_length
+        self.system = system
+
+    def _tokenize(self, rendered, images: int, label: str) -> tuple[list[int], list[int], int]:
+        """Token ids, labels (reply spans only) and where the image block ends."""
+        enc = self.tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=True)
+        ids, labels = [], []
+        images_seen = 0
+        image_end = 0
+        for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if tok == self.image_token_id:
+                images_seen += 1
+                ids += [tok] * self.image_tokens
+                labels += [IGNORE_INDEX] * self.image_tokens
+                image_end = len(ids)
+                continue
+            target = end > start and any(start < s_end and end > s_start for s_start, s_end in rendered.targets)
+            ids.append(tok)
+            labels.append(tok if target else IGNORE_INDEX)
+        if images_seen != images:
+            raise QllavaError(f"{label}: the prompt holds {images_seen} image token(s) for {images} image(s); "
+                              "does the tokenizer know `<image>` as a special token?")
+        return ids, labels, image_end
+
+    def encode(self, sample: Sample) -> dict:
+        rendered = render(sample.turns, self.template, system=sample.system or self.system,
+                          tokenizer=self.tokenizer)
+        label = f"sample {sample.id!r} ({sample.where})"
+        ids, labels, image_end = self._tokenize(rendered, 1 if sample.image else 0, label)
+        truncated = len(ids) > self.max_length
+        if truncated:
+            if image_end > self.max_length:
+                raise QllavaError(f"data.max_length={self.max_length} cuts the image tokens of {label}, "
+                                  f"which end at token {image_end}; raise data.max_length")
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        return {"input_ids": ids, "labels": labels, "truncated": truncated}
+
+    def prompt_ids(self, turns: list[tuple[str, str]], has_image: bool) -> list[int]:
+        """Token ids of a generation prompt (turns end with the user's), image tokens expanded."""
+        if has_image and IMAGE_TAG not in turns[0][1]:
+            turns = [("user", f"{IMAGE_TAG}\n{turns[0][1]}")] + list(turns[1:])
+        rendered = render(turns, self.template, system=self.system, tokenizer=self.tokenizer,
+                          add_generation_prompt=True)
+        return self._tokenize(rendered, 1 if has_image else 0, "prompt")[0]
+
+
+def load_samples(path: str | Path, image_folder: str | Path | None) -> list[Sample]:
+    """Read and validate every record at start; report all bad samples and missing images at once."""
+    records = read_records(path)
+    samples, problems = [], []
+    folder = Path(image_folder) if image_folder else None
+    for i, record in enumerate(records):
+        try:
+            sample = parse_sample(record, i, str(path))
+        except QllavaError as exc:
+            problems.append(str(exc))
+            continue
+        if sample.image and (folder is None or not (folder / sample.image).is_file()):
+            problems.append(f"sample {sample.id!r} ({sample.where}): image `{sample.image}` not found in "
+                            f"data.image_folder `{image_folder}`")
+        samples.append(sample)
+    if problems:
+        shown = "\n".join(f"  - {p}" for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise QllavaError(f"{len(problems)} bad sample(s) in {path} (run `qllava data check` for a full report):"
+                          f"\n{shown}{more}")
+    if not samples:
+        raise QllavaError(f"{path} holds no samples")
+    return samples
+
+
+class LlavaDataset(Dataset):
+    """Index in memory; each item is tokenized and its image decoded when it is fetched."""
+
+    def __init__(self, samples: list[Sample], encoder: Encoder, image_folder: str | Path | None,
+                 image_processor, image_aspect: str) -> None:
+        self.samples = samples
+        self.encoder = encoder
+        self.image_folder = Path(image_folder) if image_folder else None
+        self.image_processor = image_processor
+        self.image_aspect = image_aspect
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        item = self.encoder.encode(sample)
+        item["pixel_values"] = None
+        if sample.image:
+            path = self.image_folder / sample.image
+            try:
+                item["pixel_values"] = load_image(path, self.image_aspect, self.image_processor)
+            except Exception as exc:  # PIL raises many types for corrupt files
+                raise QllavaError(f"sample {sample.id!r} ({sample.where}): cannot read image {path}: {exc}") from None
+        return item
+
+    def modality_lengths(self) -> list[int]:
+        """Approximate lengths as LLaVA computes them: words plus image tokens, negative for text-only."""
+        lengths = []
+        for s in self.samples:
+            words = sum(len(text.split()) for _, text in s.turns)
+            lengths.append(words + self.encoder.image_tokens if s.image else -words)
+        return lengths
+
+
+def collate(items: list[dict], pad_token_id: int) -> dict:
+    """Right-pad a micro-batch; images of the samples that have one are stacked in order."""
+    longest = max(len(it["input_ids"]) for it in items)
+    input_ids = torch.full((len(items), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
+    for row, it in enumerate(items):
+        n = len(it["input_ids"])
+        input_ids[row, :n] = torch.tensor(it["input_ids"])
+        labels[row, :n] = torch.tensor(it["labels"])
+        attention_mask[row, :n] = 1
+    images = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "pixel_values": torch.stack(images) if images else None,
+        "truncated": sum(int(it["truncated"]) for it in items),
+    }
+
+
+def encoder_from_recipe(recipe, processor, config) -> Encoder:
+    """The tokenizer + template + image-token expansion a recipe implies, checked against the model."""
+    tokenizer = processor.tokenizer
+    image_token_id = config.image_token_id
+    if tokenizer.convert_tokens_to_ids(IMAGE_TAG) != image_token_id:
+        raise QllavaError(f"the tokenizer maps `{IMAGE_TAG}` to id {tokenizer.convert_tokens_to_ids(IMAGE_TAG)} "
+                          f"but the model expects image_token_id {image_token_id}; is model.base a LLaVA checkpoint "
+                          "with its own processor files?")
+    return Encoder(tokenizer, recipe.data.template, image_token_id=image_token_id,
+                   image_tokens=num_image_tokens(config), max_length=recipe.data.max_length,
+                   system=recipe.data.system_prompt)
+
+
+def dataset_from_recipe(recipe, path: str, processor, config) -> LlavaDataset:
+    """The dataset at `path` as the recipe's template, length limit and image handling say."""
+    encoder = encoder_from_recipe(recipe, processor, config)
+    samples = load_samples(path, recipe.data.image_folder)
+    return LlavaDataset(samples, encoder, recipe.data.image_folder, processor.image_processor,
+                        recipe.data.image_aspect)

@@ -1,0 +1,184 @@
+"""Load a local LLaVA for QLoRA training: what is quantized, what trains and which kernel runs.
+
+Each of these decisions lives here once and is printed at start-up (`describe`):
+- the language model's linear layers are NF4 with double quantization (or 8-bit / 16-bit);
+  the vision tower, the projector and lm_head are never quantized;
+- LoRA adapters on the language model's linear layers only; the projector trains fully and is
+  saved inside the adapter files (peft `modules_to_save`); everything else is frozen;
+- non-reentrant gradient checkpointing; flash-attention for the LLM when it can run, else sdpa.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
+
+from qllava.errors import QllavaError
+from qllava.recipe import Recipe
+
+# transformers 5 matches skip patterns against the full module name from its start: short names
+# like "vision_tower" no longer match and would silently quantize the vision tower (NOTES).
+SKIP_QUANTIZATION = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+LLM_PREFIX = "model.language_model."
+PROJECTOR = "multi_modal_projector"
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_attention(choice: str, device: torch.device) -> str:
+    """`auto` -> flash_attention_2 when flash-attn imports and the GPU is Ampere or newer, else sdpa."""
+    flash_ok = (device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+                and torch.cuda.get_device_capability(device)[0] >= 8)
+    if choice == "auto":
+        return "flash_attention_2" if flash_ok else "sdpa"
+    if choice == "flash_attention_2" and not flash_ok:
+        raise QllavaError("model.attention=flash_attention_2 needs a CUDA GPU (Ampere or newer) and the flash-attn "
+                          "package (pip install 'qllava[flash]'); use model.attention=sdpa")
+    return choice
+
+
+def check_base(base: str | Path) -> Path:
+    path = Path(base)
+    if not (path / "config.json").is_file():
+        raise QllavaError(f"model.base `{base}` is not a model directory (no config.json); "
+                          "download the checkpoint once and pass its local path")
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "llava":
+        raise QllavaError(f"model.base `{base}` is a `{config.model_type}` model; a LLaVA "
+                          "(LlavaForConditionalGeneration) checkpoint is needed")
+    return path
+
+
+def quantization_config(bits: int, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8,
+                                  llm_int8_skip_modules=SKIP_QUANTIZATION)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_QUANTIZATION)
+    return None
+
+
+def guard_cpu_repack(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU-kernel layout.
+
+    On CPUs with AVX512-BF16, an eval-mode forward without grad repacks the weight in place, and
+    without the `kernels` package every later forward (training included) computes garbage (NOTES).
+    Must run on every model that does a 4-bit forward on CPU: training, evaluation, generation, merge.
+    """
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_base(base: str | Path, *, bits: int, device: torch.device, attention: str = "auto"):
+    """The LLaVA base as trained: quantized LLM, 16/32-bit vision tower, projector and lm_head."""
+    path = check_base(base)
+    dtype = compute_dtype(device)
+    attn = resolve_attention(attention, device)
+    device_map = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, quantization_config=quantization_config(bits, dtype), device_map=device_map,
+        attn_implementation={"text_config": attn, "vision_config": "sdpa" if attn == "flash_attention_2" else attn})
+    guard_cpu_repack(model)
+    return model
+
+
+def load_processor(base: str | Path):
+    processor = AutoProcessor.from_pretrained(base)
+    if processor.tokenizer.pad_token_id is None:
+        # LLaVA pads with unk when the tokenizer has no pad token; labels mask padding anyway.
+        processor.tokenizer.pad_token = processor.tokenizer.unk_token or processor.tokenizer.eos_token
+    return processor
+
+
+def lora_targets(model: torch.nn.Module, target_modules) -> str:
+    """A peft regex that selects the language model's linear layers (never vision tower or projector)."""
+    linear_types = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    available = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                        if name.startswith(LLM_PREFIX) and isinstance(m, linear_types)})
+    wanted = available if target_modules == "all-linear" else list(target_modules)
+    unknown = [w for w in wanted if w not in available]
+    if unknown:
+        raise QllavaError(f"lora.target_modules {unknown} are not linear layers of the language model; "
+                          f"available: {available}")
+    return rf"{re.escape(LLM_PREFIX)}.*\.({'|'.join(map(re.escape, wanted))})"
+
+
+def load_for_training(recipe: Recipe, device: torch.device):
+    """Return (peft model, processor) ready to train as the recipe says."""
+    model = load_base(recipe.model.base, bits=recipe.model.bits, device=device, attention=recipe.model.attention)
+    processor = load_processor(recipe.model.base)
+    model.requires_grad_(False)
+    if recipe.model.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                        target_modules=lora_targets(model, recipe.lora.target_modules),
+                        modules_to_save=[PROJECTOR], bias="none")
+    torch.manual_seed(recipe.train.seed)
+    model = get_peft_model(model, config)
+    # transformers (and peft for 16-bit bases) hook every sub-model's input embeddings to require
+    # grad, the vision tower's patch embedding included: its whole forward would then be recorded
+    # for a backward pass that updates nothing. Non-reentrant checkpointing does not need the hooks.
+    model.base_model.model.disable_input_require_grads()
+    # Trainable weights stay fp32 for the optimizer; bf16 autocast does the compute on GPU.
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return model, processor
+
+
+def set_train_mode(model: torch.nn.Module) -> None:
+    """Train mode for the adapters; the frozen vision tower always runs in eval mode."""
+    model.train()
+    for name, module in model.named_modules():
+        if name.endswith("vision_tower"):
+            module.eval()
+
+
+def _group(name: str) -> str:
+    if "lora_" in name:
+        return "LoRA adapters"
+    if PROJECTOR in name:
+        return "projector (trained copy)" if "modules_to_save" in name else "projector (frozen original)"
+    if "vision_tower" in name:
+        return "vision tower"
+    if "lm_head" in name:
+        return "lm_head"
+    if "embed_tokens" in name:
+        return "LLM embeddings"
+    if re.search(r"_proj\.(base_layer\.)?(weight|bias)$", name):
+        return "LLM linear layers"
+    return "LLM norms"
+
+
+def parameter_groups(model: torch.nn.Module) -> dict[str, dict]:
+    """Module group -> dtypes, quantized?, trainable parameter count, parameter count."""
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        g = groups.setdefault(_group(name), {"dtypes": set(), "quantized": False, "trainable": 0, "params": 0})
+        quantized = isinstance(param, (bnb.nn.Params4bit, bnb.nn.Int8Params)) or param.dtype == torch.uint8
+        count = param.numel() * (2 if isinstance(param, bnb.nn.Params4bit) else 1)
+        g["dtypes"].add("nf4" if isinstance(param, bnb.nn.Params4bit) else str(param.dtype).replace("torch.", ""))
+        g["quantized"] |= quantized
+        g["params"] += count
+        g["trainable"] += count if param.requires_grad else 0
+    return groups
+
+
+def describe(model: torch.nn.Module) -> str:
+    """The start-up table: one row per module group."""
+    rows = [("group", "dtype", "quantized", "trainable", "params")]
+    for group, g in parameter_groups(model).items():
+        rows.append((group, ",".join(sorted(g["dtypes"])), "yes" if g["quantized"] else "no",
+                     f"{g['trainable']:,}", f"{g['params']:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)

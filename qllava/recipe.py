@@ -1,0 +1,389 @@
+"""The recipe schema: typed dataclasses are the single source of defaults, docs and validation.
+
+A recipe is a YAML file with the sections below; any key can be overridden on the command line
+as ``section.key=value`` (the value is parsed as YAML, so ``train.max_steps=20`` is an int and
+``lora.target_modules=[q_proj,v_proj]`` a list). Every problem is reported at once, naming the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qllava.errors import QllavaError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class ModelSection:
+    base: str = ""
+    """Local LLaVA directory in HF format (LlavaForConditionalGeneration + processor files).
+    `demo:tiny-llava` builds and caches the demo's tiny model."""
+
+    bits: int = 4
+    """Precision of the language model's linear layers: 4 (NF4 + double quantization), 8 (LLM.int8)
+    or 16 (not quantized). Vision tower, projector and lm_head are never quantized."""
+
+    attention: str = "auto"
+    """Attention kernel of the language model: auto (flash_attention_2 when flash-attn imports and
+    the GPU supports it, else sdpa), flash_attention_2, sdpa or eager."""
+
+    gradient_checkpointing: bool = True
+    """Recompute decoder-layer activations in the backward pass (non-reentrant) to save memory."""
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    """LoRA rank."""
+
+    alpha: int = 32
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+
+    target_modules: Any = "all-linear"
+    """`all-linear` (every linear layer of the language model except lm_head) or a list of module
+    name suffixes such as [q_proj, v_proj]. LoRA never touches the vision tower or projector."""
+
+
+@dataclass
+class DataSection:
+    train: str = ""
+    """Training data: a LLaVA JSON list or JSONL file of {id, image?, conversations}."""
+
+    eval: str = ""
+    """Optional held-out data in the same format; its loss is logged every train.eval_every steps."""
+
+    image_folder: str = ""
+    """Folder that the samples' `image` paths are relative to."""
+
+    template: str = "vicuna_v1"
+    """Conversation template: vicuna_v1, llava_llama_2, mistral_instruct, chatml, plain (stage 1
+    alignment) or tokenizer (the tokenizer's own chat_template)."""
+
+    system_prompt: str | None = None
+    """Replaces the template's default system prompt when set."""
+
+    max_length: int = 2048
+    """Token limit per sample, image tokens included. Longer samples are cut on the right; the
+    image-token block is never cut (a limit too small for it is an error)."""
+
+    image_aspect: str = "pad"
+    """`pad`: paste the image centered on a square of the processor's mean color (LLaVA-1.5);
+    `resize`: stretch it to the processor's square input size."""
+
+    group_by_modality_length: bool = True
+    """Batch image and text-only samples separately, each megabatch sorted by length (LLaVA-1.5)."""
+
+    num_workers: int = 2
+    """Dataloader worker processes that decode images; 0 decodes in the training process."""
+
+
+@dataclass
+class OptimSection:
+    name: str = "auto"
+    """auto (paged_adamw_8bit on CUDA, adamw elsewhere), paged_adamw_8bit, adamw_8bit or adamw."""
+
+    lr: float = 2e-4
+    """Learning rate of the LoRA adapters."""
+
+    projector_lr: float = 2e-5
+    """Learning rate of the multimodal projector, which trains fully."""
+
+    weight_decay: float = 0.0
+    """Decoupled weight decay; never applied to biases and norm weights."""
+
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+
+    schedule: str = "cosine"
+    """Learning-rate schedule after warmup: cosine, linear or constant."""
+
+    warmup_ratio: float = 0.03
+    """Fraction of the optimizer steps spent warming up linearly from 0."""
+
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables clipping."""
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 0
+    """Optimizer steps to run; 0 means train.epochs full passes over the data."""
+
+    epochs: float = 1.0
+    """Passes over the data when train.max_steps is 0."""
+
+    micro_batch_size: int = 4
+    """Samples per forward pass on each process."""
+
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+
+    seed: int = 42
+    """Seed of model init (LoRA), data order and dropout."""
+
+    resume: str = ""
+    """Resume from a checkpoint: `auto` (the latest in output.dir), a checkpoint directory, or empty."""
+
+    mixed_precision: str = "auto"
+    """auto (bf16 on CUDA, none on CPU), bf16, fp16 or no."""
+
+    log_every: int = 10
+    """Optimizer steps between metrics.jsonl lines."""
+
+    eval_every: int = 0
+    """Optimizer steps between evaluations on data.eval; 0 evaluates only at the end."""
+
+    save_every: int = 500
+    """Optimizer steps between checkpoints; 0 saves only final/."""
+
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted."""
+
+
+@dataclass
+class OutputSection:
+    dir: str = "runs/qllava"
+    """Run directory: recipe.yaml, metrics.jsonl, checkpoint-STEP/ and final/."""
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.bits": (4, 8, 16),
+    "model.attention": ("auto", "flash_attention_2", "sdpa", "eager"),
+    "data.template": ("vicuna_v1", "llava_llama_2", "mistral_instruct", "chatml", "plain", "tokenizer"),
+    "data.image_aspect": ("pad", "resize"),
+    "optim.name": ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "train.mixed_precision": ("auto", "bf16", "fp16", "no"),
+}
+POSITIVE = ("lora.r", "lora.alpha", "data.max_length", "train.micro_batch_size", "train.grad_accum",
+            "train.log_every", "train.keep_last", "optim.lr")
+NON_NEGATIVE = ("train.max_steps", "train.epochs", "train.eval_every", "train.save_every",
+                "data.num_workers", "optim.projector_lr", "optim.weight_decay", "optim.max_grad_norm",
+                "optim.warmup_ratio", "lora.dropout")
+REQUIRED = ("model.base", "data.train")
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type if isinstance(f.type, type) else globals()[f.type] for f in dataclasses.fields(Recipe)}
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """`section.key` -> the docstring written under the field (read from this module's source)."""
+    docs = {}
+    for section, cls in _sections().items():
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[f"{section}.{node.target.id}"] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{k}" for s, cls in _sections().items() for k in _field_types(cls)]
+
+
+def _closest(key: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    return f" (did you mean `{match[0]}`?)" if match else ""
+
+
+def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
+    """Return the value converted to the field's type, or an error text."""
+    if hint is Any:
+        return value, None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None, None
+        hint = args[0]
+    if hint is list or origin is list:
+        return (value, None) if isinstance(value, list) else (value, "expected a list")
+    if hint is bool:
+        return (value, None) if isinstance(value, bool) else (value, "expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+        return value, "expected an integer"
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), None
+        return value, "expected a number"
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value), None
+        return value, "expected a string"
+    return value, None
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`a.b=value` strings -> nested dict; values are parsed as YAML scalars/lists."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise QllavaError(f"override `{item}` is not of the form section.key=value "
+                              f"(for example train.max_steps=20)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise QllavaError(f"override `{item}` conflicts with another override of `{part}`")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    """Validate a nested dict against the schema; raise one QllavaError listing every problem."""
+    problems: list[str] = []
+    sections = _sections()
+    values: dict[str, dict] = {name: {} for name in sections}
+    if not isinstance(raw, dict):
+        raise QllavaError(f"{source}: expected a mapping of sections ({', '.join(sections)})")
+    for name, body in raw.items():
+        if name not in sections:
+            problems.append(f"unknown section `{name}`{_closest(str(name), list(sections))}")
+            continue
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            problems.append(f"`{name}` must be a mapping of keys, got {type(body).__name__}")
+            continue
+        types = _field_types(sections[name])
+        for key, value in body.items():
+            dotted = f"{name}.{key}"
+            if key not in types:
+                problems.append(f"unknown key `{dotted}`{_closest(dotted, all_keys())}")
+                continue
+            coerced, err = _coerce(value, types[key])
+            if err:
+                problems.append(f"`{dotted}`: {err}, got {value!r}")
+            else:
+                values[name][key] = coerced
+    recipe = Recipe(**{name: cls(**values[name]) for name, cls in sections.items()})
+    problems += _check_values(recipe)
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise QllavaError(f"{source} has {len(problems)} problem(s):\n{listing}")
+    return recipe
+
+
+def get(recipe: Recipe, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(recipe, section), key)
+
+
+def _check_values(recipe: Recipe) -> list[str]:
+    problems = []
+    for key, allowed in CHOICES.items():
+        value = get(recipe, key)
+        if value not in allowed:
+            problems.append(f"`{key}` is {value!r}; choose one of {', '.join(map(str, allowed))}"
+                            f"{_closest(str(value), [str(a) for a in allowed])}")
+    for key in POSITIVE:
+        if isinstance(get(recipe, key), (int, float)) and get(recipe, key) <= 0:
+            problems.append(f"`{key}` must be > 0, got {get(recipe, key)}")
+    for key in NON_NEGATIVE:
+        if isinstance(get(recipe, key), (int, float)) and get(recipe, key) < 0:
+            problems.append(f"`{key}` must be >= 0, got {get(recipe, key)}")
+    for key in REQUIRED:
+        if not get(recipe, key):
+            problems.append(f"`{key}` is required (set it in the recipe or as {key}=...)")
+    targets = recipe.lora.target_modules
+    if not (targets == "all-linear" or (isinstance(targets, list) and targets
+                                         and all(isinstance(t, str) for t in targets))):
+        problems.append(f"`lora.target_modules` must be `all-linear` or a list of module names, got {targets!r}")
+    if recipe.train.max_steps == 0 and recipe.train.epochs == 0:
+        problems.append("set `train.max_steps` or `train.epochs` above 0")
+    if not 0 <= recipe.optim.warmup_ratio < 1:
+        problems.append(f"`optim.warmup_ratio` must be in [0, 1), got {recipe.optim.warmup_ratio}")
+    if not (isinstance(recipe.optim.betas, list) and len(recipe.optim.betas) == 2):
+        problems.append(f"`optim.betas` must be a list of two numbers, got {recipe.optim.betas!r}")
+    if recipe.lora.dropout >= 1:
+        problems.append(f"`lora.dropout` must be below 1, got {recipe.lora.dropout}")
+    return problems
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    """A recipe path as given, or the name of a shipped recipe (`demo`, `demo.yaml`)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for candidate in (RECIPES_DIR / p.name, RECIPES_DIR / f"{p.name}.yaml"):
+        if candidate.is_file() and p.parent == Path("."):
+            return candidate
+    shipped = ", ".join(sorted(q.stem for q in RECIPES_DIR.glob("*.yaml")))
+    raise QllavaError(f"recipe file `{path}` not found (shipped recipes: {shipped})")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply `key=value` overrides, validate."""
+    p = resolve_recipe_path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise QllavaError(f"{p} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise QllavaError(f"{p}: expected a mapping of sections at the top level")
+    raw = _merge(raw, parse_overrides(overrides or []))
+    return build_recipe(raw, source=str(p))
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def shipped_recipes() -> list[tuple[str, str]]:
+    """(file name, the command on its first line) for every recipe under recipes/."""
+    out = []
+    for p in sorted(RECIPES_DIR.glob("*.yaml")):
+        first = p.read_text().splitlines()[0] if p.read_text() else ""
+        out.append((p.name, first.lstrip("# ").strip()))
+    return out

@@ -1,0 +1,113 @@
+"""Self-describing checkpoints, written atomically, and the exact resume from them.
+
+A checkpoint directory holds the PEFT adapter (projector included), the processor, the resolved
+recipe, and `trainer_state.json` + `optimizer.pt` + `scheduler.pt` + `rng.pt` to resume exactly.
+It is written under a temporary name and renamed when complete, so a crash mid-write never
+leaves a directory that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from qllava.errors import QllavaError
+from qllava.recipe import Recipe, dump_recipe
+
+ADAPTER_FILE = "adapter_model.safetensors"
+STATE_FILE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    consumed: int = 0
+    """Samples of this epoch already consumed by this rank (the sampler skips them on resume)."""
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, *, model, processor, recipe: Recipe, state: TrainState, optimizer=None,
+                    scheduler=None) -> Path:
+    """Write a complete checkpoint at `path` (replacing an older one of the same name)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    dump_recipe(recipe, tmp / "recipe.yaml")
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete `checkpoint-STEP` directories of a run, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def rotate(run_dir: Path, keep_last: int) -> None:
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old)
+
+
+def find_resume(resume: str, run_dir: Path) -> Path | None:
+    """`auto` -> the latest checkpoint in the run directory (None when there is none yet)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    missing = [f for f in (ADAPTER_FILE, STATE_FILE, "optimizer.pt") if not (path / f).is_file()]
+    if missing:
+        raise QllavaError(f"train.resume `{resume}` is not a complete checkpoint (missing {', '.join(missing)})")
+    return path
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> TrainState:
+    """Restore adapter + projector weights, optimizer, scheduler and RNG; return the trainer state."""
+    result = set_peft_model_state_dict(model, load_file(path / ADAPTER_FILE))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise QllavaError(f"checkpoint {path} does not fit this model (unexpected weights such as {unexpected[0]}); "
+                          "was it trained from another model.base or LoRA setting?")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return TrainState(**json.loads((path / STATE_FILE).read_text()))

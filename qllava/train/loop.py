@@ -1,0 +1,238 @@
+"""The training recipe, top to bottom: setup -> train -> save.
+
+One process per device under accelerate (`qllava train` or `accelerate launch -m qllava train`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from qllava.data.dataset import collate, dataset_from_recipe
+from qllava.data.sampler import GroupedSampler
+from qllava.errors import QllavaError
+from qllava.model.load import compute_dtype, describe, load_for_training, resolve_attention, set_train_mode
+from qllava.recipe import Recipe, dump_recipe
+from qllava.train.checkpoint import TrainState, find_resume, load_checkpoint, rotate, save_checkpoint
+from qllava.train.loss import loss_sum, trained_tokens
+from qllava.train.optim import build_optimizer, build_scheduler, resolve_optimizer
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _loader(dataset, sampler, recipe: Recipe, pad_token_id: int, device: torch.device) -> DataLoader:
+    # A private generator keeps worker seeding from consuming the global RNG, so resume is exact.
+    return DataLoader(dataset, batch_size=recipe.train.micro_batch_size, sampler=sampler,
+                      collate_fn=partial(collate, pad_token_id=pad_token_id), num_workers=recipe.data.num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False,
+                      generator=torch.Generator().manual_seed(recipe.train.seed))
+
+
+def _group_lr(optimizer, kind: str) -> float | None:
+    """Current lr of the LoRA ("") or projector ("projector_") parameter group."""
+    name = kind.rstrip("_") or "lora"
+    return next((g["lr"] for g in optimizer.param_groups if g["name"].startswith(name)), None)
+
+
+def _forward_loss(model, batch: dict, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    pixel_values = batch["pixel_values"]
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                pixel_values=None if pixel_values is None else pixel_values.to(device, dtype), use_cache=False)
+    return loss_sum(out.logits, batch["labels"].to(device))
+
+
+@torch.no_grad()
+def evaluate(model, loader: DataLoader, accelerator: Accelerator, dtype: torch.dtype) -> float:
+    """Token-weighted mean loss over the whole loader."""
+    model.eval()
+    total = torch.zeros((), device=accelerator.device)
+    tokens = torch.zeros((), device=accelerator.device)
+    for batch in loader:
+        total += _forward_loss(model, batch, accelerator.device, dtype)
+        tokens += trained_tokens(batch["labels"]).to(accelerator.device)
+    set_train_mode(model)
+    total, tokens = accelerator.reduce(total, "sum"), accelerator.reduce(tokens, "sum")
+    return (total / tokens.clamp(min=1)).item()
+
+
+class _StopRequest:
+    """First Ctrl-C asks the loop to checkpoint and stop at the next step boundary; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nqllava: stopping after this step and writing a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def train(recipe: Recipe, *, progress: bool = True) -> Path:
+    """Run a recipe; return the `final/` adapter directory."""
+    from qllava.demo import resolve_demo_paths
+
+    recipe = resolve_demo_paths(recipe)
+    out = Path(recipe.output.dir)
+    trackers = "tensorboard" if importlib.util.find_spec("tensorboard") else None
+    accelerator = Accelerator(mixed_precision=_mixed_precision(recipe.train.mixed_precision), log_with=trackers,
+                              project_dir=str(out),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    device, main = accelerator.device, accelerator.is_main_process
+    say = accelerator.print
+    set_seed(recipe.train.seed)
+
+    # --- setup: model, data, optimizer ---
+    model, processor = load_for_training(recipe, device)
+    dtype = compute_dtype(device)
+    say(f"qllava: {recipe.model.base} on {device}, LLM in {recipe.model.bits}-bit, attention "
+        f"{resolve_attention(recipe.model.attention, device)}, optimizer {resolve_optimizer(recipe.optim.name, device)}, "
+        f"mixed precision {accelerator.mixed_precision}\n{describe(model)}")
+    train_set = dataset_from_recipe(recipe, recipe.data.train, processor, model.config)
+    eval_set = dataset_from_recipe(recipe, recipe.data.eval, processor, model.config) if recipe.data.eval else None
+    micro, accum = recipe.train.micro_batch_size, recipe.train.grad_accum
+    sampler = GroupedSampler(train_set.modality_lengths(), micro, seed=recipe.train.seed,
+                             world_size=accelerator.num_processes, rank=accelerator.process_index,
+                             group_by_modality_length=recipe.data.group_by_modality_length)
+    pad_id = processor.tokenizer.pad_token_id
+    loader = _loader(train_set, sampler, recipe, pad_id, device)
+    steps_per_epoch = len(sampler) // (micro * accum)
+    if steps_per_epoch == 0:
+        raise QllavaError(f"{len(train_set)} training samples are fewer than one optimizer step needs "
+                          f"({micro} x {accum} x {accelerator.num_processes} processes); lower "
+                          "train.micro_batch_size or train.grad_accum")
+    total_steps = recipe.train.max_steps or math.ceil(recipe.train.epochs * steps_per_epoch)
+    say(f"qllava: {len(train_set)} samples, {steps_per_epoch} steps per epoch, training {total_steps} steps")
+    optimizer = build_optimizer(model, recipe, device)
+    scheduler = build_scheduler(optimizer, recipe, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    eval_loader = None
+    if eval_set is not None:
+        shard = list(range(accelerator.process_index, len(eval_set), accelerator.num_processes))
+        eval_loader = DataLoader(eval_set, batch_size=micro, sampler=shard,
+                                 collate_fn=partial(collate, pad_token_id=pad_id), num_workers=recipe.data.num_workers)
+
+    state = TrainState()
+    resume_from = find_resume(recipe.train.resume, out)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model=accelerator.unwrap_model(model), optimizer=optimizer,
+                                scheduler=scheduler)
+        say(f"qllava: resumed from {resume_from} at step {state.step}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, out / "recipe.yaml")
+        if trackers:
+            accelerator.init_trackers("qllava")
+
+    def save(path: Path, with_optimizer: bool = True) -> None:
+        accelerator.wait_for_everyone()
+        if main:
+            save_checkpoint(path, model=accelerator.unwrap_model(model), processor=processor, recipe=recipe,
+                            state=state, optimizer=optimizer if with_optimizer else None, scheduler=scheduler)
+
+    def log(record: dict) -> None:
+        if main:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if trackers:
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def windows():
+        """Accumulation windows of micro-batches; a window never spans two epochs."""
+        while True:
+            sampler.set_epoch(state.epoch, skip=state.consumed)
+            batches = iter(loader)
+            for _ in range(len(sampler) // micro // accum):
+                yield [next(batches) for _ in range(accum)]
+            state.epoch, state.consumed = state.epoch + 1, 0
+
+    # --- train ---
+    set_train_mode(model)
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (main and progress), desc="train", unit="step")
+    interval = {"loss": 0.0, "steps": 0, "tokens": 0, "truncated": 0, "start": time.perf_counter()}
+    stream = windows()
+    with _StopRequest() as stop:
+        while state.step < total_steps:
+            window = next(stream)
+            local_tokens = sum(trained_tokens(b["labels"]) for b in window).to(device)
+            global_tokens = accelerator.reduce(local_tokens.clone(), "sum").clamp(min=1)
+            # DDP averages gradients over ranks, so each rank scales by world_size / global tokens.
+            scale = accelerator.num_processes / global_tokens
+            step_loss = torch.zeros((), device=device)
+            for i, batch in enumerate(window):
+                sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model)
+                with sync:
+                    micro_loss = _forward_loss(model, batch, device, dtype)
+                    accelerator.backward(micro_loss * scale)
+                step_loss += micro_loss.detach()
+            if recipe.optim.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.consumed += micro * accum
+
+            loss = (accelerator.reduce(step_loss, "sum") / global_tokens).item()
+            interval["loss"] += loss
+            interval["steps"] += 1
+            interval["tokens"] += int(accelerator.reduce(
+                sum(b["attention_mask"].sum() for b in window).to(device), "sum"))
+            interval["truncated"] += sum(b["truncated"] for b in window)
+            if state.step % recipe.train.log_every == 0 or state.step == total_steps:
+                elapsed = time.perf_counter() - interval["start"]
+                record = {"step": state.step, "loss": interval["loss"] / interval["steps"],
+                          **{f"{kind}lr": _group_lr(optimizer, kind) for kind in ("", "projector_")},
+                          "tokens_per_s": interval["tokens"] / elapsed, "truncated": interval["truncated"],
+                          "epoch": state.epoch}
+                log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                interval = {"loss": 0.0, "steps": 0, "tokens": 0, "truncated": 0, "start": time.perf_counter()}
+            bar.update(1)
+            if eval_loader is not None and recipe.train.eval_every and state.step % recipe.train.eval_every == 0:
+                log({"step": state.step, "eval_loss": evaluate(accelerator.unwrap_model(model), eval_loader,
+                                                               accelerator, dtype)})
+            if stop.requested or (recipe.train.save_every and state.step % recipe.train.save_every == 0
+                                  and state.step < total_steps):
+                save(out / f"checkpoint-{state.step}")
+                if main:
+                    rotate(out, recipe.train.keep_last)
+            if stop.requested:
+                bar.close()
+                raise QllavaError(f"interrupted at step {state.step}: wrote {out / f'checkpoint-{state.step}'}; "
+                                  "continue with train.resume=auto")
+    bar.close()
+
+    # --- save ---
+    if eval_loader is not None:
+        log({"step": state.step, "eval_loss": evaluate(accelerator.unwrap_model(model), eval_loader, accelerator,
+                                                       dtype)})
+    save(out / "final", with_optimizer=False)
+    accelerator.end_training()
+    say(f"qllava: done; adapter and projector in {out / 'final'}")
+    return out / "final"

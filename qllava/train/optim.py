@@ -1,0 +1,62 @@
+"""Optimizer parameter groups, optimizers and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import get_scheduler
+
+from qllava.errors import QllavaError
+from qllava.model.load import PROJECTOR
+from qllava.recipe import Recipe
+
+
+def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    # Biases and norm weights (1-D) are not decayed; LoRA and projector matrices are.
+    return param.ndim < 2 or name.endswith(".bias") or "norm" in name
+
+
+def param_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict]:
+    """LoRA at optim.lr, projector at optim.projector_lr; no weight decay on biases and norms."""
+    buckets: dict[tuple[str, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        kind = "projector" if PROJECTOR in name else "lora"
+        buckets.setdefault((kind, _no_decay(name, param)), []).append(param)
+    groups = []
+    for (kind, no_decay), params in sorted(buckets.items()):
+        groups.append({
+            "params": params,
+            "lr": recipe.optim.projector_lr if kind == "projector" else recipe.optim.lr,
+            "weight_decay": 0.0 if no_decay else recipe.optim.weight_decay,
+            "name": f"{kind}{'_no_decay' if no_decay else ''}",
+        })
+    if not groups:
+        raise QllavaError("no trainable parameters: check lora.target_modules")
+    return groups
+
+
+def resolve_optimizer(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "paged_adamw_8bit" if device.type == "cuda" else "adamw"
+    return name
+
+
+def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, recipe)
+    name = resolve_optimizer(recipe.optim.name, device)
+    betas = tuple(recipe.optim.betas)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=betas)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(groups, lr=recipe.optim.lr, betas=betas)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps: int):
+    warmup = math.ceil(recipe.optim.warmup_ratio * total_steps)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[recipe.optim.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny random LLaVA saved as an HF directory, and a tiny LLaVA-format dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from qllava.model.tiny import build_tiny_llava
+from qllava.recipe import build_recipe
+
+CORPUS = ["What color is the shape?", "red blue green", "Describe the image.", "a red circle"]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny") / "model", CORPUS, seed=0)
+
+
+def write_image(path: Path, color=(200, 30, 30), size=(40, 28)) -> None:
+    Image.new("RGB", size, color).save(path)
+
+
+@pytest.fixture()
+def tiny_data(tmp_path) -> Path:
+    """12 samples: image ones (single and multi-turn) and text-only ones; images/ beside train.json."""
+    images = tmp_path / "images"
+    images.mkdir()
+    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    records = []
+    for i in range(12):
+        name, rgb = list(colors.items())[i % 3]
+        if i % 4 == 3:
+            records.append({"id": f"t{i}", "conversations": [
+                {"from": "human", "value": "Say a color."}, {"from": "gpt", "value": name}]})
+            continue
+        write_image(images / f"{i}.png", rgb)
+        convs = [{"from": "human", "value": "What color is the shape?\n<image>"}, {"from": "gpt", "value": name}]
+        if i % 2:
+            convs += [{"from": "human", "value": "Describe the image."}, {"from": "gpt", "value": f"a {name} circle"}]
+        records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": convs})
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    return tmp_path
+
+
+def make_recipe(base: Path, data_dir: Path, out: Path, **sections):
+    raw = {
+        "model": {"base": str(base)},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(data_dir / "train.json"), "image_folder": str(data_dir / "images"), "max_length": 128,
+                 "num_workers": 0},
+        "optim": {"name": "adamw", "lr": 1e-3, "projector_lr": 1e-3, "warmup_ratio": 0.0},
+        "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "log_every": 1, "save_every": 0,
+                  "seed": 0},
+        "output": {"dir": str(out)},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return build_recipe(raw)

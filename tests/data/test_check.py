@@ -1,0 +1,65 @@
+"""`qllava data check` finds each planted problem with the expected message; `data show` marks labels."""
+
+import json
+
+from qllava.data.check import check_dataset, show_sample
+from tests.conftest import make_recipe, write_image
+from tests.test_cli import qllava
+
+PLANTED = [
+    ({"id": "missing", "image": "nope.png", "conversations": [
+        {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]},
+     "sample 'missing' (DATA[12]): image `nope.png` not found"),
+    ({"id": "corrupt", "image": "corrupt.png", "conversations": [
+        {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]},
+     "sample 'corrupt' (DATA[13]): image `corrupt.png` cannot be decoded"),
+    ({"id": "role", "conversations": [{"from": "robot", "value": "Q?"}, {"from": "gpt", "value": "A."}]},
+     "sample 'role' (DATA[14]): turn 0 has unknown role 'robot'"),
+    ({"id": "noreply", "conversations": [{"from": "human", "value": "Q?"}]},
+     "sample 'noreply' (DATA[15]): no assistant (gpt) turn"),
+    ({"id": "tags", "image": "0.png", "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nQ?"}, {"from": "gpt", "value": "A."}]},
+     "sample 'tags' (DATA[16]): 2 `<image>` tag(s) but 1 image(s)"),
+    ({"id": "tagnoimage", "conversations": [
+        {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]},
+     "sample 'tagnoimage' (DATA[17]): 1 `<image>` tag(s) but 0 image(s)"),
+    ({"id": "empty", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "  "}]},
+     "sample 'empty' (DATA[18]): turn 1 (gpt) has empty text"),
+]
+
+
+def test_check_finds_every_planted_problem(tiny_base, tiny_data, tmp_path):
+    records = json.loads((tiny_data / "train.json").read_text())
+    records += [r for r, _ in PLANTED]
+    data_file = tiny_data / "train.json"
+    data_file.write_text(json.dumps(records))
+    (tiny_data / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    report = check_dataset(make_recipe(tiny_base, tiny_data, tmp_path / "run"))
+    text = report.render().replace(str(data_file), "DATA")
+    for _, message in PLANTED:
+        assert message in text
+    assert len(report.errors) == len(PLANTED)
+    assert "19 samples (9 with an image, 3 text-only)" in text
+
+    result = qllava("data", "check", "demo", f"model.base={tiny_base}", f"data.train={data_file}",
+                    f"data.image_folder={tiny_data / 'images'}", "data.eval=")
+    assert result.returncode == 1 and "7 error(s)" in result.stdout
+
+
+def test_check_reports_lengths_and_trained_fraction(tiny_base, tiny_data, tmp_path):
+    write_image(tiny_data / "images" / "x.png")
+    recipe = make_recipe(tiny_base, tiny_data, tmp_path / "run", data={"max_length": 64})
+    report = check_dataset(recipe)
+    text = report.render()
+    assert not report.errors, text
+    assert "image tokens included, 16 per image" in text
+    assert "over data.max_length=64:" in text and "trained tokens:" in text
+    over = int(text.split("over data.max_length=64: ")[1].split()[0])
+    assert 0 < over < 12, text
+
+
+def test_show_marks_exactly_the_reply_tokens(tiny_base, tiny_data, tmp_path):
+    text = show_sample(make_recipe(tiny_base, tiny_data, tmp_path / "run"), 1)
+    assert "<image x16>" in text
+    assert "[[ green</s>]]" in text and "[[ a green circle</s>]]" in text
+    assert "What color is the shape? ASSISTANT:[[" in text

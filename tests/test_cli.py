@@ -1,0 +1,44 @@
+"""Bad input gives one clear message and a non-zero exit, never a traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def qllava(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "qllava", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "missing.yaml"], "recipe file `missing.yaml` not found"),
+    (["train", "demo", "train.max_stepz=3"], "did you mean `train.max_steps`?"),
+    (["train", "demo", "train.max_steps=abc"], "expected an integer"),
+    (["train", "demo", "model.base=/nonexistent"], "is not a model directory"),
+    (["data", "check", "demo", "data.train=/nonexistent.json", "model.base=/nonexistent"], "is not a model directory"),
+])
+def test_bad_input_is_one_message(args, message):
+    result = qllava(*args)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_bad_sample_is_one_message(tiny_base, tiny_data):
+    records = json.loads((tiny_data / "train.json").read_text())
+    records[2]["conversations"][0]["from"] = "robot"
+    (tiny_data / "train.json").write_text(json.dumps(records))
+    result = qllava("train", "demo", f"model.base={tiny_base}", f"data.train={tiny_data / 'train.json'}",
+                    f"data.image_folder={tiny_data / 'images'}", "data.eval=", f"output.dir={tiny_data / 'run'}")
+    assert result.returncode == 1
+    assert "unknown role 'robot'" in result.stderr and "s2" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_recipes_lists_shipped_recipes_and_keys():
+    result = qllava("recipes")
+    assert result.returncode == 0 and "demo.yaml" in result.stdout and "qllava train" in result.stdout
+    keys = qllava("recipes", "--keys")
+    assert "data.max_length = 2048" in keys.stdout
