@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -32,7 +31,7 @@ def _run(fn, *args, **kwargs):
 
 @app.command()
 def train(recipe: str = typer.Argument(..., help="Recipe YAML path or shipped recipe name (see `qllava recipes`)"),
-          overrides: Optional[list[str]] = OVERRIDES) -> None:
+          overrides: list[str] | None = OVERRIDES) -> None:
     """Train the LoRA adapters and projector as the recipe says."""
     from qllava.recipe import load_recipe
     from qllava.train.loop import train as run_training
@@ -42,7 +41,7 @@ def train(recipe: str = typer.Argument(..., help="Recipe YAML path or shipped re
 
 @app.command()
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Run directory (metrics.json, adapter, logs)"),
-         overrides: Optional[list[str]] = OVERRIDES) -> None:
+         overrides: list[str] | None = OVERRIDES) -> None:
     """The embedded default: a tiny LLaVA learns visual QA with QLoRA on CPU; prints accuracy before/after."""
     from qllava.demo import run_demo
 
@@ -65,7 +64,7 @@ def recipes(keys: bool = typer.Option(False, "--keys", help="List every recipe k
 
 @data_app.command("check")
 def data_check(recipe: str = typer.Argument(..., help="Recipe YAML path or shipped recipe name"),
-               overrides: Optional[list[str]] = OVERRIDES) -> None:
+               overrides: list[str] | None = OVERRIDES) -> None:
     """Scan the whole dataset: bad samples, missing or corrupt images, token lengths, trained fraction."""
     from qllava.data.check import check_dataset
     from qllava.recipe import load_recipe
@@ -79,7 +78,7 @@ def data_check(recipe: str = typer.Argument(..., help="Recipe YAML path or shipp
 @data_app.command("show")
 def data_show(recipe: str = typer.Argument(..., help="Recipe YAML path or shipped recipe name"),
               index: int = typer.Option(0, "--index", "-i", help="Sample position in data.train"),
-              overrides: Optional[list[str]] = OVERRIDES) -> None:
+              overrides: list[str] | None = OVERRIDES) -> None:
     """Render one sample with the tokens that carry loss marked [[like this]]: the label audit."""
     from qllava.data.check import show_sample
     from qllava.recipe import load_recipe

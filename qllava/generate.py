@@ -10,6 +10,7 @@ from peft import PeftModel
 from qllava.data.dataset import encoder_from_recipe
 from qllava.data.images import load_image
 from qllava.data.templates import end_of_turn
+from qllava.errors import QllavaError
 from qllava.model.load import compute_dtype, guard_cpu_repack, load_base, load_processor
 from qllava.recipe import Recipe
 
@@ -20,6 +21,9 @@ def load_for_inference(base: str | Path, adapter: str | Path | None = None, *, b
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_base(base, bits=bits, device=device)
     if adapter is not None:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise QllavaError(f"`{adapter}` is not an adapter directory (no adapter_config.json); pass a "
+                              "checkpoint-STEP/ or final/ directory of a qllava run")
         model = PeftModel.from_pretrained(model, str(adapter))
     guard_cpu_repack(model)
     model.eval()

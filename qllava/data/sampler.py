@@ -4,8 +4,8 @@ Image and text-only samples are shuffled separately and cut into megabatches of
 world_size * micro_batch; each megabatch is sorted by length so that a micro-batch holds samples of
 similar length (less padding), and rank r takes every world_size-th sample of it, so ranks get
 equal counts of similar lengths. Full megabatches of both kinds are then shuffled together; the
-incomplete tails of the two kinds are mixed into the last megabatches. The order depends only on (seed, epoch), so a run can resume mid-epoch
-by skipping the samples it has consumed.
+incomplete tails of the two kinds are mixed into the last megabatches. The order depends only on
+(seed, epoch), so a run can resume mid-epoch by skipping the samples it has consumed.
 """
 
 from __future__ import annotations

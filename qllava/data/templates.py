@@ -115,8 +115,8 @@ def _tokenizer_template(turns, system, tokenizer, add_generation_prompt: bool) -
     def apply(msgs, gen):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
-    targets = []
-    for i, (role, text) in enumerate(turns):
+    targets, renders = [], []
+    for role, text in turns:
         if role == "assistant":
             prefix = apply(messages, True)
             messages.append({"role": role, "content": text})
@@ -124,14 +124,14 @@ def _tokenizer_template(turns, system, tokenizer, add_generation_prompt: bool) -
             if not full.startswith(prefix):
                 raise QllavaError("the tokenizer's chat_template does not render conversations prefix by prefix, "
                                   "so reply spans cannot be found; use one of the built-in templates")
-            end = len(full.rstrip())
-            targets.append((len(prefix), end))
+            targets.append((len(prefix), len(full.rstrip())))
+            renders.append(full)
         else:
             messages.append({"role": role, "content": text})
     text = apply(messages, add_generation_prompt)
-    for start, end in targets:
-        if end > len(text):
-            raise QllavaError("the tokenizer's chat_template changes earlier turns when later ones are added")
+    if not all(text.startswith(full) for full in renders):
+        raise QllavaError("the tokenizer's chat_template changes earlier turns when later ones are added, "
+                          "so reply spans cannot be found; use one of the built-in templates")
     return Rendered(text, targets)
 
 

@@ -69,8 +69,9 @@ def build_tiny_llava(
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
     num_image_tokens = (IMAGE_SIZE // PATCH_SIZE) ** 2
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         projector_hidden_act="gelu", vision_feature_layer=-2,
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu",
+                         vision_feature_layer=-2,
                          vision_feature_select_strategy="default", image_seq_length=num_image_tokens)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)

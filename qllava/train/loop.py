@@ -109,8 +109,9 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     # --- setup: model, data, optimizer ---
     model, processor = load_for_training(recipe, device)
     dtype = compute_dtype(device)
-    say(f"qllava: {recipe.model.base} on {device}, LLM in {recipe.model.bits}-bit, attention "
-        f"{resolve_attention(recipe.model.attention, device)}, optimizer {resolve_optimizer(recipe.optim.name, device)}, "
+    say(f"qllava: {recipe.model.base} on {device}, LLM in {recipe.model.bits}-bit, "
+        f"attention {resolve_attention(recipe.model.attention, device)}, "
+        f"optimizer {resolve_optimizer(recipe.optim.name, device)}, "
         f"mixed precision {accelerator.mixed_precision}\n{describe(model)}")
     train_set = dataset_from_recipe(recipe, recipe.data.train, processor, model.config)
     eval_set = dataset_from_recipe(recipe, recipe.data.eval, processor, model.config) if recipe.data.eval else None

@@ -1,8 +1,8 @@
 """Every template renders a multi-turn sample to a recorded string with recorded loss spans."""
 
 import pytest
-from transformers import AutoConfig, LlavaProcessor
 from PIL import Image
+from transformers import AutoConfig, LlavaProcessor
 
 from qllava.data.dataset import Encoder, num_image_tokens, parse_sample
 from qllava.data.templates import VICUNA_SYSTEM, render

@@ -1,0 +1,85 @@
+"""Resume continues the uninterrupted run exactly; checkpoints are atomic; Ctrl-C writes one."""
+
+import json
+import os
+import signal
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qllava.errors import QllavaError
+from qllava.train import checkpoint as ckpt
+from qllava.train.loop import train
+from tests.conftest import make_recipe
+
+RESUMABLE = {"lora": {"dropout": 0.1}, "train": {"max_steps": 6, "save_every": 3, "keep_last": 5}}
+
+
+def losses(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_base, tiny_data, tmp_path):
+    straight = tmp_path / "straight"
+    train(make_recipe(tiny_base, tiny_data, straight, **RESUMABLE), progress=False)
+    half = straight / "checkpoint-3"
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng.pt",
+            "trainer_state.json", "recipe.yaml", "tokenizer.json"} <= {p.name for p in half.iterdir()}
+    resumed = tmp_path / "resumed"
+    sections = {k: dict(v) for k, v in RESUMABLE.items()}
+    sections["train"]["resume"] = str(half)
+    train(make_recipe(tiny_base, tiny_data, resumed, **sections), progress=False)
+
+    assert len(losses(straight)) == 6 and len(losses(resumed)) == 3
+    assert losses(resumed) == pytest.approx(losses(straight)[3:], abs=1e-5)
+    a = load_file(straight / "final" / "adapter_model.safetensors")
+    b = load_file(resumed / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any("multi_modal_projector" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+    # The adapter did move away from its start, so equality above is not trivially true.
+    start = load_file(half / "adapter_model.safetensors")
+    assert any((a[k] - start[k]).abs().max() > 1e-4 for k in a)
+
+
+def test_a_crash_mid_write_leaves_no_checkpoint(tiny_base, tiny_data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(make_recipe(tiny_base, tiny_data, run, train={"max_steps": 2, "save_every": 1}), progress=False)
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint-1"]
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "dump_recipe", explode)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(run / "checkpoint-9", model=_NullSaver(), processor=_NullSaver(), recipe=None,
+                             state=ckpt.TrainState())
+    assert not (run / "checkpoint-9").exists()
+    assert ckpt.find_resume("auto", run) == run / "checkpoint-1"
+
+
+class _NullSaver:
+    def save_pretrained(self, path, **kwargs):
+        (path / "partial.bin").write_bytes(b"x")
+
+
+def test_ctrl_c_writes_a_checkpoint_and_auto_resume_finishes(tiny_base, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    recipe = make_recipe(tiny_base, tiny_data, run, train={"max_steps": 100000, "log_every": 1})
+    timer = threading.Timer(6.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(QllavaError, match="interrupted at step") as info:
+            train(recipe, progress=False)
+    finally:
+        timer.cancel()
+    saved = ckpt.list_checkpoints(run)
+    assert len(saved) == 1 and saved[0].name in str(info.value)
+    step = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
+    assert step == len(losses(run))
+    finish = make_recipe(tiny_base, tiny_data, run, train={"max_steps": step + 2, "log_every": 1, "resume": "auto"})
+    train(finish, progress=False)
+    assert len(losses(run)) == step + 2 and (run / "final" / "adapter_model.safetensors").is_file()
