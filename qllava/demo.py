@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from qllava.recipe import Recipe
 
-DEMO_VERSION = "v3"
+DEMO_VERSION = "v4"
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
           "purple": (150, 60, 190)}
 KINDS = ("circle", "square", "triangle")
@@ -117,7 +117,7 @@ def make_dataset(root: Path, seed: int = 0) -> None:
             _draw(scene).save(images / name)
             sid = f"{split}-{i}"
             if split == "pretrain":
-                splits[split].append({"id": sid, "image": name,
+                splits[split].append({"id": sid, "image": name, "scene": scene,
                                       "conversations": _turns([("Describe the image.", _caption(scene))], True)})
                 # The task's questions with random answers of the right type: the base knows the
                 # answer vocabulary but not the task, so it scores near chance before tuning.
@@ -146,8 +146,41 @@ def _corpus(root: Path) -> list[str]:
 
 # --- the tiny pretrained base -----------------------------------------------------------------
 
-def pretrain_base(model_dir: Path, data_root: Path, *, steps: int = 600, seed: int = 0) -> None:
-    """Full-precision training of the whole tiny LLaVA on captions, standing in for a pretrained base."""
+def _pretrain_vision(model, data_root: Path, image_processor, *, steps: int = 300, seed: int = 0) -> None:
+    """Supervised attribute heads on the features LLaVA reads (layer -2 patches): a stand-in for CLIP
+    pretraining that gives the vision tower features of shape kind, color, count and position."""
+    from qllava.data.images import load_image
+
+    records = [r for r in json.loads((data_root / "pretrain.json").read_text()) if "scene" in r]
+    pixels = torch.stack([load_image(data_root / "images" / r["image"], "pad", image_processor) for r in records])
+    targets = {
+        "color": torch.tensor([list(COLORS).index(r["scene"]["color"]) for r in records]),
+        "kind": torch.tensor([KINDS.index(r["scene"]["kind"]) for r in records]),
+        "count": torch.tensor([COUNTS.index(r["scene"]["count"]) for r in records]),
+        "places": torch.tensor([[float(q in r["scene"]["places"]) for q in QUADRANTS] for r in records]),
+    }
+    vision = model.model.vision_tower
+    with torch.no_grad():
+        n_features = vision(pixels[:1], output_hidden_states=True).hidden_states[-2][:, 1:].flatten(1).shape[1]
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(n_features, 4 if k == "places" else len(ANSWERS[k]))
+                                 for k in targets})
+    optimizer = torch.optim.AdamW([*vision.parameters(), *heads.parameters()], lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    vision.train()
+    for _ in range(steps):
+        idx = torch.randint(len(records), (64,), generator=g)
+        features = vision(pixels[idx], output_hidden_states=True).hidden_states[-2][:, 1:].flatten(1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(heads["places"](features), targets["places"][idx])
+        for k in ("color", "kind", "count"):
+            loss = loss + torch.nn.functional.cross_entropy(heads[k](features), targets[k][idx])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def pretrain_base(model_dir: Path, data_root: Path, *, steps: int = 500, seed: int = 0) -> None:
+    """Full-precision pretraining of the tiny LLaVA, standing in for a downloaded base: the vision
+    tower on image attributes, then the whole model on captions."""
     from functools import partial
 
     from torch.utils.data import DataLoader
@@ -160,6 +193,7 @@ def pretrain_base(model_dir: Path, data_root: Path, *, steps: int = 600, seed: i
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
     processor = load_processor(model_dir)
+    _pretrain_vision(model, data_root, processor.image_processor, seed=seed)
     recipe = Recipe()
     recipe.data.image_folder = str(data_root / "images")
     recipe.data.max_length = 256
@@ -261,6 +295,12 @@ def run_demo(out: Path, overrides: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     recipe = resolve_demo_paths(load_recipe("demo", [f"output.dir={out}", *(overrides or [])]))
+    if not recipe.train.resume:
+        # The demo's run directory is its own: a new demo replaces what an earlier one wrote there.
+        for name in ("metrics.jsonl", "metrics.json", "recipe.yaml"):
+            (Path(out) / name).unlink(missing_ok=True)
+        for old in [*Path(out).glob("checkpoint-*"), Path(out) / "final"]:
+            shutil.rmtree(old, ignore_errors=True)
     before = held_out_accuracy(recipe, None)
     print(f"qllava demo: held-out accuracy before training {before:.3f}", flush=True)
     final = train(recipe)

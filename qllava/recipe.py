@@ -243,7 +243,10 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value), None
-        return value, "expected a number"
+        try:  # YAML 1.1 reads `1e-4` (no dot) as a string
+            return float(value), None
+        except (TypeError, ValueError):
+            return value, "expected a number"
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value), None

@@ -143,9 +143,17 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
         state = load_checkpoint(resume_from, model=accelerator.unwrap_model(model), optimizer=optimizer,
                                 scheduler=scheduler)
         say(f"qllava: resumed from {resume_from} at step {state.step}")
+    metrics = out / "metrics.jsonl"
+    if resume_from is None and metrics.exists():
+        raise QllavaError(f"output.dir `{out}` already holds a run; continue it with train.resume=auto or "
+                          "choose another output.dir")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, out / "recipe.yaml")
+        if metrics.exists():
+            # Lines logged after the checkpoint (by a run that went on and died) would repeat.
+            kept = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= state.step]
+            metrics.write_text("".join(f"{ln}\n" for ln in kept))
         if trackers:
             accelerator.init_trackers("qllava")
 
@@ -157,7 +165,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
 
     def log(record: dict) -> None:
         if main:
-            with open(out / "metrics.jsonl", "a") as f:
+            with open(metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if trackers:
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])

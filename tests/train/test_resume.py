@@ -80,6 +80,8 @@ def test_ctrl_c_writes_a_checkpoint_and_auto_resume_finishes(tiny_base, tiny_dat
     assert len(saved) == 1 and saved[0].name in str(info.value)
     step = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
     assert step == len(losses(run))
+    with pytest.raises(QllavaError, match="already holds a run"):
+        train(make_recipe(tiny_base, tiny_data, run), progress=False)
     finish = make_recipe(tiny_base, tiny_data, run, train={"max_steps": step + 2, "log_every": 1, "resume": "auto"})
     train(finish, progress=False)
     assert len(losses(run)) == step + 2 and (run / "final" / "adapter_model.safetensors").is_file()
