@@ -104,3 +104,15 @@ def test_startup_table_names_each_group(trained_setup):
         assert row in table
     line = next(r for r in table.splitlines() if r.startswith("LLM linear layers"))
     assert "nf4" in line and "yes" in line
+
+
+@pytest.mark.parametrize("bits, dtype, quantized", [(8, "int8", "yes"), (16, "float32", "no")])
+def test_other_precisions_load_and_train(tiny_base, tmp_path, bits, dtype, quantized):
+    recipe = make_recipe(tiny_base, tmp_path, tmp_path / "o", model={"bits": bits})
+    model, _ = load_for_training(recipe, torch.device("cpu"))
+    line = next(r for r in describe(model).splitlines() if r.startswith("LLM linear layers")).split()
+    assert line[3:5] == [dtype, quantized]
+    ids = torch.tensor([[1, 5, 6, 7]])
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "vision_tower" in n)

@@ -10,8 +10,9 @@ from qllava.train.loop import train
 pytestmark = pytest.mark.recipe
 
 # Recorded with: qllava train recipes/demo.yaml train.max_steps=6 train.log_every=1 data.eval=
-# (demo cache v4, torch 2.13.0 CPU; step 5 is a text-only batch). The tolerance allows for other CPUs' float rounding in the
-# pretraining that builds the demo base; a broken loss, mask or template moves these far more.
+# (demo cache v4, torch 2.13.0 CPU; step 5 is a text-only batch). The tolerance allows for other
+# CPUs' float rounding in the pretraining that builds the demo base; a broken loss, mask or template
+# moves these far more.
 RECORDED = [0.50708, 0.52371, 0.46887, 0.47883, 3.00143, 0.47212]
 
 
