@@ -22,7 +22,10 @@ def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except QllavaError as exc:
-        typer.echo(f"qllava: error: {exc}", err=True)
+        message = str(exc)
+        if "Original Traceback" in message:  # re-raised from a dataloader worker: keep its own message
+            message = message.rstrip().splitlines()[-1].split("QllavaError: ", 1)[-1]
+        typer.echo(f"qllava: error: {message}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("qllava: interrupted", err=True)

@@ -9,7 +9,7 @@ import pytest
 
 def qllava(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "qllava", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+                          timeout=900)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -42,3 +42,13 @@ def test_recipes_lists_shipped_recipes_and_keys():
     assert result.returncode == 0 and "demo.yaml" in result.stdout and "qllava train" in result.stdout
     keys = qllava("recipes", "--keys")
     assert "data.max_length = 2048" in keys.stdout
+
+
+def test_corrupt_image_in_a_dataloader_worker_is_one_message(tiny_base, tiny_data):
+    (tiny_data / "images" / "0.png").write_bytes(b"not a png")
+    result = qllava("train", "demo", f"model.base={tiny_base}", f"data.train={tiny_data / 'train.json'}",
+                    f"data.image_folder={tiny_data / 'images'}", "data.eval=", "data.num_workers=1",
+                    "train.micro_batch_size=2", "train.max_steps=10", f"output.dir={tiny_data / 'run'}")
+    assert result.returncode == 1
+    assert "sample 's0'" in result.stderr and "cannot read image" in result.stderr
+    assert "Traceback" not in result.stderr
