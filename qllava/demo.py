@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from qllava.recipe import Recipe
 
@@ -167,7 +168,7 @@ def _pretrain_vision(model, data_root: Path, image_processor, *, steps: int = 30
     optimizer = torch.optim.AdamW([*vision.parameters(), *heads.parameters()], lr=1e-3)
     g = torch.Generator().manual_seed(seed)
     vision.train()
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="demo base: vision tower", unit="step"):
         idx = torch.randint(len(records), (64,), generator=g)
         features = vision(pixels[idx], output_hidden_states=True).hidden_states[-2][:, 1:].flatten(1)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(heads["places"](features), targets["places"][idx])
@@ -209,6 +210,7 @@ def pretrain_base(model_dir: Path, data_root: Path, *, steps: int = 500, seed: i
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=steps // 20, num_training_steps=steps)
     model.train()
     step = 0
+    bar = tqdm(total=steps, desc="demo base: captions", unit="step")
     while step < steps:
         for batch in loader:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -220,8 +222,10 @@ def pretrain_base(model_dir: Path, data_root: Path, *, steps: int = 500, seed: i
             scheduler.step()
             optimizer.zero_grad()
             step += 1
+            bar.update(1)
             if step >= steps:
                 break
+    bar.close()
     model.save_pretrained(model_dir)
 
 

@@ -59,3 +59,14 @@ def make_recipe(base: Path, data_dir: Path, out: Path, **sections):
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return build_recipe(raw)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -65,7 +65,8 @@ def evaluate(model, loader: DataLoader, accelerator: Accelerator, dtype: torch.d
     total = torch.zeros((), device=accelerator.device)
     tokens = torch.zeros((), device=accelerator.device)
     for batch in loader:
-        total += _forward_loss(model, batch, accelerator.device, dtype)
+        with accelerator.autocast():  # the unwrapped model has no autocast of its own (fp32 projector, bf16 base)
+            total += _forward_loss(model, batch, accelerator.device, dtype)
         tokens += trained_tokens(batch["labels"]).to(accelerator.device)
     set_train_mode(model)
     total, tokens = accelerator.reduce(total, "sum"), accelerator.reduce(tokens, "sum")
