@@ -9,8 +9,12 @@ import typer
 
 from qllava.errors import QllavaError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="QLoRA fine-tuning of LLaVA-style vision-language models on one GPU.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="QLoRA fine-tuning of LLaVA-style vision-language models on one GPU.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Inspect a recipe's dataset before training.")
 app.add_typer(data_app, name="data")
 
@@ -33,8 +37,10 @@ def _run(fn, *args, **kwargs):
 
 
 @app.command()
-def train(recipe: str = typer.Argument(..., help="Recipe YAML path or shipped recipe name (see `qllava recipes`)"),
-          overrides: list[str] | None = OVERRIDES) -> None:
+def train(
+    recipe: str = typer.Argument(..., help="Recipe YAML path or shipped recipe name (see `qllava recipes`)"),
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
     """Train the LoRA adapters and projector as the recipe says."""
     from qllava.recipe import load_recipe
     from qllava.train.loop import train as run_training
@@ -43,8 +49,10 @@ def train(recipe: str = typer.Argument(..., help="Recipe YAML path or shipped re
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("runs/demo"), help="Run directory (metrics.json, adapter, logs)"),
-         overrides: list[str] | None = OVERRIDES) -> None:
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Run directory (metrics.json, adapter, logs)"),
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
     """The embedded default: a tiny LLaVA learns visual QA with QLoRA on CPU; prints accuracy before/after."""
     from qllava.demo import run_demo
 
@@ -66,8 +74,10 @@ def recipes(keys: bool = typer.Option(False, "--keys", help="List every recipe k
 
 
 @data_app.command("check")
-def data_check(recipe: str = typer.Argument(..., help="Recipe YAML path or shipped recipe name"),
-               overrides: list[str] | None = OVERRIDES) -> None:
+def data_check(
+    recipe: str = typer.Argument(..., help="Recipe YAML path or shipped recipe name"),
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
     """Scan the whole dataset: bad samples, missing or corrupt images, token lengths, trained fraction."""
     from qllava.data.check import check_dataset
     from qllava.recipe import load_recipe
@@ -79,9 +89,11 @@ def data_check(recipe: str = typer.Argument(..., help="Recipe YAML path or shipp
 
 
 @data_app.command("show")
-def data_show(recipe: str = typer.Argument(..., help="Recipe YAML path or shipped recipe name"),
-              index: int = typer.Option(0, "--index", "-i", help="Sample position in data.train"),
-              overrides: list[str] | None = OVERRIDES) -> None:
+def data_show(
+    recipe: str = typer.Argument(..., help="Recipe YAML path or shipped recipe name"),
+    index: int = typer.Option(0, "--index", "-i", help="Sample position in data.train"),
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
     """Render one sample with the tokens that carry loss marked [[like this]]: the label audit."""
     from qllava.data.check import show_sample
     from qllava.recipe import load_recipe

@@ -27,8 +27,13 @@ from tqdm.auto import tqdm
 from qllava.recipe import Recipe
 
 DEMO_VERSION = "v4"
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
-          "purple": (150, 60, 190)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 30),
+    "purple": (150, 60, 190),
+}
 KINDS = ("circle", "square", "triangle")
 COUNTS = ("one", "two", "three")
 QUADRANTS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
@@ -39,9 +44,14 @@ QUESTIONS = {
     "where": "Where is the shape?",
 }
 ANSWERS = {"color": list(COLORS), "kind": list(KINDS), "count": list(COUNTS), "where": list(QUADRANTS)}
-FACTS = [("How many sides does a triangle have?", "three"), ("How many sides does a square have?", "four"),
-         ("What color is grass?", "green"), ("What color is the sky?", "blue"),
-         ("Is a circle round?", "yes"), ("Is a square round?", "no")]
+FACTS = [
+    ("How many sides does a triangle have?", "three"),
+    ("How many sides does a square have?", "four"),
+    ("What color is grass?", "green"),
+    ("What color is the sky?", "blue"),
+    ("Is a circle round?", "yes"),
+    ("Is a square round?", "no"),
+]
 IMAGE_PX = 64
 SPLITS = {"train": 2000, "eval": 200, "pretrain": 3000}
 
@@ -52,6 +62,7 @@ def cache_dir() -> Path:
 
 
 # --- synthetic images and conversations -------------------------------------------------------
+
 
 def _draw(scene: dict) -> Image.Image:
     scale = 4  # draw large, then downsample: smooth edges like a photo
@@ -76,9 +87,14 @@ def _draw(scene: dict) -> Image.Image:
 
 def _scene(rng: random.Random, count: int | None = None) -> dict:
     count = count or rng.randint(1, 3)
-    return {"color": rng.choice(list(COLORS)), "kind": rng.choice(KINDS), "count": COUNTS[count - 1],
-            "places": sorted(rng.sample(list(QUADRANTS), count)), "radius": rng.randint(11, 13),
-            "jitter": (rng.randint(-2, 2), rng.randint(-2, 2))}
+    return {
+        "color": rng.choice(list(COLORS)),
+        "kind": rng.choice(KINDS),
+        "count": COUNTS[count - 1],
+        "places": sorted(rng.sample(list(QUADRANTS), count)),
+        "radius": rng.randint(11, 13),
+        "jitter": (rng.randint(-2, 2), rng.randint(-2, 2)),
+    }
 
 
 def _caption(scene: dict) -> str:
@@ -118,19 +134,31 @@ def make_dataset(root: Path, seed: int = 0) -> None:
             _draw(scene).save(images / name)
             sid = f"{split}-{i}"
             if split == "pretrain":
-                splits[split].append({"id": sid, "image": name, "scene": scene,
-                                      "conversations": _turns([("Describe the image.", _caption(scene))], True)})
+                splits[split].append(
+                    {
+                        "id": sid,
+                        "image": name,
+                        "scene": scene,
+                        "conversations": _turns([("Describe the image.", _caption(scene))], True),
+                    }
+                )
                 # The task's questions with random answers of the right type: the base knows the
                 # answer vocabulary but not the task, so it scores near chance before tuning.
                 kind = rng.choice(_kinds(scene))
-                splits[split].append({"id": f"{sid}-q", "image": name, "conversations":
-                                      _turns([(QUESTIONS[kind], rng.choice(ANSWERS[kind]))], True)})
+                splits[split].append(
+                    {
+                        "id": f"{sid}-q",
+                        "image": name,
+                        "conversations": _turns([(QUESTIONS[kind], rng.choice(ANSWERS[kind]))], True),
+                    }
+                )
             elif split == "eval":
                 splits[split].append({"id": sid, "image": name, "conversations": _turns([_qa(scene, kind)], True)})
             else:
                 kinds = rng.sample(_kinds(scene), 2)
-                splits[split].append({"id": sid, "image": name, "conversations":
-                                      _turns([_qa(scene, k) for k in kinds], True)})
+                splits[split].append(
+                    {"id": sid, "image": name, "conversations": _turns([_qa(scene, k) for k in kinds], True)}
+                )
                 if i % 20 == 0:
                     splits[split].append({"id": f"{sid}-text", "conversations": _turns([rng.choice(FACTS)], False)})
     for split, records in splits.items():
@@ -146,6 +174,7 @@ def _corpus(root: Path) -> list[str]:
 
 
 # --- the tiny pretrained base -----------------------------------------------------------------
+
 
 def _pretrain_vision(model, data_root: Path, image_processor, *, steps: int = 300, seed: int = 0) -> None:
     """Supervised attribute heads on the features LLaVA reads (layer -2 patches): a stand-in for CLIP
@@ -163,8 +192,9 @@ def _pretrain_vision(model, data_root: Path, image_processor, *, steps: int = 30
     vision = model.model.vision_tower
     with torch.no_grad():
         n_features = vision(pixels[:1], output_hidden_states=True).hidden_states[-2][:, 1:].flatten(1).shape[1]
-    heads = torch.nn.ModuleDict({k: torch.nn.Linear(n_features, 4 if k == "places" else len(ANSWERS[k]))
-                                 for k in targets})
+    heads = torch.nn.ModuleDict(
+        {k: torch.nn.Linear(n_features, 4 if k == "places" else len(ANSWERS[k])) for k in targets}
+    )
     optimizer = torch.optim.AdamW([*vision.parameters(), *heads.parameters()], lr=1e-3)
     g = torch.Generator().manual_seed(seed)
     vision.train()
@@ -199,9 +229,15 @@ def pretrain_base(model_dir: Path, data_root: Path, *, steps: int = 500, seed: i
     recipe.data.image_folder = str(data_root / "images")
     recipe.data.max_length = 256
     dataset = dataset_from_recipe(recipe, str(data_root / "pretrain.json"), processor, model.config)
-    loader = DataLoader(dataset, batch_size=32, shuffle=True, drop_last=True, num_workers=0,
-                        generator=torch.Generator().manual_seed(seed),
-                        collate_fn=partial(collate, pad_token_id=processor.tokenizer.pad_token_id))
+    loader = DataLoader(
+        dataset,
+        batch_size=32,
+        shuffle=True,
+        drop_last=True,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=partial(collate, pad_token_id=processor.tokenizer.pad_token_id),
+    )
     # A tenth of the LLM's rate for the vision tower (measured on 200 pretraining images after 600
     # steps: caption exact match 0.65 with 2e-3 / 2e-4, against 0.39 with 1e-3 for everything).
     vision = [p for n, p in model.named_parameters() if "vision_tower" in n]
@@ -213,8 +249,12 @@ def pretrain_base(model_dir: Path, data_root: Path, *, steps: int = 500, seed: i
     bar = tqdm(total=steps, desc="demo base: captions", unit="step")
     while step < steps:
         for batch in loader:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        pixel_values=batch["pixel_values"], use_cache=False)
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"],
+                use_cache=False,
+            )
             loss = loss_sum(out.logits, batch["labels"]) / trained_tokens(batch["labels"]).clamp(min=1)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -249,8 +289,7 @@ def _build(root: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     start = time.perf_counter()
-    print("qllava: generating the demo dataset and tiny base model (once; cached in "
-          f"{root})", flush=True)
+    print(f"qllava: generating the demo dataset and tiny base model (once; cached in {root})", flush=True)
     make_dataset(tmp)
     build_tiny_llava(tmp / "tiny-llava", _corpus(tmp))
     pretrain_base(tmp / "tiny-llava", tmp)
@@ -265,8 +304,12 @@ def resolve_demo_paths(recipe: Recipe) -> Recipe:
     if not any(str(getattr(getattr(recipe, s), k)).startswith("demo:") for s, k in fields):
         return recipe
     root = materialize()
-    names = {"demo:tiny-llava": root / "tiny-llava", "demo:train": root / "train.json",
-             "demo:eval": root / "eval.json", "demo:images": root / "images"}
+    names = {
+        "demo:tiny-llava": root / "tiny-llava",
+        "demo:train": root / "train.json",
+        "demo:eval": root / "eval.json",
+        "demo:images": root / "images",
+    }
     sections = {}
     for section, key in fields:
         value = getattr(getattr(recipe, section), key)
@@ -276,8 +319,9 @@ def resolve_demo_paths(recipe: Recipe) -> Recipe:
 
                 raise QllavaError(f"`{section}.{key}: {value}` is not a demo asset; use one of {', '.join(names)}")
             sections.setdefault(section, {})[key] = str(names[value])
-    return dataclasses.replace(recipe, **{s: dataclasses.replace(getattr(recipe, s), **kv)
-                                          for s, kv in sections.items()})
+    return dataclasses.replace(
+        recipe, **{s: dataclasses.replace(getattr(recipe, s), **kv) for s, kv in sections.items()}
+    )
 
 
 def held_out_accuracy(recipe: Recipe, adapter: Path | None) -> float:
@@ -309,9 +353,11 @@ def run_demo(out: Path, overrides: list[str] | None = None) -> dict:
     print(f"qllava demo: held-out accuracy before training {before:.3f}", flush=True)
     final = train(recipe)
     after = held_out_accuracy(recipe, final)
-    metrics = {"accuracy_before": before, "accuracy_after": after,
-               "wall_time_s": round(time.perf_counter() - start, 1)}
+    metrics = {"accuracy_before": before, "accuracy_after": after, "wall_time_s": round(time.perf_counter() - start, 1)}
     (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"qllava demo: held-out accuracy before {before:.3f}, after {after:.3f} "
-          f"({metrics['wall_time_s']:.0f}s); written to {Path(out) / 'metrics.json'}", flush=True)
+    print(
+        f"qllava demo: held-out accuracy before {before:.3f}, after {after:.3f} "
+        f"({metrics['wall_time_s']:.0f}s); written to {Path(out) / 'metrics.json'}",
+        flush=True,
+    )
     return metrics

@@ -183,11 +183,28 @@ CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("auto", "bf16", "fp16", "no"),
 }
-POSITIVE = ("lora.r", "lora.alpha", "data.max_length", "train.micro_batch_size", "train.grad_accum",
-            "train.log_every", "train.keep_last", "optim.lr")
-NON_NEGATIVE = ("train.max_steps", "train.epochs", "train.eval_every", "train.save_every",
-                "data.num_workers", "optim.projector_lr", "optim.weight_decay", "optim.max_grad_norm",
-                "optim.warmup_ratio", "lora.dropout")
+POSITIVE = (
+    "lora.r",
+    "lora.alpha",
+    "data.max_length",
+    "train.micro_batch_size",
+    "train.grad_accum",
+    "train.log_every",
+    "train.keep_last",
+    "optim.lr",
+)
+NON_NEGATIVE = (
+    "train.max_steps",
+    "train.epochs",
+    "train.eval_every",
+    "train.save_every",
+    "data.num_workers",
+    "optim.projector_lr",
+    "optim.weight_decay",
+    "optim.max_grad_norm",
+    "optim.warmup_ratio",
+    "lora.dropout",
+)
 REQUIRED = ("model.base", "data.train")
 
 
@@ -207,8 +224,12 @@ def field_docs() -> dict[str, str]:
     for section, cls in _sections().items():
         body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
         for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
-                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
                 docs[f"{section}.{node.target.id}"] = " ".join(nxt.value.value.split())
     return docs
 
@@ -259,8 +280,9 @@ def parse_overrides(overrides: list[str]) -> dict:
     nested: dict = {}
     for item in overrides:
         if "=" not in item:
-            raise QllavaError(f"override `{item}` is not of the form section.key=value "
-                              f"(for example train.max_steps=20)")
+            raise QllavaError(
+                f"override `{item}` is not of the form section.key=value (for example train.max_steps=20)"
+            )
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
@@ -328,8 +350,10 @@ def _check_values(recipe: Recipe) -> list[str]:
     for key, allowed in CHOICES.items():
         value = get(recipe, key)
         if value not in allowed:
-            problems.append(f"`{key}` is {value!r}; choose one of {', '.join(map(str, allowed))}"
-                            f"{_closest(str(value), [str(a) for a in allowed])}")
+            problems.append(
+                f"`{key}` is {value!r}; choose one of {', '.join(map(str, allowed))}"
+                f"{_closest(str(value), [str(a) for a in allowed])}"
+            )
     for key in POSITIVE:
         if isinstance(get(recipe, key), (int, float)) and get(recipe, key) <= 0:
             problems.append(f"`{key}` must be > 0, got {get(recipe, key)}")
@@ -340,8 +364,9 @@ def _check_values(recipe: Recipe) -> list[str]:
         if not get(recipe, key):
             problems.append(f"`{key}` is required (set it in the recipe or as {key}=...)")
     targets = recipe.lora.target_modules
-    if not (targets == "all-linear" or (isinstance(targets, list) and targets
-                                         and all(isinstance(t, str) for t in targets))):
+    if not (
+        targets == "all-linear" or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
+    ):
         problems.append(f"`lora.target_modules` must be `all-linear` or a list of module names, got {targets!r}")
     if recipe.train.max_steps == 0 and recipe.train.epochs == 0:
         problems.append("set `train.max_steps` or `train.epochs` above 0")

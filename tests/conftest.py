@@ -33,8 +33,12 @@ def tiny_data(tmp_path) -> Path:
     for i in range(12):
         name, rgb = list(colors.items())[i % 3]
         if i % 4 == 3:
-            records.append({"id": f"t{i}", "conversations": [
-                {"from": "human", "value": "Say a color."}, {"from": "gpt", "value": name}]})
+            records.append(
+                {
+                    "id": f"t{i}",
+                    "conversations": [{"from": "human", "value": "Say a color."}, {"from": "gpt", "value": name}],
+                }
+            )
             continue
         write_image(images / f"{i}.png", rgb)
         convs = [{"from": "human", "value": "What color is the shape?\n<image>"}, {"from": "gpt", "value": name}]
@@ -49,11 +53,14 @@ def make_recipe(base: Path, data_dir: Path, out: Path, **sections):
     raw = {
         "model": {"base": str(base)},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": str(data_dir / "train.json"), "image_folder": str(data_dir / "images"), "max_length": 128,
-                 "num_workers": 0},
+        "data": {
+            "train": str(data_dir / "train.json"),
+            "image_folder": str(data_dir / "images"),
+            "max_length": 128,
+            "num_workers": 0,
+        },
         "optim": {"name": "adamw", "lr": 1e-3, "projector_lr": 1e-3, "warmup_ratio": 0.0},
-        "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "log_every": 1, "save_every": 0,
-                  "seed": 0},
+        "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "log_every": 1, "save_every": 0, "seed": 0},
         "output": {"dir": str(out)},
     }
     for section, values in sections.items():

@@ -8,17 +8,22 @@ import pytest
 
 
 def qllava(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "qllava", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=900)
+    return subprocess.run([sys.executable, "-m", "qllava", *args], capture_output=True, text=True, cwd=cwd, timeout=900)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "missing.yaml"], "recipe file `missing.yaml` not found"),
-    (["train", "demo", "train.max_stepz=3"], "did you mean `train.max_steps`?"),
-    (["train", "demo", "train.max_steps=abc"], "expected an integer"),
-    (["train", "demo", "model.base=/nonexistent"], "is not a model directory"),
-    (["data", "check", "demo", "data.train=/nonexistent.json", "model.base=/nonexistent"], "is not a model directory"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "missing.yaml"], "recipe file `missing.yaml` not found"),
+        (["train", "demo", "train.max_stepz=3"], "did you mean `train.max_steps`?"),
+        (["train", "demo", "train.max_steps=abc"], "expected an integer"),
+        (["train", "demo", "model.base=/nonexistent"], "is not a model directory"),
+        (
+            ["data", "check", "demo", "data.train=/nonexistent.json", "model.base=/nonexistent"],
+            "is not a model directory",
+        ),
+    ],
+)
 def test_bad_input_is_one_message(args, message):
     result = qllava(*args)
     assert result.returncode == 1
@@ -30,8 +35,15 @@ def test_bad_sample_is_one_message(tiny_base, tiny_data):
     records = json.loads((tiny_data / "train.json").read_text())
     records[2]["conversations"][0]["from"] = "robot"
     (tiny_data / "train.json").write_text(json.dumps(records))
-    result = qllava("train", "demo", f"model.base={tiny_base}", f"data.train={tiny_data / 'train.json'}",
-                    f"data.image_folder={tiny_data / 'images'}", "data.eval=", f"output.dir={tiny_data / 'run'}")
+    result = qllava(
+        "train",
+        "demo",
+        f"model.base={tiny_base}",
+        f"data.train={tiny_data / 'train.json'}",
+        f"data.image_folder={tiny_data / 'images'}",
+        "data.eval=",
+        f"output.dir={tiny_data / 'run'}",
+    )
     assert result.returncode == 1
     assert "unknown role 'robot'" in result.stderr and "s2" in result.stderr
     assert "Traceback" not in result.stderr
@@ -46,9 +58,18 @@ def test_recipes_lists_shipped_recipes_and_keys():
 
 def test_corrupt_image_in_a_dataloader_worker_is_one_message(tiny_base, tiny_data):
     (tiny_data / "images" / "0.png").write_bytes(b"not a png")
-    result = qllava("train", "demo", f"model.base={tiny_base}", f"data.train={tiny_data / 'train.json'}",
-                    f"data.image_folder={tiny_data / 'images'}", "data.eval=", "data.num_workers=1",
-                    "train.micro_batch_size=2", "train.max_steps=10", f"output.dir={tiny_data / 'run'}")
+    result = qllava(
+        "train",
+        "demo",
+        f"model.base={tiny_base}",
+        f"data.train={tiny_data / 'train.json'}",
+        f"data.image_folder={tiny_data / 'images'}",
+        "data.eval=",
+        "data.num_workers=1",
+        "train.micro_batch_size=2",
+        "train.max_steps=10",
+        f"output.dir={tiny_data / 'run'}",
+    )
     assert result.returncode == 1
     assert "sample 's0'" in result.stderr and "cannot read image" in result.stderr
     assert "Traceback" not in result.stderr

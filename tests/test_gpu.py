@@ -23,8 +23,14 @@ def test_gpu_load_puts_frozen_parts_in_bf16_and_trainables_in_fp32(tiny_base, tm
 
 
 def test_gpu_training_with_paged_optimizer_and_eval(tiny_base, tiny_data, tmp_path):
-    recipe = make_recipe(tiny_base, tiny_data, tmp_path / "run", optim={"name": "auto"},
-                         data={"eval": str(tiny_data / "train.json")}, train={"max_steps": 3})
+    recipe = make_recipe(
+        tiny_base,
+        tiny_data,
+        tmp_path / "run",
+        optim={"name": "auto"},
+        data={"eval": str(tiny_data / "train.json")},
+        train={"max_steps": 3},
+    )
     final = train(recipe, progress=False)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(x.get("loss", x.get("eval_loss")))) for x in lines)

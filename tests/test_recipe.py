@@ -17,8 +17,7 @@ def test_every_shipped_recipe_validates_and_starts_with_its_command(path: Path):
 
 def test_shipped_recipes_are_found():
     names = {p.name for p in SHIPPED}
-    assert {"demo.yaml", "llava-1.5-7b-qlora.yaml", "llava-1.5-7b-qlora-12gb.yaml",
-            "llava-1.5-13b-qlora.yaml"} <= names
+    assert {"demo.yaml", "llava-1.5-7b-qlora.yaml", "llava-1.5-7b-qlora-12gb.yaml", "llava-1.5-13b-qlora.yaml"} <= names
 
 
 def test_every_key_has_a_docstring():
@@ -28,8 +27,9 @@ def test_every_key_has_a_docstring():
 
 
 def test_overrides_are_parsed_as_yaml_and_applied():
-    recipe = load_recipe("demo", ["train.max_steps=20", "lora.target_modules=[q_proj,v_proj]",
-                                  "output.dir=/tmp/x", "optim.lr=1e-4"])
+    recipe = load_recipe(
+        "demo", ["train.max_steps=20", "lora.target_modules=[q_proj,v_proj]", "output.dir=/tmp/x", "optim.lr=1e-4"]
+    )
     assert recipe.train.max_steps == 20
     assert recipe.lora.target_modules == ["q_proj", "v_proj"]
     assert recipe.output.dir == "/tmp/x"
@@ -38,8 +38,14 @@ def test_overrides_are_parsed_as_yaml_and_applied():
 
 def test_every_problem_is_reported_at_once_with_closest_key():
     with pytest.raises(QllavaError) as info:
-        build_recipe({"model": {"base": "m", "bitz": 4}, "data": {"train": "t", "template": "vicuna"},
-                      "train": {"max_steps": "ten", "micro_batch_size": 0}, "optimm": {}})
+        build_recipe(
+            {
+                "model": {"base": "m", "bitz": 4},
+                "data": {"train": "t", "template": "vicuna"},
+                "train": {"max_steps": "ten", "micro_batch_size": 0},
+                "optimm": {},
+            }
+        )
     text = str(info.value)
     assert "5 problem(s)" in text
     assert "unknown key `model.bitz` (did you mean `model.bits`?)" in text

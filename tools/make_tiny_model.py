@@ -13,8 +13,9 @@ import typer
 from qllava.model.tiny import build_tiny_llava
 
 
-def main(out: Path, corpus: Path = typer.Option(None, help="Text file whose lines train the tokenizer"),
-         seed: int = 0) -> None:
+def main(
+    out: Path, corpus: Path = typer.Option(None, help="Text file whose lines train the tokenizer"), seed: int = 0
+) -> None:
     lines = corpus.read_text().splitlines() if corpus else ["What is in the image?", "A cat on a mat."]
     typer.echo(build_tiny_llava(out, lines, seed=seed))
 

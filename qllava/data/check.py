@@ -96,9 +96,12 @@ def _scan(path: str, recipe: Recipe, encoder, report: Report) -> None:
         report.lines.append(
             f"  tokens per sample (image tokens included, {encoder.image_tokens} per image): min {min(lengths)}, "
             f"mean {statistics.fmean(lengths):.0f}, median {statistics.median(lengths):.0f}, p95 {q[18]:.0f}, "
-            f"max {max(lengths)}")
-        report.lines.append(f"  over data.max_length={encoder.max_length}: {over} sample(s), cut on the right "
-                            f"({lost} of them lose every trained token)")
+            f"max {max(lengths)}"
+        )
+        report.lines.append(
+            f"  over data.max_length={encoder.max_length}: {over} sample(s), cut on the right "
+            f"({lost} of them lose every trained token)"
+        )
         report.lines.append(f"  trained tokens: {trained} of {tokens} ({trained / max(tokens, 1):.1%})")
 
 
@@ -147,6 +150,8 @@ def show_sample(recipe: Recipe, index: int) -> str:
         i += 1
     flush()
     n_trained = sum(lab != IGNORE_INDEX for lab in labels)
-    header = (f"sample {sample.id!r} ({sample.where}), template {recipe.data.template}: {len(ids)} tokens, "
-              f"{n_trained} carry loss (marked [[ ]]){', truncated' if item['truncated'] else ''}")
+    header = (
+        f"sample {sample.id!r} ({sample.where}), template {recipe.data.template}: {len(ids)} tokens, "
+        f"{n_trained} carry loss (marked [[ ]]){', truncated' if item['truncated'] else ''}"
+    )
     return header + "\n\n" + "".join(pieces)

@@ -46,8 +46,9 @@ def read_records(path: str | Path) -> list[dict]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise QllavaError(f"{p}:{lineno}: not valid JSON ({exc.msg}); "
-                                      "expected one sample object per line") from None
+                    raise QllavaError(
+                        f"{p}:{lineno}: not valid JSON ({exc.msg}); expected one sample object per line"
+                    ) from None
         return records
     try:
         records = json.loads(text)
@@ -83,8 +84,9 @@ def parse_sample(record, index: int, source: str) -> Sample:
             raise QllavaError(f"{label}: turn {t} must be an object with `from` and a string `value`")
         role = ROLES.get(turn.get("from"))
         if role is None:
-            raise QllavaError(f"{label}: turn {t} has unknown role {turn.get('from')!r} "
-                              f"(use one of {', '.join(sorted(ROLES))})")
+            raise QllavaError(
+                f"{label}: turn {t} has unknown role {turn.get('from')!r} (use one of {', '.join(sorted(ROLES))})"
+            )
         value = turn["value"]
         if not value.replace(IMAGE_TAG, "").strip():
             raise QllavaError(f"{label}: turn {t} ({turn.get('from')}) has empty text")
@@ -105,8 +107,7 @@ def parse_sample(record, index: int, source: str) -> Sample:
     for t, (role, _) in enumerate(turns):
         expected = "user" if t % 2 == 0 else "assistant"
         if role != expected:
-            raise QllavaError(f"{label}: turns must alternate human/gpt starting with human; "
-                              f"turn {t} is `{role}`")
+            raise QllavaError(f"{label}: turns must alternate human/gpt starting with human; turn {t} is `{role}`")
     if turns[-1][0] != "assistant":
         raise QllavaError(f"{label}: the last human turn has no gpt reply")
     if image:
@@ -129,8 +130,16 @@ def num_image_tokens(config) -> int:
 class Encoder:
     """Sample -> token ids and labels: loss only on reply spans, `<image>` expanded, cut to max_length."""
 
-    def __init__(self, tokenizer, template: str, *, image_token_id: int, image_tokens: int, max_length: int,
-                 system: str | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        template: str,
+        *,
+        image_token_id: int,
+        image_tokens: int,
+        max_length: int,
+        system: str | None = None,
+    ) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise QllavaError("a fast tokenizer (tokenizer.json) is needed to map reply spans to tokens")
         self.tokenizer = tokenizer
@@ -157,20 +166,23 @@ class Encoder:
             ids.append(tok)
             labels.append(tok if target else IGNORE_INDEX)
         if images_seen != images:
-            raise QllavaError(f"{label}: the prompt holds {images_seen} image token(s) for {images} image(s); "
-                              "does the tokenizer know `<image>` as a special token?")
+            raise QllavaError(
+                f"{label}: the prompt holds {images_seen} image token(s) for {images} image(s); "
+                "does the tokenizer know `<image>` as a special token?"
+            )
         return ids, labels, image_end
 
     def encode(self, sample: Sample) -> dict:
-        rendered = render(sample.turns, self.template, system=sample.system or self.system,
-                          tokenizer=self.tokenizer)
+        rendered = render(sample.turns, self.template, system=sample.system or self.system, tokenizer=self.tokenizer)
         label = f"sample {sample.id!r} ({sample.where})"
         ids, labels, image_end = self._tokenize(rendered, 1 if sample.image else 0, label)
         truncated = len(ids) > self.max_length
         if truncated:
             if image_end > self.max_length:
-                raise QllavaError(f"data.max_length={self.max_length} cuts the image tokens of {label}, "
-                                  f"which end at token {image_end}; raise data.max_length")
+                raise QllavaError(
+                    f"data.max_length={self.max_length} cuts the image tokens of {label}, "
+                    f"which end at token {image_end}; raise data.max_length"
+                )
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         return {"input_ids": ids, "labels": labels, "truncated": truncated}
 
@@ -178,8 +190,9 @@ class Encoder:
         """Token ids of a generation prompt (turns end with the user's), image tokens expanded."""
         if has_image and IMAGE_TAG not in turns[0][1]:
             turns = [("user", f"{IMAGE_TAG}\n{turns[0][1]}")] + list(turns[1:])
-        rendered = render(turns, self.template, system=self.system, tokenizer=self.tokenizer,
-                          add_generation_prompt=True)
+        rendered = render(
+            turns, self.template, system=self.system, tokenizer=self.tokenizer, add_generation_prompt=True
+        )
         return self._tokenize(rendered, 1 if has_image else 0, "prompt")[0]
 
 
@@ -195,14 +208,17 @@ def load_samples(path: str | Path, image_folder: str | Path | None) -> list[Samp
             problems.append(str(exc))
             continue
         if sample.image and (folder is None or not (folder / sample.image).is_file()):
-            problems.append(f"sample {sample.id!r} ({sample.where}): image `{sample.image}` not found in "
-                            f"data.image_folder `{image_folder}`")
+            problems.append(
+                f"sample {sample.id!r} ({sample.where}): image `{sample.image}` not found in "
+                f"data.image_folder `{image_folder}`"
+            )
         samples.append(sample)
     if problems:
         shown = "\n".join(f"  - {p}" for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise QllavaError(f"{len(problems)} bad sample(s) in {path} (run `qllava data check` for a full report):"
-                          f"\n{shown}{more}")
+        raise QllavaError(
+            f"{len(problems)} bad sample(s) in {path} (run `qllava data check` for a full report):\n{shown}{more}"
+        )
     if not samples:
         raise QllavaError(f"{path} holds no samples")
     return samples
@@ -211,8 +227,14 @@ def load_samples(path: str | Path, image_folder: str | Path | None) -> list[Samp
 class LlavaDataset(Dataset):
     """Index in memory; each item is tokenized and its image decoded when it is fetched."""
 
-    def __init__(self, samples: list[Sample], encoder: Encoder, image_folder: str | Path | None,
-                 image_processor, image_aspect: str) -> None:
+    def __init__(
+        self,
+        samples: list[Sample],
+        encoder: Encoder,
+        image_folder: str | Path | None,
+        image_processor,
+        image_aspect: str,
+    ) -> None:
         self.samples = samples
         self.encoder = encoder
         self.image_folder = Path(image_folder) if image_folder else None
@@ -269,17 +291,23 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
     tokenizer = processor.tokenizer
     image_token_id = config.image_token_id
     if tokenizer.convert_tokens_to_ids(IMAGE_TAG) != image_token_id:
-        raise QllavaError(f"the tokenizer maps `{IMAGE_TAG}` to id {tokenizer.convert_tokens_to_ids(IMAGE_TAG)} "
-                          f"but the model expects image_token_id {image_token_id}; is model.base a LLaVA checkpoint "
-                          "with its own processor files?")
-    return Encoder(tokenizer, recipe.data.template, image_token_id=image_token_id,
-                   image_tokens=num_image_tokens(config), max_length=recipe.data.max_length,
-                   system=recipe.data.system_prompt)
+        raise QllavaError(
+            f"the tokenizer maps `{IMAGE_TAG}` to id {tokenizer.convert_tokens_to_ids(IMAGE_TAG)} "
+            f"but the model expects image_token_id {image_token_id}; is model.base a LLaVA checkpoint "
+            "with its own processor files?"
+        )
+    return Encoder(
+        tokenizer,
+        recipe.data.template,
+        image_token_id=image_token_id,
+        image_tokens=num_image_tokens(config),
+        max_length=recipe.data.max_length,
+        system=recipe.data.system_prompt,
+    )
 
 
 def dataset_from_recipe(recipe, path: str, processor, config) -> LlavaDataset:
     """The dataset at `path` as the recipe's template, length limit and image handling say."""
     encoder = encoder_from_recipe(recipe, processor, config)
     samples = load_samples(path, recipe.data.image_folder)
-    return LlavaDataset(samples, encoder, recipe.data.image_folder, processor.image_processor,
-                        recipe.data.image_aspect)
+    return LlavaDataset(samples, encoder, recipe.data.image_folder, processor.image_processor, recipe.data.image_aspect)

@@ -15,15 +15,23 @@ from torch.utils.data import Sampler
 
 
 def _megabatches(indices: list[int], lengths: list[int], size: int) -> list[list[int]]:
-    chunks = [indices[i: i + size] for i in range(0, len(indices), size)]
+    chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
     return [sorted(chunk, key=lambda i: -abs(lengths[i])) for chunk in chunks]
 
 
 class GroupedSampler(Sampler[int]):
     """Yields this rank's sample indices, in micro-batch order, for one epoch."""
 
-    def __init__(self, lengths: list[int], micro_batch: int, *, seed: int, world_size: int = 1, rank: int = 0,
-                 group_by_modality_length: bool = True) -> None:
+    def __init__(
+        self,
+        lengths: list[int],
+        micro_batch: int,
+        *,
+        seed: int,
+        world_size: int = 1,
+        rank: int = 0,
+        group_by_modality_length: bool = True,
+    ) -> None:
         self.lengths = lengths
         self.micro_batch = micro_batch
         self.seed = seed
@@ -47,7 +55,7 @@ class GroupedSampler(Sampler[int]):
         mega = self.micro_batch * self.world_size
         if not self.grouped:
             perm = torch.randperm(len(self.lengths), generator=g).tolist()
-            return [perm[i: i + mega] for i in range(0, len(perm), mega)]
+            return [perm[i : i + mega] for i in range(0, len(perm), mega)]
         groups = []
         for keep in (lambda n: n > 0, lambda n: n <= 0):
             idx = [i for i, n in enumerate(self.lengths) if keep(n)]
@@ -63,11 +71,11 @@ class GroupedSampler(Sampler[int]):
         for mb in self.global_order():
             if len(mb) < self.micro_batch * self.world_size:
                 continue
-            stream += mb[self.rank:: self.world_size]
+            stream += mb[self.rank :: self.world_size]
         return stream
 
     def __iter__(self):
-        return iter(self.rank_stream()[self.skip:])
+        return iter(self.rank_stream()[self.skip :])
 
     def __len__(self) -> int:
         return self.num_samples - self.skip

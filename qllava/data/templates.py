@@ -13,16 +13,27 @@ from dataclasses import dataclass
 
 from qllava.errors import QllavaError
 
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual "
-                  "content that the user provides, and assist the user with a variety of tasks using "
-                  "natural language.")
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAMA_2_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual "
+    "content that the user provides, and assist the user with a variety of tasks using "
+    "natural language."
+)
 CHATML_SYSTEM = "You are a helpful assistant."
 TEMPLATES = ("vicuna_v1", "llava_llama_2", "mistral_instruct", "chatml", "plain", "tokenizer")
 # Fixed text of the templates; the tiny demo tokenizer is trained on it so prompts stay short.
-TEMPLATE_TEXTS = (VICUNA_SYSTEM, LLAMA_2_SYSTEM, CHATML_SYSTEM, "USER: ASSISTANT:", "[INST] [/INST]",
-                  "<<SYS>>\n\n<</SYS>>\n\n", "system\n user\n assistant\n")
+TEMPLATE_TEXTS = (
+    VICUNA_SYSTEM,
+    LLAMA_2_SYSTEM,
+    CHATML_SYSTEM,
+    "USER: ASSISTANT:",
+    "[INST] [/INST]",
+    "<<SYS>>\n\n<</SYS>>\n\n",
+    "system\n user\n assistant\n",
+)
 
 
 @dataclass
@@ -75,6 +86,7 @@ def _llama_2(default_system: str):
             b.add(("" if i == 0 else "<s>") + f"[INST] {user} [/INST]")
             if answer is not None:
                 b.add(f" {answer} </s>", target=True)
+
     return render
 
 
@@ -122,21 +134,31 @@ def _tokenizer_template(turns, system, tokenizer, add_generation_prompt: bool) -
             messages.append({"role": role, "content": text})
             full = apply(messages, False)
             if not full.startswith(prefix):
-                raise QllavaError("the tokenizer's chat_template does not render conversations prefix by prefix, "
-                                  "so reply spans cannot be found; use one of the built-in templates")
+                raise QllavaError(
+                    "the tokenizer's chat_template does not render conversations prefix by prefix, "
+                    "so reply spans cannot be found; use one of the built-in templates"
+                )
             targets.append((len(prefix), len(full.rstrip())))
             renders.append(full)
         else:
             messages.append({"role": role, "content": text})
     text = apply(messages, add_generation_prompt)
     if not all(text.startswith(full) for full in renders):
-        raise QllavaError("the tokenizer's chat_template changes earlier turns when later ones are added, "
-                          "so reply spans cannot be found; use one of the built-in templates")
+        raise QllavaError(
+            "the tokenizer's chat_template changes earlier turns when later ones are added, "
+            "so reply spans cannot be found; use one of the built-in templates"
+        )
     return Rendered(text, targets)
 
 
-def render(turns: list[tuple[str, str]], template: str, *, system: str | None = None, tokenizer=None,
-           add_generation_prompt: bool = False) -> Rendered:
+def render(
+    turns: list[tuple[str, str]],
+    template: str,
+    *,
+    system: str | None = None,
+    tokenizer=None,
+    add_generation_prompt: bool = False,
+) -> Rendered:
     """Render (role, text) turns, roles `user` / `assistant`, alternating from the user.
 
     With `add_generation_prompt` the turns end with a user turn and the text ends where the

@@ -35,33 +35,47 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 def resolve_attention(choice: str, device: torch.device) -> str:
     """`auto` -> flash_attention_2 when flash-attn imports and the GPU is Ampere or newer, else sdpa."""
-    flash_ok = (device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-                and torch.cuda.get_device_capability(device)[0] >= 8)
+    flash_ok = (
+        device.type == "cuda"
+        and importlib.util.find_spec("flash_attn") is not None
+        and torch.cuda.get_device_capability(device)[0] >= 8
+    )
     if choice == "auto":
         return "flash_attention_2" if flash_ok else "sdpa"
     if choice == "flash_attention_2" and not flash_ok:
-        raise QllavaError("model.attention=flash_attention_2 needs a CUDA GPU (Ampere or newer) and the flash-attn "
-                          "package (pip install 'qllava[flash]'); use model.attention=sdpa")
+        raise QllavaError(
+            "model.attention=flash_attention_2 needs a CUDA GPU (Ampere or newer) and the flash-attn "
+            "package (pip install 'qllava[flash]'); use model.attention=sdpa"
+        )
     return choice
 
 
 def check_base(base: str | Path) -> Path:
     path = Path(base)
     if not (path / "config.json").is_file():
-        raise QllavaError(f"model.base `{base}` is not a model directory (no config.json); "
-                          "download the checkpoint once and pass its local path")
+        raise QllavaError(
+            f"model.base `{base}` is not a model directory (no config.json); "
+            "download the checkpoint once and pass its local path"
+        )
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "llava":
-        raise QllavaError(f"model.base `{base}` is a `{config.model_type}` model; a LLaVA "
-                          "(LlavaForConditionalGeneration) checkpoint is needed")
+        raise QllavaError(
+            f"model.base `{base}` is a `{config.model_type}` model; a LLaVA "
+            "(LlavaForConditionalGeneration) checkpoint is needed"
+        )
     return path
 
 
 def quantization_config(bits: int, dtype: torch.dtype) -> BitsAndBytesConfig | None:
     if bits == 4:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8,
-                                  llm_int8_skip_modules=SKIP_QUANTIZATION)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+            llm_int8_skip_modules=SKIP_QUANTIZATION,
+        )
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_QUANTIZATION)
     return None
@@ -86,8 +100,12 @@ def load_base(base: str | Path, *, bits: int, device: torch.device, attention: s
     attn = resolve_attention(attention, device)
     device_map = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
     model = LlavaForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, quantization_config=quantization_config(bits, dtype), device_map=device_map,
-        attn_implementation={"text_config": attn, "vision_config": "sdpa" if attn == "flash_attention_2" else attn})
+        path,
+        dtype=dtype,
+        quantization_config=quantization_config(bits, dtype),
+        device_map=device_map,
+        attn_implementation={"text_config": attn, "vision_config": "sdpa" if attn == "flash_attention_2" else attn},
+    )
     guard_cpu_repack(model)
     return model
 
@@ -103,13 +121,19 @@ def load_processor(base: str | Path):
 def lora_targets(model: torch.nn.Module, target_modules) -> str:
     """A peft regex that selects the language model's linear layers (never vision tower or projector)."""
     linear_types = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-    available = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                        if name.startswith(LLM_PREFIX) and isinstance(m, linear_types)})
+    available = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if name.startswith(LLM_PREFIX) and isinstance(m, linear_types)
+        }
+    )
     wanted = available if target_modules == "all-linear" else list(target_modules)
     unknown = [w for w in wanted if w not in available]
     if unknown:
-        raise QllavaError(f"lora.target_modules {unknown} are not linear layers of the language model; "
-                          f"available: {available}")
+        raise QllavaError(
+            f"lora.target_modules {unknown} are not linear layers of the language model; available: {available}"
+        )
     return rf"{re.escape(LLM_PREFIX)}.*\.({'|'.join(map(re.escape, wanted))})"
 
 
@@ -120,9 +144,14 @@ def load_for_training(recipe: Recipe, device: torch.device):
     model.requires_grad_(False)
     if recipe.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-                        target_modules=lora_targets(model, recipe.lora.target_modules),
-                        modules_to_save=[PROJECTOR], bias="none")
+    config = LoraConfig(
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=lora_targets(model, recipe.lora.target_modules),
+        modules_to_save=[PROJECTOR],
+        bias="none",
+    )
     torch.manual_seed(recipe.train.seed)
     model = get_peft_model(model, config)
     # transformers (and peft for 16-bit bases) hook every sub-model's input embeddings to require
@@ -178,7 +207,14 @@ def describe(model: torch.nn.Module) -> str:
     """The start-up table: one row per module group."""
     rows = [("group", "dtype", "quantized", "trainable", "params")]
     for group, g in parameter_groups(model).items():
-        rows.append((group, ",".join(sorted(g["dtypes"])), "yes" if g["quantized"] else "no",
-                     f"{g['trainable']:,}", f"{g['params']:,}"))
+        rows.append(
+            (
+                group,
+                ",".join(sorted(g["dtypes"])),
+                "yes" if g["quantized"] else "no",
+                f"{g['trainable']:,}",
+                f"{g['params']:,}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)

@@ -52,8 +52,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, *, model, processor, recipe: Recipe, state: TrainState, optimizer=None,
-                    scheduler=None) -> Path:
+def save_checkpoint(
+    path: Path, *, model, processor, recipe: Recipe, state: TrainState, optimizer=None, scheduler=None
+) -> Path:
     """Write a complete checkpoint at `path` (replacing an older one of the same name)."""
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():
@@ -105,8 +106,10 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> TrainState:
     result = set_peft_model_state_dict(model, load_file(path / ADAPTER_FILE))
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
-        raise QllavaError(f"checkpoint {path} does not fit this model (unexpected weights such as {unexpected[0]}); "
-                          "was it trained from another model.base or LoRA setting?")
+        raise QllavaError(
+            f"checkpoint {path} does not fit this model (unexpected weights such as {unexpected[0]}); "
+            "was it trained from another model.base or LoRA setting?"
+        )
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     _set_rng_state(torch.load(path / "rng.pt", weights_only=False))

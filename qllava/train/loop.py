@@ -39,10 +39,16 @@ def _mixed_precision(choice: str) -> str:
 
 def _loader(dataset, sampler, recipe: Recipe, pad_token_id: int, device: torch.device) -> DataLoader:
     # A private generator keeps worker seeding from consuming the global RNG, so resume is exact.
-    return DataLoader(dataset, batch_size=recipe.train.micro_batch_size, sampler=sampler,
-                      collate_fn=partial(collate, pad_token_id=pad_token_id), num_workers=recipe.data.num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False,
-                      generator=torch.Generator().manual_seed(recipe.train.seed))
+    return DataLoader(
+        dataset,
+        batch_size=recipe.train.micro_batch_size,
+        sampler=sampler,
+        collate_fn=partial(collate, pad_token_id=pad_token_id),
+        num_workers=recipe.data.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(recipe.train.seed),
+    )
 
 
 def _group_lr(optimizer, kind: str) -> float | None:
@@ -53,8 +59,12 @@ def _group_lr(optimizer, kind: str) -> float | None:
 
 def _forward_loss(model, batch: dict, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     pixel_values = batch["pixel_values"]
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                pixel_values=None if pixel_values is None else pixel_values.to(device, dtype), use_cache=False)
+    out = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        pixel_values=None if pixel_values is None else pixel_values.to(device, dtype),
+        use_cache=False,
+    )
     return loss_sum(out.logits, batch["labels"].to(device))
 
 
@@ -100,9 +110,12 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     recipe = resolve_demo_paths(recipe)
     out = Path(recipe.output.dir)
     trackers = "tensorboard" if importlib.util.find_spec("tensorboard") else None
-    accelerator = Accelerator(mixed_precision=_mixed_precision(recipe.train.mixed_precision), log_with=trackers,
-                              project_dir=str(out),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(recipe.train.mixed_precision),
+        log_with=trackers,
+        project_dir=str(out),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
     device, main = accelerator.device, accelerator.is_main_process
     say = accelerator.print
     set_seed(recipe.train.seed)
@@ -110,23 +123,32 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     # --- setup: model, data, optimizer ---
     model, processor = load_for_training(recipe, device)
     dtype = compute_dtype(device)
-    say(f"qllava: {recipe.model.base} on {device}, LLM in {recipe.model.bits}-bit, "
+    say(
+        f"qllava: {recipe.model.base} on {device}, LLM in {recipe.model.bits}-bit, "
         f"attention {resolve_attention(recipe.model.attention, device)}, "
         f"optimizer {resolve_optimizer(recipe.optim.name, device)}, "
-        f"mixed precision {accelerator.mixed_precision}\n{describe(model)}")
+        f"mixed precision {accelerator.mixed_precision}\n{describe(model)}"
+    )
     train_set = dataset_from_recipe(recipe, recipe.data.train, processor, model.config)
     eval_set = dataset_from_recipe(recipe, recipe.data.eval, processor, model.config) if recipe.data.eval else None
     micro, accum = recipe.train.micro_batch_size, recipe.train.grad_accum
-    sampler = GroupedSampler(train_set.modality_lengths(), micro, seed=recipe.train.seed,
-                             world_size=accelerator.num_processes, rank=accelerator.process_index,
-                             group_by_modality_length=recipe.data.group_by_modality_length)
+    sampler = GroupedSampler(
+        train_set.modality_lengths(),
+        micro,
+        seed=recipe.train.seed,
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        group_by_modality_length=recipe.data.group_by_modality_length,
+    )
     pad_id = processor.tokenizer.pad_token_id
     loader = _loader(train_set, sampler, recipe, pad_id, device)
     steps_per_epoch = len(sampler) // (micro * accum)
     if steps_per_epoch == 0:
-        raise QllavaError(f"{len(train_set)} training samples are fewer than one optimizer step needs "
-                          f"({micro} x {accum} x {accelerator.num_processes} processes); lower "
-                          "train.micro_batch_size or train.grad_accum")
+        raise QllavaError(
+            f"{len(train_set)} training samples are fewer than one optimizer step needs "
+            f"({micro} x {accum} x {accelerator.num_processes} processes); lower "
+            "train.micro_batch_size or train.grad_accum"
+        )
     total_steps = recipe.train.max_steps or math.ceil(recipe.train.epochs * steps_per_epoch)
     say(f"qllava: {len(train_set)} samples, {steps_per_epoch} steps per epoch, training {total_steps} steps")
     optimizer = build_optimizer(model, recipe, device)
@@ -135,19 +157,26 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     eval_loader = None
     if eval_set is not None:
         shard = list(range(accelerator.process_index, len(eval_set), accelerator.num_processes))
-        eval_loader = DataLoader(eval_set, batch_size=micro, sampler=shard,
-                                 collate_fn=partial(collate, pad_token_id=pad_id), num_workers=recipe.data.num_workers)
+        eval_loader = DataLoader(
+            eval_set,
+            batch_size=micro,
+            sampler=shard,
+            collate_fn=partial(collate, pad_token_id=pad_id),
+            num_workers=recipe.data.num_workers,
+        )
 
     state = TrainState()
     resume_from = find_resume(recipe.train.resume, out)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model=accelerator.unwrap_model(model), optimizer=optimizer,
-                                scheduler=scheduler)
+        state = load_checkpoint(
+            resume_from, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler
+        )
         say(f"qllava: resumed from {resume_from} at step {state.step}")
     metrics = out / "metrics.jsonl"
     if resume_from is None and metrics.exists():
-        raise QllavaError(f"output.dir `{out}` already holds a run; continue it with train.resume=auto or "
-                          "choose another output.dir")
+        raise QllavaError(
+            f"output.dir `{out}` already holds a run; continue it with train.resume=auto or choose another output.dir"
+        )
     if main:
         out.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, out / "recipe.yaml")
@@ -161,8 +190,15 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     def save(path: Path, with_optimizer: bool = True) -> None:
         accelerator.wait_for_everyone()
         if main:
-            save_checkpoint(path, model=accelerator.unwrap_model(model), processor=processor, recipe=recipe,
-                            state=state, optimizer=optimizer if with_optimizer else None, scheduler=scheduler)
+            save_checkpoint(
+                path,
+                model=accelerator.unwrap_model(model),
+                processor=processor,
+                recipe=recipe,
+                state=state,
+                optimizer=optimizer if with_optimizer else None,
+                scheduler=scheduler,
+            )
 
     def log(record: dict) -> None:
         if main:
@@ -210,38 +246,55 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             loss = (accelerator.reduce(step_loss, "sum") / global_tokens).item()
             interval["loss"] += loss
             interval["steps"] += 1
-            interval["tokens"] += int(accelerator.reduce(
-                sum(b["attention_mask"].sum() for b in window).to(device), "sum"))
+            interval["tokens"] += int(
+                accelerator.reduce(sum(b["attention_mask"].sum() for b in window).to(device), "sum")
+            )
             interval["truncated"] += sum(b["truncated"] for b in window)
             if state.step % recipe.train.log_every == 0 or state.step == total_steps:
                 elapsed = time.perf_counter() - interval["start"]
-                record = {"step": state.step, "loss": interval["loss"] / interval["steps"],
-                          **{f"{kind}lr": _group_lr(optimizer, kind) for kind in ("", "projector_")},
-                          "tokens_per_s": interval["tokens"] / elapsed, "truncated": interval["truncated"],
-                          "epoch": state.epoch}
+                record = {
+                    "step": state.step,
+                    "loss": interval["loss"] / interval["steps"],
+                    **{f"{kind}lr": _group_lr(optimizer, kind) for kind in ("", "projector_")},
+                    "tokens_per_s": interval["tokens"] / elapsed,
+                    "truncated": interval["truncated"],
+                    "epoch": state.epoch,
+                }
                 log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                )
                 interval = {"loss": 0.0, "steps": 0, "tokens": 0, "truncated": 0, "start": time.perf_counter()}
             bar.update(1)
             if eval_loader is not None and recipe.train.eval_every and state.step % recipe.train.eval_every == 0:
-                log({"step": state.step, "eval_loss": evaluate(accelerator.unwrap_model(model), eval_loader,
-                                                               accelerator, dtype)})
-            if stop.requested or (recipe.train.save_every and state.step % recipe.train.save_every == 0
-                                  and state.step < total_steps):
+                log(
+                    {
+                        "step": state.step,
+                        "eval_loss": evaluate(accelerator.unwrap_model(model), eval_loader, accelerator, dtype),
+                    }
+                )
+            if stop.requested or (
+                recipe.train.save_every and state.step % recipe.train.save_every == 0 and state.step < total_steps
+            ):
                 save(out / f"checkpoint-{state.step}")
                 if main:
                     rotate(out, recipe.train.keep_last)
             if stop.requested:
                 bar.close()
-                raise QllavaError(f"interrupted at step {state.step}: wrote {out / f'checkpoint-{state.step}'}; "
-                                  "continue with train.resume=auto")
+                raise QllavaError(
+                    f"interrupted at step {state.step}: wrote {out / f'checkpoint-{state.step}'}; "
+                    "continue with train.resume=auto"
+                )
     bar.close()
 
     # --- save ---
     if eval_loader is not None:
-        log({"step": state.step, "eval_loss": evaluate(accelerator.unwrap_model(model), eval_loader, accelerator,
-                                                       dtype)})
+        log(
+            {
+                "step": state.step,
+                "eval_loss": evaluate(accelerator.unwrap_model(model), eval_loader, accelerator, dtype),
+            }
+        )
     save(out / "final", with_optimizer=False)
     accelerator.end_training()
     say(f"qllava: done; adapter and projector in {out / 'final'}")

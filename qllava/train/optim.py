@@ -27,12 +27,14 @@ def param_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict]:
         buckets.setdefault((kind, _no_decay(name, param)), []).append(param)
     groups = []
     for (kind, no_decay), params in sorted(buckets.items()):
-        groups.append({
-            "params": params,
-            "lr": recipe.optim.projector_lr if kind == "projector" else recipe.optim.lr,
-            "weight_decay": 0.0 if no_decay else recipe.optim.weight_decay,
-            "name": f"{kind}{'_no_decay' if no_decay else ''}",
-        })
+        groups.append(
+            {
+                "params": params,
+                "lr": recipe.optim.projector_lr if kind == "projector" else recipe.optim.lr,
+                "weight_decay": 0.0 if no_decay else recipe.optim.weight_decay,
+                "name": f"{kind}{'_no_decay' if no_decay else ''}",
+            }
+        )
     if not groups:
         raise QllavaError("no trainable parameters: check lora.target_modules")
     return groups

@@ -7,24 +7,49 @@ from tests.conftest import make_recipe, write_image
 from tests.test_cli import qllava
 
 PLANTED = [
-    ({"id": "missing", "image": "nope.png", "conversations": [
-        {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]},
-     "sample 'missing' (DATA[12]): image `nope.png` not found"),
-    ({"id": "corrupt", "image": "corrupt.png", "conversations": [
-        {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]},
-     "sample 'corrupt' (DATA[13]): image `corrupt.png` cannot be decoded"),
-    ({"id": "role", "conversations": [{"from": "robot", "value": "Q?"}, {"from": "gpt", "value": "A."}]},
-     "sample 'role' (DATA[14]): turn 0 has unknown role 'robot'"),
-    ({"id": "noreply", "conversations": [{"from": "human", "value": "Q?"}]},
-     "sample 'noreply' (DATA[15]): no assistant (gpt) turn"),
-    ({"id": "tags", "image": "0.png", "conversations": [
-        {"from": "human", "value": "<image>\n<image>\nQ?"}, {"from": "gpt", "value": "A."}]},
-     "sample 'tags' (DATA[16]): 2 `<image>` tag(s) but 1 image(s)"),
-    ({"id": "tagnoimage", "conversations": [
-        {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]},
-     "sample 'tagnoimage' (DATA[17]): 1 `<image>` tag(s) but 0 image(s)"),
-    ({"id": "empty", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "  "}]},
-     "sample 'empty' (DATA[18]): turn 1 (gpt) has empty text"),
+    (
+        {
+            "id": "missing",
+            "image": "nope.png",
+            "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}],
+        },
+        "sample 'missing' (DATA[12]): image `nope.png` not found",
+    ),
+    (
+        {
+            "id": "corrupt",
+            "image": "corrupt.png",
+            "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}],
+        },
+        "sample 'corrupt' (DATA[13]): image `corrupt.png` cannot be decoded",
+    ),
+    (
+        {"id": "role", "conversations": [{"from": "robot", "value": "Q?"}, {"from": "gpt", "value": "A."}]},
+        "sample 'role' (DATA[14]): turn 0 has unknown role 'robot'",
+    ),
+    (
+        {"id": "noreply", "conversations": [{"from": "human", "value": "Q?"}]},
+        "sample 'noreply' (DATA[15]): no assistant (gpt) turn",
+    ),
+    (
+        {
+            "id": "tags",
+            "image": "0.png",
+            "conversations": [{"from": "human", "value": "<image>\n<image>\nQ?"}, {"from": "gpt", "value": "A."}],
+        },
+        "sample 'tags' (DATA[16]): 2 `<image>` tag(s) but 1 image(s)",
+    ),
+    (
+        {
+            "id": "tagnoimage",
+            "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}],
+        },
+        "sample 'tagnoimage' (DATA[17]): 1 `<image>` tag(s) but 0 image(s)",
+    ),
+    (
+        {"id": "empty", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "  "}]},
+        "sample 'empty' (DATA[18]): turn 1 (gpt) has empty text",
+    ),
 ]
 
 
@@ -41,8 +66,15 @@ def test_check_finds_every_planted_problem(tiny_base, tiny_data, tmp_path):
     assert len(report.errors) == len(PLANTED)
     assert "19 samples (9 with an image, 3 text-only)" in text
 
-    result = qllava("data", "check", "demo", f"model.base={tiny_base}", f"data.train={data_file}",
-                    f"data.image_folder={tiny_data / 'images'}", "data.eval=")
+    result = qllava(
+        "data",
+        "check",
+        "demo",
+        f"model.base={tiny_base}",
+        f"data.train={data_file}",
+        f"data.image_folder={tiny_data / 'images'}",
+        "data.eval=",
+    )
     assert result.returncode == 1 and "7 error(s)" in result.stdout
 
 

@@ -5,7 +5,7 @@ LENGTHS = [(-1) ** i * (10 + 7 * i % 50) for i in range(103)]  # positive: image
 
 def batches(sampler, micro):
     stream = list(sampler)
-    return [stream[i:i + micro] for i in range(0, len(stream), micro)]
+    return [stream[i : i + micro] for i in range(0, len(stream), micro)]
 
 
 def test_same_seed_same_order_other_epoch_other_order():

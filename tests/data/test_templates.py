@@ -13,15 +13,15 @@ TURNS = [("user", "<image>\nWhat is it?"), ("assistant", "A cat."), ("user", "Co
 # Recorded renderings (LLaVA conversation.py conventions); the [[ ]] mark the spans that carry loss.
 GOLDEN = {
     "vicuna_v1": f"{VICUNA_SYSTEM} USER: <image>\nWhat is it? ASSISTANT:[[ A cat.</s>]]USER: Color? ASSISTANT:"
-                 "[[ Black.</s>]]",
+    "[[ Black.</s>]]",
     "llava_llama_2": "[INST] <<SYS>>\nYou are a helpful language and vision assistant. You are able to understand "
-                     "the visual content that the user provides, and assist the user with a variety of tasks using "
-                     "natural language.\n<</SYS>>\n\n<image>\nWhat is it? [/INST][[ A cat. </s>]]<s>[INST] Color? "
-                     "[/INST][[ Black. </s>]]",
+    "the visual content that the user provides, and assist the user with a variety of tasks using "
+    "natural language.\n<</SYS>>\n\n<image>\nWhat is it? [/INST][[ A cat. </s>]]<s>[INST] Color? "
+    "[/INST][[ Black. </s>]]",
     "mistral_instruct": "[INST] <image>\nWhat is it? [/INST][[ A cat. </s>]]<s>[INST] Color? [/INST][[ Black. </s>]]",
     "chatml": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat is it?"
-              "<|im_end|>\n<|im_start|>assistant\n[[A cat.<|im_end|>]]\n<|im_start|>user\nColor?<|im_end|>\n"
-              "<|im_start|>assistant\n[[Black.<|im_end|>]]\n",
+    "<|im_end|>\n<|im_start|>assistant\n[[A cat.<|im_end|>]]\n<|im_start|>user\nColor?<|im_end|>\n"
+    "<|im_start|>assistant\n[[Black.<|im_end|>]]\n",
 }
 
 
@@ -45,12 +45,16 @@ def test_plain_template_is_image_then_caption():
 
 def test_tokenizer_template_spans_from_its_own_chat_template(tiny_base):
     tokenizer = load_processor(tiny_base).tokenizer
-    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     rendered = render(TURNS, "tokenizer", tokenizer=tokenizer)
-    assert marked(rendered) == ("<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
-                                "[[A cat.<|im_end|>]]\n<|im_start|>user\nColor?<|im_end|>\n<|im_start|>assistant\n"
-                                "[[Black.<|im_end|>]]\n")
+    assert marked(rendered) == (
+        "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+        "[[A cat.<|im_end|>]]\n<|im_start|>user\nColor?<|im_end|>\n<|im_start|>assistant\n"
+        "[[Black.<|im_end|>]]\n"
+    )
 
 
 def test_generation_prompt_ends_where_the_reply_begins():
@@ -62,14 +66,30 @@ def test_generation_prompt_ends_where_the_reply_begins():
 def encoder(tiny_base):
     processor = load_processor(tiny_base)
     config = AutoConfig.from_pretrained(tiny_base)
-    return Encoder(processor.tokenizer, "vicuna_v1", image_token_id=config.image_token_id,
-                   image_tokens=num_image_tokens(config), max_length=512)
+    return Encoder(
+        processor.tokenizer,
+        "vicuna_v1",
+        image_token_id=config.image_token_id,
+        image_tokens=num_image_tokens(config),
+        max_length=512,
+    )
 
 
 def test_labels_are_exactly_the_replies_and_end_of_turn(encoder):
-    sample = parse_sample({"id": "x", "image": "a.png", "conversations": [
-        {"from": "human", "value": "What is it?\n<image>"}, {"from": "gpt", "value": "A cat."},
-        {"from": "human", "value": "Color?"}, {"from": "gpt", "value": "Black."}]}, 0, "mem")
+    sample = parse_sample(
+        {
+            "id": "x",
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": "What is it?\n<image>"},
+                {"from": "gpt", "value": "A cat."},
+                {"from": "human", "value": "Color?"},
+                {"from": "gpt", "value": "Black."},
+            ],
+        },
+        0,
+        "mem",
+    )
     item = encoder.encode(sample)
     trained = [t for t, lab in zip(item["input_ids"], item["labels"]) if lab != -100]
     assert encoder.tokenizer.decode(trained) == " A cat.</s> Black.</s>"
@@ -77,8 +97,15 @@ def test_labels_are_exactly_the_replies_and_end_of_turn(encoder):
 
 
 def test_image_moves_to_first_turn_and_expands_like_llava_processor(tiny_base, encoder):
-    sample = parse_sample({"id": "x", "image": "a.png", "conversations": [
-        {"from": "human", "value": "What is it?\n<image>"}, {"from": "gpt", "value": "A cat."}]}, 0, "mem")
+    sample = parse_sample(
+        {
+            "id": "x",
+            "image": "a.png",
+            "conversations": [{"from": "human", "value": "What is it?\n<image>"}, {"from": "gpt", "value": "A cat."}],
+        },
+        0,
+        "mem",
+    )
     assert sample.turns[0][1] == "<image>\nWhat is it?"
     config = AutoConfig.from_pretrained(tiny_base)
     item = encoder.encode(sample)
@@ -90,19 +117,30 @@ def test_image_moves_to_first_turn_and_expands_like_llava_processor(tiny_base, e
 
 
 def test_clip_and_siglip_token_counts():
-    clip = AutoConfig.for_model("llava", vision_config={"model_type": "clip_vision_model", "image_size": 336,
-                                                        "patch_size": 14})
+    clip = AutoConfig.for_model(
+        "llava", vision_config={"model_type": "clip_vision_model", "image_size": 336, "patch_size": 14}
+    )
     assert num_image_tokens(clip) == 576
     clip.vision_feature_select_strategy = "full"
     assert num_image_tokens(clip) == 577
-    siglip = AutoConfig.for_model("llava", vision_config={"model_type": "siglip_vision_model", "image_size": 384,
-                                                          "patch_size": 14}, vision_feature_select_strategy="full")
+    siglip = AutoConfig.for_model(
+        "llava",
+        vision_config={"model_type": "siglip_vision_model", "image_size": 384, "patch_size": 14},
+        vision_feature_select_strategy="full",
+    )
     assert num_image_tokens(siglip) == 729
 
 
 def test_truncation_never_cuts_the_image_block(encoder):
-    sample = parse_sample({"id": "long", "image": "a.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "word " * 200}]}, 0, "mem")
+    sample = parse_sample(
+        {
+            "id": "long",
+            "image": "a.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "word " * 200}],
+        },
+        0,
+        "mem",
+    )
     encoder.max_length = 60
     item = encoder.encode(sample)
     assert item["truncated"] and len(item["input_ids"]) == 60
@@ -113,8 +151,9 @@ def test_truncation_never_cuts_the_image_block(encoder):
 
 
 def test_sample_without_image_keeps_text_only(encoder):
-    sample = parse_sample({"id": "t", "conversations": [{"from": "human", "value": "Hi"},
-                                                         {"from": "gpt", "value": "Hello."}]}, 0, "mem")
+    sample = parse_sample(
+        {"id": "t", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}, 0, "mem"
+    )
     item = encoder.encode(sample)
     assert encoder.image_token_id not in item["input_ids"]
     assert sample.image is None

@@ -27,8 +27,11 @@ def test_only_llm_linears_are_4bit(trained_setup):
     assert four_bit, "no Linear4bit at all"
     assert all(n.startswith(LLM_PREFIX) for n in four_bit), sorted(four_bit)[:3]
     llm_linears = {n.removesuffix(".base_layer") for n in four_bit}
-    expected = {_strip(n) for n, m in model.named_modules()
-                if _strip(n).startswith(LLM_PREFIX) and n.rsplit(".", 1)[-1] in LLM_LINEARS}
+    expected = {
+        _strip(n)
+        for n, m in model.named_modules()
+        if _strip(n).startswith(LLM_PREFIX) and n.rsplit(".", 1)[-1] in LLM_LINEARS
+    }
     assert expected <= llm_linears | {n + ".base_layer" for n in llm_linears} | llm_linears
     for name, module in model.named_modules():
         if any(part in name for part in ("vision_tower", "multi_modal_projector", "lm_head")):

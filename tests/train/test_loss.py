@@ -30,8 +30,9 @@ def test_step_loss_equals_hand_computation(tiny_base, tiny_data, tmp_path):
             ids, labels = torch.tensor([item["input_ids"]]), torch.tensor([item["labels"]])
             pv = None if item["pixel_values"] is None else item["pixel_values"][None]
             logits = base(input_ids=ids, pixel_values=pv, use_cache=False).logits
-            per_token = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], reduction="none",
-                                                          ignore_index=-100)
+            per_token = torch.nn.functional.cross_entropy(
+                logits[0, :-1], labels[0, 1:], reduction="none", ignore_index=-100
+            )
             sums.append(per_token.sum().item())
             counts.append(int((labels[0, 1:] != -100).sum()))
     by_hand = sum(sums) / sum(counts)
@@ -44,7 +45,9 @@ def test_step_loss_equals_hand_computation(tiny_base, tiny_data, tmp_path):
 def test_loss_helpers_ignore_masked_tokens():
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[-100, 3, 4, -100, -100], [-100, -100, -100, -100, 7]])
-    expected = sum(torch.nn.functional.cross_entropy(logits[b, t - 1][None], labels[b, t][None])
-                   for b, t in [(0, 1), (0, 2), (1, 4)])
+    expected = sum(
+        torch.nn.functional.cross_entropy(logits[b, t - 1][None], labels[b, t][None])
+        for b, t in [(0, 1), (0, 2), (1, 4)]
+    )
     assert int(trained_tokens(labels)) == 3
     torch.testing.assert_close(loss_sum(logits, labels), expected)

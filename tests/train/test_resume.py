@@ -18,16 +18,27 @@ RESUMABLE = {"lora": {"dropout": 0.1}, "train": {"max_steps": 6, "save_every": 3
 
 
 def losses(run):
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
+    return [
+        json.loads(line)["loss"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_base, tiny_data, tmp_path):
     straight = tmp_path / "straight"
     train(make_recipe(tiny_base, tiny_data, straight, **RESUMABLE), progress=False)
     half = straight / "checkpoint-3"
-    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng.pt",
-            "trainer_state.json", "recipe.yaml", "tokenizer.json"} <= {p.name for p in half.iterdir()}
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng.pt",
+        "trainer_state.json",
+        "recipe.yaml",
+        "tokenizer.json",
+    } <= {p.name for p in half.iterdir()}
     resumed = tmp_path / "resumed"
     sections = {k: dict(v) for k, v in RESUMABLE.items()}
     sections["train"]["resume"] = str(half)
@@ -55,8 +66,9 @@ def test_a_crash_mid_write_leaves_no_checkpoint(tiny_base, tiny_data, tmp_path, 
 
     monkeypatch.setattr(ckpt, "dump_recipe", explode)
     with pytest.raises(OSError):
-        ckpt.save_checkpoint(run / "checkpoint-9", model=_NullSaver(), processor=_NullSaver(), recipe=None,
-                             state=ckpt.TrainState())
+        ckpt.save_checkpoint(
+            run / "checkpoint-9", model=_NullSaver(), processor=_NullSaver(), recipe=None, state=ckpt.TrainState()
+        )
     assert not (run / "checkpoint-9").exists()
     assert ckpt.find_resume("auto", run) == run / "checkpoint-1"
 
