@@ -163,6 +163,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             sampler=shard,
             collate_fn=partial(collate, pad_token_id=pad_id),
             num_workers=recipe.data.num_workers,
+            generator=torch.Generator().manual_seed(recipe.train.seed),
         )
 
     state = TrainState()

@@ -14,20 +14,24 @@ from qllava.train import checkpoint as ckpt
 from qllava.train.loop import train
 from tests.conftest import make_recipe
 
-RESUMABLE = {"lora": {"dropout": 0.1}, "train": {"max_steps": 6, "save_every": 3, "keep_last": 5}}
+
+def resumable(data_dir, resume=""):
+    """Dropout on (RNG matters) and an evaluation every 2 steps, checkpoint at step 3 of 6."""
+    return {
+        "lora": {"dropout": 0.1},
+        "data": {"eval": str(data_dir / "train.json")},
+        "train": {"max_steps": 6, "save_every": 3, "keep_last": 5, "eval_every": 2, "resume": resume},
+    }
 
 
-def losses(run):
-    return [
-        json.loads(line)["loss"]
-        for line in (run / "metrics.jsonl").read_text().splitlines()
-        if "loss" in json.loads(line)
-    ]
+def losses(run, key="loss"):
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [line[key] for line in lines if key in line]
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_base, tiny_data, tmp_path):
     straight = tmp_path / "straight"
-    train(make_recipe(tiny_base, tiny_data, straight, **RESUMABLE), progress=False)
+    train(make_recipe(tiny_base, tiny_data, straight, **resumable(tiny_data)), progress=False)
     half = straight / "checkpoint-3"
     assert {
         "adapter_model.safetensors",
@@ -40,12 +44,12 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_base, tiny_data, tmp_path)
         "tokenizer.json",
     } <= {p.name for p in half.iterdir()}
     resumed = tmp_path / "resumed"
-    sections = {k: dict(v) for k, v in RESUMABLE.items()}
-    sections["train"]["resume"] = str(half)
-    train(make_recipe(tiny_base, tiny_data, resumed, **sections), progress=False)
+    train(make_recipe(tiny_base, tiny_data, resumed, **resumable(tiny_data, resume=str(half))), progress=False)
 
     assert len(losses(straight)) == 6 and len(losses(resumed)) == 3
     assert losses(resumed) == pytest.approx(losses(straight)[3:], abs=1e-5)
+    # Evaluations at steps 2, 4, 6 (and the final one); the resumed run repeats those after step 3.
+    assert losses(resumed, "eval_loss") == pytest.approx(losses(straight, "eval_loss")[1:], abs=1e-5)
     a = load_file(straight / "final" / "adapter_model.safetensors")
     b = load_file(resumed / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any("multi_modal_projector" in k for k in a)
