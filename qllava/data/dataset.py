@@ -41,7 +41,8 @@ def read_records(path: str | Path) -> list[dict]:
     text = p.read_text(encoding="utf-8")
     if p.suffix == ".jsonl" or not text.lstrip().startswith("["):
         records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # split on \n only: str.splitlines() also breaks at U+2028 and friends, valid inside JSON strings
+        for lineno, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))

@@ -103,14 +103,21 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> TrainState:
     """Restore adapter + projector weights, optimizer, scheduler and RNG; return the trainer state."""
-    result = set_peft_model_state_dict(model, load_file(path / ADAPTER_FILE))
+    try:
+        result = set_peft_model_state_dict(model, load_file(path / ADAPTER_FILE))
+    except RuntimeError as exc:  # shape mismatch: another LoRA rank or base
+        raise QllavaError(
+            f"checkpoint {path} does not fit this model ({str(exc).splitlines()[-1].strip()}); "
+            "was it trained with another model.base or LoRA setting?"
+        ) from None
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise QllavaError(
             f"checkpoint {path} does not fit this model (unexpected weights such as {unexpected[0]}); "
             "was it trained from another model.base or LoRA setting?"
         )
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    # CPU first: tensors saved by rank 0 would otherwise all land on its GPU in every process.
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+    _set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=False))
     return TrainState(**json.loads((path / STATE_FILE).read_text()))

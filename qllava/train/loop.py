@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import GradientAccumulationPlugin, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -49,6 +49,14 @@ def _loader(dataset, sampler, recipe: Recipe, pad_token_id: int, device: torch.d
         persistent_workers=False,
         generator=torch.Generator().manual_seed(recipe.train.seed),
     )
+
+
+def _step_of(line: str) -> float:
+    """Step of a metrics.jsonl line; a line cut short by a killed run counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def _group_lr(optimizer, kind: str) -> float | None:
@@ -88,19 +96,35 @@ class _StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.requested_at = 0.0
 
     def __enter__(self):
         self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        # Launchers forward the terminal's Ctrl-C, so one press can arrive twice within a moment.
+        if self.requested and time.monotonic() - self.requested_at > 1.0:
             raise KeyboardInterrupt
-        self.requested = True
+        if self.requested:
+            return
+        self.requested, self.requested_at = True, time.monotonic()
         print("\nqllava: stopping after this step and writing a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
 
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGINT, self._previous)
+
+
+def make_accelerator(recipe: Recipe, out: Path, trackers: str | None = None) -> Accelerator:
+    return Accelerator(
+        mixed_precision=_mixed_precision(recipe.train.mixed_precision),
+        log_with=trackers,
+        project_dir=str(out),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # The loop scales losses for accumulation itself; an accelerate config's own accumulation
+        # setting would divide them a second time.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
+    )
 
 
 def train(recipe: Recipe, *, progress: bool = True) -> Path:
@@ -110,12 +134,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     recipe = resolve_demo_paths(recipe)
     out = Path(recipe.output.dir)
     trackers = "tensorboard" if importlib.util.find_spec("tensorboard") else None
-    accelerator = Accelerator(
-        mixed_precision=_mixed_precision(recipe.train.mixed_precision),
-        log_with=trackers,
-        project_dir=str(out),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
+    accelerator = make_accelerator(recipe, out, trackers)
     device, main = accelerator.device, accelerator.is_main_process
     say = accelerator.print
     set_seed(recipe.train.seed)
@@ -174,7 +193,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
         )
         say(f"qllava: resumed from {resume_from} at step {state.step}")
     metrics = out / "metrics.jsonl"
-    if resume_from is None and metrics.exists():
+    if resume_from is None and metrics.exists() and recipe.train.resume != "auto":
         raise QllavaError(
             f"output.dir `{out}` already holds a run; continue it with train.resume=auto or choose another output.dir"
         )
@@ -183,7 +202,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
         dump_recipe(recipe, out / "recipe.yaml")
         if metrics.exists():
             # Lines logged after the checkpoint (by a run that went on and died) would repeat.
-            kept = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= state.step]
+            kept = [ln for ln in metrics.read_text().split("\n") if _step_of(ln) <= state.step]
             metrics.write_text("".join(f"{ln}\n" for ln in kept))
         if trackers:
             accelerator.init_trackers("qllava")
@@ -200,6 +219,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                 optimizer=optimizer if with_optimizer else None,
                 scheduler=scheduler,
             )
+        accelerator.wait_for_everyone()  # no rank exits (and takes the others down) mid-write
 
     def log(record: dict) -> None:
         if main:
@@ -250,7 +270,9 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             interval["tokens"] += int(
                 accelerator.reduce(sum(b["attention_mask"].sum() for b in window).to(device), "sum")
             )
-            interval["truncated"] += sum(b["truncated"] for b in window)
+            interval["truncated"] += int(
+                accelerator.reduce(torch.tensor(sum(b["truncated"] for b in window), device=device), "sum")
+            )
             if state.step % recipe.train.log_every == 0 or state.step == total_steps:
                 elapsed = time.perf_counter() - interval["start"]
                 record = {
@@ -274,13 +296,15 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                         "eval_loss": evaluate(accelerator.unwrap_model(model), eval_loader, accelerator, dtype),
                     }
                 )
-            if stop.requested or (
+            # Every rank must take the same branch, whichever of them saw the Ctrl-C.
+            stopping = bool(accelerator.reduce(torch.tensor(int(stop.requested), device=device), "sum") > 0)
+            if stopping or (
                 recipe.train.save_every and state.step % recipe.train.save_every == 0 and state.step < total_steps
             ):
                 save(out / f"checkpoint-{state.step}")
                 if main:
                     rotate(out, recipe.train.keep_last)
-            if stop.requested:
+            if stopping:
                 bar.close()
                 raise QllavaError(
                     f"interrupted at step {state.step}: wrote {out / f'checkpoint-{state.step}'}; "

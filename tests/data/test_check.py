@@ -95,3 +95,12 @@ def test_show_marks_exactly_the_reply_tokens(tiny_base, tiny_data, tmp_path):
     assert "<image x16>" in text
     assert "[[ green</s>]]" in text and "[[ a green circle</s>]]" in text
     assert "What color is the shape? ASSISTANT:[[" in text
+
+
+def test_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
+    from qllava.data.dataset import read_records
+
+    record = {"id": "u", "conversations": [{"from": "human", "value": "a\u2028b"}, {"from": "gpt", "value": "c"}]}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
+    assert read_records(path) == [record, record]

@@ -3,11 +3,13 @@
 import json
 
 import torch
+from accelerate import Accelerator
 
 from qllava.data.dataset import dataset_from_recipe
 from qllava.data.sampler import GroupedSampler
 from qllava.model.load import load_base, load_processor
-from qllava.train.loop import train
+from qllava.recipe import load_recipe
+from qllava.train.loop import make_accelerator, train
 from qllava.train.loss import loss_sum, trained_tokens
 from tests.conftest import make_recipe
 
@@ -51,3 +53,12 @@ def test_loss_helpers_ignore_masked_tokens():
     )
     assert int(trained_tokens(labels)) == 3
     torch.testing.assert_close(loss_sum(logits, labels), expected)
+
+
+def test_an_accelerate_accumulation_setting_does_not_rescale_gradients(tmp_path, monkeypatch):
+    # An `accelerate config` with gradient_accumulation_steps would make backward() divide losses that
+    # the loop already scaled. (Adam hides a constant gradient scale, so check the setting itself.)
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    recipe = load_recipe("demo")
+    assert Accelerator().gradient_accumulation_steps == 4
+    assert make_accelerator(recipe, tmp_path).gradient_accumulation_steps == 1
