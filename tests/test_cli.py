@@ -31,19 +31,25 @@ def test_bad_input_is_one_message(args, message):
     assert "Traceback" not in result.stderr + result.stdout
 
 
+def train_on_tiny(base, data_dir, *overrides):
+    """`qllava train demo` pointed at the tiny model and data of the fixtures."""
+    return qllava(
+        "train",
+        "demo",
+        f"model.base={base}",
+        f"data.train={data_dir / 'train.json'}",
+        f"data.image_folder={data_dir / 'images'}",
+        "data.eval=",
+        f"output.dir={data_dir / 'run'}",
+        *overrides,
+    )
+
+
 def test_bad_sample_is_one_message(tiny_base, tiny_data):
     records = json.loads((tiny_data / "train.json").read_text())
     records[2]["conversations"][0]["from"] = "robot"
     (tiny_data / "train.json").write_text(json.dumps(records))
-    result = qllava(
-        "train",
-        "demo",
-        f"model.base={tiny_base}",
-        f"data.train={tiny_data / 'train.json'}",
-        f"data.image_folder={tiny_data / 'images'}",
-        "data.eval=",
-        f"output.dir={tiny_data / 'run'}",
-    )
+    result = train_on_tiny(tiny_base, tiny_data)
     assert result.returncode == 1
     assert "unknown role 'robot'" in result.stderr and "s2" in result.stderr
     assert "Traceback" not in result.stderr
@@ -58,18 +64,7 @@ def test_recipes_lists_shipped_recipes_and_keys():
 
 def test_corrupt_image_in_a_dataloader_worker_is_one_message(tiny_base, tiny_data):
     (tiny_data / "images" / "0.png").write_bytes(b"not a png")
-    result = qllava(
-        "train",
-        "demo",
-        f"model.base={tiny_base}",
-        f"data.train={tiny_data / 'train.json'}",
-        f"data.image_folder={tiny_data / 'images'}",
-        "data.eval=",
-        "data.num_workers=1",
-        "train.micro_batch_size=2",
-        "train.max_steps=10",
-        f"output.dir={tiny_data / 'run'}",
-    )
+    result = train_on_tiny(tiny_base, tiny_data, "data.num_workers=1", "train.micro_batch_size=2", "train.max_steps=10")
     assert result.returncode == 1
     assert "sample 's0'" in result.stderr and "cannot read image" in result.stderr
     assert "Traceback" not in result.stderr
