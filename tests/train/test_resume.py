@@ -101,3 +101,12 @@ def test_ctrl_c_writes_a_checkpoint_and_auto_resume_finishes(tiny_base, tiny_dat
     finish = make_recipe(tiny_base, tiny_data, run, train={"max_steps": step + 2, "log_every": 1, "resume": "auto"})
     train(finish, progress=False)
     assert len(losses(run)) == step + 2 and (run / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_auto_resume_without_a_checkpoint_starts_over(tiny_base, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(make_recipe(tiny_base, tiny_data, run, train={"max_steps": 2}), progress=False)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.0')  # a line cut short by a killed run
+    train(make_recipe(tiny_base, tiny_data, run, train={"max_steps": 2, "resume": "auto"}), progress=False)
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
