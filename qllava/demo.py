@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from qllava.errors import QllavaError
 from qllava.recipe import Recipe
 
 DEMO_VERSION = "v4"
@@ -190,8 +191,13 @@ def _pretrain_vision(model, data_root: Path, image_processor, *, steps: int = 30
         "places": torch.tensor([[float(q in r["scene"]["places"]) for q in QUADRANTS] for r in records]),
     }
     vision = model.model.vision_tower
+
+    def patch_features(x: torch.Tensor) -> torch.Tensor:
+        # What LLaVA reads: layer -2, CLS dropped (vision_feature_select_strategy "default").
+        return vision(x, output_hidden_states=True).hidden_states[-2][:, 1:].flatten(1)
+
     with torch.no_grad():
-        n_features = vision(pixels[:1], output_hidden_states=True).hidden_states[-2][:, 1:].flatten(1).shape[1]
+        n_features = patch_features(pixels[:1]).shape[1]
     heads = torch.nn.ModuleDict(
         {k: torch.nn.Linear(n_features, 4 if k == "places" else len(ANSWERS[k])) for k in targets}
     )
@@ -200,7 +206,7 @@ def _pretrain_vision(model, data_root: Path, image_processor, *, steps: int = 30
     vision.train()
     for _ in tqdm(range(steps), desc="demo base: vision tower", unit="step"):
         idx = torch.randint(len(records), (64,), generator=g)
-        features = vision(pixels[idx], output_hidden_states=True).hidden_states[-2][:, 1:].flatten(1)
+        features = patch_features(pixels[idx])
         loss = torch.nn.functional.binary_cross_entropy_with_logits(heads["places"](features), targets["places"][idx])
         for k in ("color", "kind", "count"):
             loss = loss + torch.nn.functional.cross_entropy(heads[k](features), targets[k][idx])
@@ -315,8 +321,6 @@ def resolve_demo_paths(recipe: Recipe) -> Recipe:
         value = getattr(getattr(recipe, section), key)
         if str(value).startswith("demo:"):
             if value not in names:
-                from qllava.errors import QllavaError
-
                 raise QllavaError(f"`{section}.{key}: {value}` is not a demo asset; use one of {', '.join(names)}")
             sections.setdefault(section, {})[key] = str(names[value])
     return dataclasses.replace(

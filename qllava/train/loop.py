@@ -38,6 +38,7 @@ def _mixed_precision(choice: str) -> str:
 
 
 def _loader(dataset, sampler, recipe: Recipe, pad_token_id: int, device: torch.device) -> DataLoader:
+    """Batches of `recipe.train.micro_batch_size` in the sampler's order (train and eval alike)."""
     # A private generator keeps worker seeding from consuming the global RNG, so resume is exact.
     return DataLoader(
         dataset,
@@ -51,6 +52,11 @@ def _loader(dataset, sampler, recipe: Recipe, pad_token_id: int, device: torch.d
     )
 
 
+def _new_interval() -> dict:
+    """Sums over the steps since the last metrics line."""
+    return {"loss": 0.0, "steps": 0, "tokens": 0, "truncated": 0, "start": time.perf_counter()}
+
+
 def _step_of(line: str) -> float:
     """Step of a metrics.jsonl line; a line cut short by a killed run counts as after any checkpoint."""
     try:
@@ -60,9 +66,8 @@ def _step_of(line: str) -> float:
 
 
 def _group_lr(optimizer, kind: str) -> float | None:
-    """Current lr of the LoRA ("") or projector ("projector_") parameter group."""
-    name = kind.rstrip("_") or "lora"
-    return next((g["lr"] for g in optimizer.param_groups if g["name"].startswith(name)), None)
+    """Current lr of the `lora` or `projector` parameter groups (None when there is none)."""
+    return next((g["lr"] for g in optimizer.param_groups if g["name"].startswith(kind)), None)
 
 
 def _forward_loss(model, batch: dict, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -176,14 +181,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     eval_loader = None
     if eval_set is not None:
         shard = list(range(accelerator.process_index, len(eval_set), accelerator.num_processes))
-        eval_loader = DataLoader(
-            eval_set,
-            batch_size=micro,
-            sampler=shard,
-            collate_fn=partial(collate, pad_token_id=pad_id),
-            num_workers=recipe.data.num_workers,
-            generator=torch.Generator().manual_seed(recipe.train.seed),
-        )
+        eval_loader = _loader(eval_set, shard, recipe, pad_id, device)
 
     state = TrainState()
     resume_from = find_resume(recipe.train.resume, out)
@@ -228,6 +226,15 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             if trackers:
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def log_eval() -> None:
+        # The unwrapped model: DDP's forward would expect every rank to run the same batches.
+        log(
+            {
+                "step": state.step,
+                "eval_loss": evaluate(accelerator.unwrap_model(model), eval_loader, accelerator, dtype),
+            }
+        )
+
     def windows():
         """Accumulation windows of micro-batches; a window never spans two epochs."""
         while True:
@@ -240,7 +247,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     # --- train ---
     set_train_mode(model)
     bar = tqdm(total=total_steps, initial=state.step, disable=not (main and progress), desc="train", unit="step")
-    interval = {"loss": 0.0, "steps": 0, "tokens": 0, "truncated": 0, "start": time.perf_counter()}
+    interval = _new_interval()
     stream = windows()
     with _StopRequest() as stop:
         while state.step < total_steps:
@@ -264,21 +271,29 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             state.step += 1
             state.consumed += micro * accum
 
-            loss = (accelerator.reduce(step_loss, "sum") / global_tokens).item()
-            interval["loss"] += loss
+            # One all-reduce and one host sync per step for everything logged, and the Ctrl-C flag:
+            # every rank must take the same branch below, whichever of them saw the Ctrl-C.
+            local = [
+                step_loss,
+                sum(b["attention_mask"].sum() for b in window),
+                sum(b["truncated"] for b in window),
+                int(stop.requested),
+            ]
+            summed = accelerator.reduce(
+                torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device) for x in local]), "sum"
+            ).tolist()
+            interval["loss"] += summed[0] / global_tokens.item()
             interval["steps"] += 1
-            interval["tokens"] += int(
-                accelerator.reduce(sum(b["attention_mask"].sum() for b in window).to(device), "sum")
-            )
-            interval["truncated"] += int(
-                accelerator.reduce(torch.tensor(sum(b["truncated"] for b in window), device=device), "sum")
-            )
+            interval["tokens"] += int(summed[1])
+            interval["truncated"] += int(summed[2])
+            stopping = summed[3] > 0
             if state.step % recipe.train.log_every == 0 or state.step == total_steps:
                 elapsed = time.perf_counter() - interval["start"]
                 record = {
                     "step": state.step,
                     "loss": interval["loss"] / interval["steps"],
-                    **{f"{kind}lr": _group_lr(optimizer, kind) for kind in ("", "projector_")},
+                    "lr": _group_lr(optimizer, "lora"),
+                    "projector_lr": _group_lr(optimizer, "projector"),
                     "tokens_per_s": interval["tokens"] / elapsed,
                     "truncated": interval["truncated"],
                     "epoch": state.epoch,
@@ -287,17 +302,10 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                 bar.set_postfix(
                     loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
                 )
-                interval = {"loss": 0.0, "steps": 0, "tokens": 0, "truncated": 0, "start": time.perf_counter()}
+                interval = _new_interval()
             bar.update(1)
             if eval_loader is not None and recipe.train.eval_every and state.step % recipe.train.eval_every == 0:
-                log(
-                    {
-                        "step": state.step,
-                        "eval_loss": evaluate(accelerator.unwrap_model(model), eval_loader, accelerator, dtype),
-                    }
-                )
-            # Every rank must take the same branch, whichever of them saw the Ctrl-C.
-            stopping = bool(accelerator.reduce(torch.tensor(int(stop.requested), device=device), "sum") > 0)
+                log_eval()
             if stopping or (
                 recipe.train.save_every and state.step % recipe.train.save_every == 0 and state.step < total_steps
             ):
@@ -314,12 +322,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
 
     # --- save ---
     if eval_loader is not None:
-        log(
-            {
-                "step": state.step,
-                "eval_loss": evaluate(accelerator.unwrap_model(model), eval_loader, accelerator, dtype),
-            }
-        )
+        log_eval()
     save(out / "final", with_optimizer=False)
     accelerator.end_training()
     say(f"qllava: done; adapter and projector in {out / 'final'}")
