@@ -71,17 +71,14 @@ def _scan(path: str, recipe: Recipe, encoder, report: Report) -> None:
         else:
             text_only += 1
         full = encoder.max_length
-        encoder.max_length = 10**9  # measure the untruncated length
         try:
-            item = encoder.encode(sample)
+            ids, labels = encoder.encode_full(sample)
         except QllavaError as exc:
             report.errors.append(str(exc))
             continue
-        finally:
-            encoder.max_length = full
-        n = len(item["input_ids"])
+        n = len(ids)
         lengths.append(n)
-        targets = [lab != IGNORE_INDEX for lab in item["labels"]]
+        targets = [lab != IGNORE_INDEX for lab in labels]
         kept = sum(targets[:full])
         tokens += min(n, full)
         trained += kept

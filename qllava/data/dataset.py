@@ -173,19 +173,22 @@ class Encoder:
             )
         return ids, labels, image_end
 
-    def encode(self, sample: Sample) -> dict:
+    def encode_full(self, sample: Sample) -> tuple[list[int], list[int]]:
+        """Untruncated token ids and labels; raises if data.max_length would cut the image block."""
         rendered = render(sample.turns, self.template, system=sample.system or self.system, tokenizer=self.tokenizer)
         label = f"sample {sample.id!r} ({sample.where})"
         ids, labels, image_end = self._tokenize(rendered, 1 if sample.image else 0, label)
+        if len(ids) > self.max_length and image_end > self.max_length:
+            raise QllavaError(
+                f"data.max_length={self.max_length} cuts the image tokens of {label}, "
+                f"which end at token {image_end}; raise data.max_length"
+            )
+        return ids, labels
+
+    def encode(self, sample: Sample) -> dict:
+        ids, labels = self.encode_full(sample)
         truncated = len(ids) > self.max_length
-        if truncated:
-            if image_end > self.max_length:
-                raise QllavaError(
-                    f"data.max_length={self.max_length} cuts the image tokens of {label}, "
-                    f"which end at token {image_end}; raise data.max_length"
-                )
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-        return {"input_ids": ids, "labels": labels, "truncated": truncated}
+        return {"input_ids": ids[: self.max_length], "labels": labels[: self.max_length], "truncated": truncated}
 
     def prompt_ids(self, turns: list[tuple[str, str]], has_image: bool) -> list[int]:
         """Token ids of a generation prompt (turns end with the user's), image tokens expanded."""

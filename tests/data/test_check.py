@@ -104,3 +104,9 @@ def test_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(record, ensure_ascii=False) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
     assert read_records(path) == [record, record]
+
+
+def test_check_reports_samples_whose_image_block_the_limit_would_cut(tiny_base, tiny_data, tmp_path):
+    # Training stops with this error at the sample; the check must name it beforehand.
+    report = check_dataset(make_recipe(tiny_base, tiny_data, tmp_path / "run", data={"max_length": 20}))
+    assert any("data.max_length=20 cuts the image tokens of sample 's0'" in e for e in report.errors)
