@@ -101,6 +101,141 @@ def data_show(
     typer.echo(_run(lambda: show_sample(load_recipe(recipe, overrides or []), index)))
 
 
+@app.command()
+def merge(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint-STEP/ or final/ directory of a qllava run"),
+    out: Path = typer.Option(..., "--out", help="New directory for the merged model"),
+    dtype: str = typer.Option("bf16", help="Weight dtype of the export: bf16, fp16 or fp32"),
+    method: str = typer.Option(
+        "dequantized",
+        help="dequantized: merge into the NF4 weights the adapter was trained against (exact); "
+        "original: merge into the original 16-bit weights (drifts, see merge_report.json)",
+    ),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare the export with base + adapter"),
+    verify_samples: int = typer.Option(8, help="Prompts used by the verification"),
+    device: str = typer.Option("auto", help="auto (GPU when there is one), cpu or cuda"),
+) -> None:
+    """Merge the adapter into its base and write a plain transformers LLaVA (verified against base + adapter)."""
+    from qllava.export import FAILED_MARKER, merge_checkpoint
+
+    report = _run(
+        merge_checkpoint,
+        checkpoint,
+        out,
+        dtype=dtype,
+        method=method,
+        verify=verify,
+        verify_samples=verify_samples,
+        device=device,
+    )
+    typer.echo(report.summary())
+    typer.echo(f"qllava: merged model in {out} (report: {out / 'merge_report.json'})")
+    if report.verified and not report.passed:
+        typer.echo(
+            f"qllava: error: the merged model does not reproduce base + adapter within tolerance; it is kept in "
+            f"{out}, marked with {FAILED_MARKER}",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
+MODEL = typer.Argument(..., help="A merged export, or a base LLaVA directory (with --adapter for a trained one)")
+ADAPTER = typer.Option(None, help="checkpoint-STEP/ or final/ directory of a qllava run, applied to MODEL")
+BITS = typer.Option(None, help="Load MODEL in 4, 8 or 16 bit (default: 16 for a merged export, 4 for a base)")
+TEMPLATE = typer.Option(None, help="Override the conversation template (default: the one the model was trained with)")
+
+
+@app.command()
+def chat(
+    model: str = MODEL,
+    adapter: Path | None = ADAPTER,
+    image: Path | None = typer.Option(None, help="Image to talk about"),
+    prompt: str | None = typer.Option(None, help="Ask this one question and exit (default: interactive)"),
+    bits: int | None = BITS,
+    template: str | None = TEMPLATE,
+    temperature: float = typer.Option(0.2, help="Sampling temperature; 0 for greedy decoding"),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling: keep the smallest token set with this probability"),
+    max_new_tokens: int = typer.Option(512, help="Longest answer in tokens"),
+) -> None:
+    """Chat about an image; tokens stream as they are generated. /image PATH, /reset, /exit in the session."""
+    from qllava.chat import ChatSession, repl
+    from qllava.generate import Sampling, inference_recipe, load_for_inference
+
+    def start():
+        loaded, processor = load_for_inference(model, adapter, bits=bits)
+        recipe = inference_recipe(model, adapter, processor, template)
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        session = ChatSession(loaded, processor, recipe, sampling, image)
+        if prompt is not None:
+            session.ask(prompt)
+        else:
+            repl(session)
+
+    _run(start)
+
+
+@app.command()
+def answer(
+    model: str = MODEL,
+    questions: Path = typer.Argument(..., help="LLaVA model_vqa questions: {question_id, image, text} per line"),
+    out: Path = typer.Option(..., "--out", help="Answers jsonl; question_ids already in it are skipped (resume)"),
+    image_folder: Path | None = typer.Option(None, help="Folder the questions' image paths are relative to"),
+    adapter: Path | None = ADAPTER,
+    bits: int | None = BITS,
+    template: str | None = TEMPLATE,
+    batch_size: int = typer.Option(8, help="Questions per generate call (left-padded; same answers as 1)"),
+    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 for greedy decoding"),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling probability"),
+    max_new_tokens: int = typer.Option(128, help="Longest answer in tokens"),
+    model_id: str | None = typer.Option(None, help="model_id written with each answer (default: from the paths)"),
+) -> None:
+    """Answer a question file in LLaVA's model_vqa format, resumably."""
+    from qllava.answer import answer_questions, read_questions
+    from qllava.generate import Sampling, inference_recipe, load_for_inference
+
+    def start():
+        items = read_questions(questions, image_folder)
+        loaded, processor = load_for_inference(model, adapter, bits=bits)
+        recipe = inference_recipe(model, adapter, processor, template)
+        name = model_id or (f"{adapter.parent.name}/{adapter.name}" if adapter else Path(model).name)
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        return answer_questions(
+            loaded,
+            processor,
+            recipe,
+            items,
+            out,
+            image_folder=image_folder,
+            model_id=name,
+            sampling=sampling,
+            batch_size=batch_size,
+        )
+
+    counts = _run(start)
+    typer.echo(
+        f"qllava: {counts['answered']} answered, {counts['already_answered']} already in {out} "
+        f"({counts['questions']} questions)"
+    )
+
+
+@app.command()
+def score(
+    answers: Path = typer.Argument(..., help="Answers jsonl written by `qllava answer`"),
+    truth: Path = typer.Option(..., "--truth", help="{question_id, answer or answers} per line"),
+    per_question: Path | None = typer.Option(None, help="Also write one result line per question to this jsonl"),
+) -> None:
+    """Exact-match and VQA-normalized accuracy of answers against the truth."""
+    import json
+
+    from qllava.score import score_answers
+
+    report = _run(score_answers, answers, truth)
+    typer.echo(report.render())
+    if per_question is not None:
+        per_question.write_text("".join(json.dumps(row) + "\n" for row in report.per_question))
+        typer.echo(f"qllava: per-question results in {per_question}")
+
+
 def main() -> None:
     app(prog_name="qllava")
 

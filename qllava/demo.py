@@ -330,13 +330,13 @@ def resolve_demo_paths(recipe: Recipe) -> Recipe:
 
 def held_out_accuracy(recipe: Recipe, adapter: Path | None) -> float:
     """Greedy exact-match accuracy on the demo's held-out split, base (4-bit) with or without adapter."""
-    from qllava.generate import generate_answers, load_for_inference
+    from qllava.generate import Sampling, generate_answers, load_for_inference
 
     records = json.loads(Path(recipe.data.eval).read_text())
     questions = [(r.get("image"), r["conversations"][0]["value"].replace("<image>\n", "")) for r in records]
     truth = [r["conversations"][1]["value"] for r in records]
     model, processor = load_for_inference(recipe.model.base, adapter, bits=recipe.model.bits)
-    answers = generate_answers(model, processor, recipe, questions, max_new_tokens=8, batch_size=50)
+    answers = generate_answers(model, processor, recipe, questions, sampling=Sampling(max_new_tokens=8), batch_size=50)
     return sum(a == t for a, t in zip(answers, truth)) / len(truth)
 
 

@@ -1,78 +1,184 @@
-"""Inference: load a base (4-bit as trained) with an optional adapter, and generate answers."""
+"""Inference: load a model (base as trained, with or without adapter, or a merged export) and generate.
+
+Prompts are rendered with the template the model was trained with: the adapter checkpoint's recipe,
+else the recipe a merge wrote beside the export, else the tokenizer's chat template.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 
-from qllava.data.dataset import encoder_from_recipe
+from qllava.data.dataset import Encoder, encoder_from_recipe
 from qllava.data.images import load_image
 from qllava.data.templates import end_of_turn
 from qllava.errors import QllavaError
-from qllava.model.load import compute_dtype, guard_cpu_repack, load_base, load_processor
-from qllava.recipe import Recipe
+from qllava.model.load import guard_cpu_repack, load_base, load_processor
+from qllava.recipe import Recipe, build_recipe, load_recipe
+
+MERGED_RECIPE = "qllava_recipe.yaml"
+"""Written by `qllava merge` beside the export: how prompts were rendered in training."""
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    """0 means greedy decoding."""
+    top_p: float = 1.0
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature <= 0:
+            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU, where the adapter's fp32 weights meet bf16 activations; nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def attach_adapter(model, adapter: str | Path) -> PeftModel:
+    """The adapter's LoRA layers and trained projector on `model`, with a clear error when they do not fit."""
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file() or not (path / "adapter_model.safetensors").is_file():
+        raise QllavaError(
+            f"`{adapter}` is not an adapter directory (adapter_config.json and adapter_model.safetensors); "
+            "pass a checkpoint-STEP/ or final/ directory of a qllava run"
+        )
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(path))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        detail = str(exc).strip().splitlines()
+        raise QllavaError(
+            f"adapter `{adapter}` does not fit the model `{model.name_or_path}` "
+            f"({detail[-1].strip() if detail else type(exc).__name__}); was it trained on another base?"
+        ) from None
+    guard_cpu_repack(peft_model)
+    return peft_model
+
+
+def is_merged_export(model_path: str | Path) -> bool:
+    return (Path(model_path) / MERGED_RECIPE).is_file()
 
 
 def load_for_inference(
-    base: str | Path, adapter: str | Path | None = None, *, bits: int = 4, device: torch.device | None = None
+    model_path: str | Path,
+    adapter: str | Path | None = None,
+    *,
+    bits: int | None = None,
+    device: torch.device | None = None,
 ):
-    """(model in eval mode, processor); the adapter's LoRA and projector are applied when given."""
+    """(model in eval mode, processor).
+
+    `bits` defaults to 16 for a merged export (re-quantizing it would undo the exact merge) and to
+    4 for a base, as it was trained.
+    """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_base(base, bits=bits, device=device)
+    if bits is None:
+        bits = 16 if is_merged_export(model_path) and adapter is None else 4
+    model = load_base(model_path, bits=bits, device=device)
     if adapter is not None:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise QllavaError(
-                f"`{adapter}` is not an adapter directory (no adapter_config.json); pass a "
-                "checkpoint-STEP/ or final/ directory of a qllava run"
-            )
-        model = PeftModel.from_pretrained(model, str(adapter))
+        model = attach_adapter(model, adapter)
     guard_cpu_repack(model)
     model.eval()
-    return model, load_processor(base)
+    processor = load_processor(adapter if adapter is not None else model_path)
+    return model, processor
+
+
+def inference_recipe(
+    model_path: str | Path, adapter: str | Path | None, processor, template: str | None = None
+) -> Recipe:
+    """A recipe whose data section says how to render prompts for this model."""
+    for source in ([Path(adapter) / "recipe.yaml"] if adapter else []) + [Path(model_path) / MERGED_RECIPE]:
+        if source.is_file():
+            recipe = load_recipe(source)
+            break
+    else:
+        default = "tokenizer" if getattr(processor.tokenizer, "chat_template", None) else "vicuna_v1"
+        recipe = build_recipe({"model": {"base": str(model_path)}, "data": {"template": default}})
+    if template:
+        recipe = build_recipe({**recipe.to_dict(), "data": {**recipe.to_dict()["data"], "template": template}})
+    return recipe
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(map(len, prompts))
+    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompts):
+        input_ids[row, longest - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, longest - len(ids) :] = 1
+    return input_ids, attention_mask
 
 
 @torch.no_grad()
+def generate_batch(
+    model,
+    processor,
+    encoder: Encoder,
+    recipe: Recipe,
+    batch: list[tuple[Path | None, list[tuple[str, str]]]],
+    sampling: Sampling,
+    streamer=None,
+) -> list[str]:
+    """Answers for (image path or None, turns ending with the user's) pairs.
+
+    Left padding with position ids from the attention mask gives each row the answer it gets alone.
+    """
+    tokenizer = processor.tokenizer
+    device = next(model.parameters()).device
+    vision_dtype = next(p for n, p in model.named_parameters() if "vision_tower" in n).dtype
+    prompts = [encoder.prompt_ids(turns, has_image=image is not None) for image, turns in batch]
+    input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id)
+    images = [
+        load_image(image, recipe.data.image_aspect, processor.image_processor)
+        for image, _ in batch
+        if image is not None
+    ]
+    pixel_values = torch.stack(images).to(device, vision_dtype) if images else None
+    with autocast(device):
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            pixel_values=pixel_values,
+            eos_token_id=end_of_turn(recipe.data.template, tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
+            **sampling.generate_kwargs(),
+        )
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, input_ids.shape[1] :]]
+
+
 def generate_answers(
     model,
     processor,
     recipe: Recipe,
     questions: list[tuple[str | None, str]],
     *,
-    max_new_tokens: int = 16,
+    image_folder: str | Path | None = None,
+    sampling: Sampling | None = None,
     batch_size: int = 16,
 ) -> list[str]:
-    """Greedy answers to (image path or None, question) pairs, batched with left padding."""
+    """Answers to single-turn (image path or None, question) pairs; relative images are under `image_folder`."""
     encoder = encoder_from_recipe(recipe, processor, model.config)
-    tokenizer = processor.tokenizer
-    device = next(model.parameters()).device
-    dtype = compute_dtype(device)
+    folder = Path(image_folder or recipe.data.image_folder or ".")
+    sampling = sampling or Sampling(max_new_tokens=16)
     answers = []
     for start in range(0, len(questions), batch_size):
-        chunk = questions[start : start + batch_size]
-        prompts = [encoder.prompt_ids([("user", q)], has_image=image is not None) for image, q in chunk]
-        longest = max(map(len, prompts))
-        input_ids = torch.full((len(prompts), longest), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(prompts):
-            input_ids[row, longest - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, longest - len(ids) :] = 1
-        images = [
-            load_image(Path(recipe.data.image_folder) / image, recipe.data.image_aspect, processor.image_processor)
-            for image, _ in chunk
-            if image is not None
+        batch = [
+            (folder / image if image else None, [("user", q)]) for image, q in questions[start : start + batch_size]
         ]
-        pixel_values = torch.stack(images).to(device, dtype) if images else None
-        out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            pixel_values=pixel_values,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=end_of_turn(recipe.data.template, tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        for row in out[:, longest:]:
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        answers += generate_batch(model, processor, encoder, recipe, batch, sampling)
     return answers

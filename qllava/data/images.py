@@ -21,11 +21,11 @@ def input_size(image_processor) -> tuple[int, int]:
 
 def square(image: Image.Image, aspect: str, image_processor) -> Image.Image:
     if aspect == "pad":
-        # LLaVA-1.5: center the image on a square filled with the normalization mean, so the
-        # padding becomes zeros after normalization and no content is cropped away.
+        # LLaVA-1.5 (expand2square): center the image on a square filled with the normalization
+        # mean, truncated to integers as LLaVA does, so no content is cropped away.
         w, h = image.size
         side = max(w, h)
-        fill = tuple(int(round(m * 255)) for m in image_processor.image_mean)
+        fill = tuple(int(m * 255) for m in image_processor.image_mean)
         canvas = Image.new("RGB", (side, side), fill)
         canvas.paste(image, ((side - w) // 2, (side - h) // 2))
         image = canvas

@@ -9,6 +9,7 @@ into the reply's first token, and generation prompts end just before it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from qllava.errors import QllavaError
@@ -181,3 +182,70 @@ def end_of_turn(template: str, tokenizer) -> list[int]:
     if template == "chatml" or (template == "tokenizer" and "<|im_end|>" in tokenizer.get_vocab()):
         ids.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
     return [i for i in ids if i is not None]
+
+
+# Jinja versions of the built-in templates, written into merged exports so that
+# `processor.apply_chat_template` reproduces the training prompt outside qllava. Message content
+# may be a string (with `<image>` inline) or a list of {"type": "image"} / {"type": "text"} parts;
+# images go first in the turn, as LLaVA moves them. tests/data/test_templates.py holds each one
+# equal to `render`.
+_JINJA_CONTENT = (
+    "{%- macro content(m) -%}"
+    "{%- if m['content'] is string -%}{{ m['content'] }}"
+    "{%- else -%}"
+    "{%- for part in m['content'] if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+    "{{ m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- set ns = namespace(system=default_system, turn=0) -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}{%- set ns.system = content(messages[0]) -%}{%- endif -%}"
+)
+_JINJA_BODIES = {
+    "vicuna_v1": (
+        "{{ ns.system ~ ' ' }}"
+        "{%- for m in messages if m['role'] != 'system' -%}"
+        "{%- if m['role'] == 'user' -%}{{ 'USER: ' ~ content(m) ~ ' ASSISTANT:' }}"
+        "{%- else -%}{{ ' ' ~ content(m) ~ '</s>' }}{%- endif -%}"
+        "{%- endfor -%}"
+    ),
+    "llava_llama_2": (
+        "{%- for m in messages if m['role'] != 'system' -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{%- set text = content(m) -%}"
+        "{%- if ns.turn == 0 and ns.system -%}"
+        "{%- set text = '<<SYS>>\\n' ~ ns.system ~ '\\n<</SYS>>\\n\\n' ~ text -%}{%- endif -%}"
+        "{{ ('' if ns.turn == 0 else '<s>') ~ '[INST] ' ~ text ~ ' [/INST]' }}"
+        "{%- set ns.turn = ns.turn + 1 -%}"
+        "{%- else -%}{{ ' ' ~ content(m) ~ ' </s>' }}{%- endif -%}"
+        "{%- endfor -%}"
+    ),
+    "chatml": (
+        "{{ '<|im_start|>system\\n' ~ ns.system ~ '<|im_end|>\\n' }}"
+        "{%- for m in messages if m['role'] != 'system' -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{{ '<|im_start|>user\\n' ~ content(m) ~ '<|im_end|>\\n<|im_start|>assistant\\n' }}"
+        "{%- else -%}{{ content(m) ~ '<|im_end|>\\n' }}{%- endif -%}"
+        "{%- endfor -%}"
+    ),
+    "plain": (
+        "{{ '<image>' }}{%- for m in messages if m['role'] == 'assistant' -%}{{ content(m) ~ '\\n' }}{%- endfor -%}"
+    ),
+}
+_JINJA_BODIES["mistral_instruct"] = _JINJA_BODIES["llava_llama_2"]
+_DEFAULT_SYSTEMS = {
+    "vicuna_v1": VICUNA_SYSTEM,
+    "llava_llama_2": LLAMA_2_SYSTEM,
+    "mistral_instruct": "",
+    "chatml": CHATML_SYSTEM,
+    "plain": "",
+}
+
+
+def chat_template(template: str, system: str | None = None) -> str | None:
+    """The Jinja chat template equal to `render` for a built-in template (None for `tokenizer`)."""
+    if template == "tokenizer":
+        return None
+    if template not in _JINJA_BODIES:
+        raise QllavaError(f"unknown template `{template}`; choose one of {', '.join(TEMPLATES)}")
+    default = _DEFAULT_SYSTEMS[template] if system is None else system
+    return f"{{%- set default_system = {json.dumps(default)} -%}}" + _JINJA_CONTENT + _JINJA_BODIES[template]

@@ -93,10 +93,15 @@ def guard_cpu_repack(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_base(base: str | Path, *, bits: int, device: torch.device, attention: str = "auto"):
-    """The LLaVA base as trained: quantized LLM, 16/32-bit vision tower, projector and lm_head."""
+def load_base(
+    base: str | Path, *, bits: int, device: torch.device, attention: str = "auto", dtype: torch.dtype | None = None
+):
+    """The LLaVA base as trained: quantized LLM, 16/32-bit vision tower, projector and lm_head.
+
+    `dtype` (default: bf16 on GPU, fp32 on CPU) is the compute dtype and that of unquantized weights.
+    """
     path = check_base(base)
-    dtype = compute_dtype(device)
+    dtype = dtype or compute_dtype(device)
     attn = resolve_attention(attention, device)
     device_map = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
     model = LlavaForConditionalGeneration.from_pretrained(

@@ -1,0 +1,369 @@
+"""Merge a trained checkpoint into a plain transformers LLaVA and verify it against base + adapter.
+
+The adapter was trained against the dequantized NF4 weights, dequant(quant(W)), not W. Merging
+into anything else changes the model (NOTES: re-quantizing after the merge keeps 58% of top-1
+predictions; the original 16-bit weights drift). So by default each quantized linear layer is
+dequantized exactly as the training forward did, its LoRA delta is added in fp32, and the result is
+cast once to the export dtype. Tensors stream into safetensors shards one at a time: the only
+whole model in memory is the quantized one (about 4 GB for a 7B LLM).
+
+Verification runs fixed prompts (the recipe's own samples when their files are there, else seeded
+synthetic ones) through the model as trained and through the export loaded with plain
+`from_pretrained`, and compares the logits of every text position.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+from peft.utils.integrations import dequantize_bnb_weight
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, LlavaForConditionalGeneration
+from transformers.core_model_loading import revert_weight_conversion
+
+from qllava.data.dataset import encoder_from_recipe, parse_sample, read_records
+from qllava.data.images import load_image, square
+from qllava.data.templates import chat_template, end_of_turn
+from qllava.errors import QllavaError
+from qllava.generate import attach_adapter, autocast
+from qllava.model.load import load_base, load_processor
+from qllava.recipe import Recipe, dump_recipe, load_recipe
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+METHODS = ("dequantized", "original")
+RECIPE_FILE = "qllava_recipe.yaml"
+REPORT_FILE = "merge_report.json"
+FAILED_MARKER = "VERIFICATION_FAILED"
+SHARD_BYTES = 5 * 1024**3
+# Verification passes when the export predicts the same next token as the trained model at (nearly)
+# every text position and the distributions are close. Measured on the tiny demo model
+# (tests/test_export.py): dequantized fp32 1.0 / KL ~1e-12, bf16 ~0.99 / KL ~1e-4; a merge into
+# re-quantized weights falls far below both bounds.
+MIN_TOP1_AGREEMENT = 0.97
+MAX_MEAN_KL = 0.01
+
+
+@dataclass
+class MergeReport:
+    checkpoint: str
+    base: str
+    method: str
+    dtype: str
+    verified: bool = False
+    passed: bool | None = None
+    prompts: str = ""
+    positions: int = 0
+    max_abs_logit_diff: float | None = None
+    mean_kl: float | None = None
+    top1_agreement: float | None = None
+    tolerance: dict = field(
+        default_factory=lambda: {"min_top1_agreement": MIN_TOP1_AGREEMENT, "max_mean_kl": MAX_MEAN_KL}
+    )
+
+    def summary(self) -> str:
+        if not self.verified:
+            return f"merged ({self.method}, {self.dtype}); not verified (--no-verify)"
+        verdict = "PASSED" if self.passed else "FAILED"
+        return (
+            f"verification {verdict} on {self.positions} text positions ({self.prompts}): "
+            f"top-1 agreement {self.top1_agreement:.4f} (>= {MIN_TOP1_AGREEMENT}), "
+            f"mean KL {self.mean_kl:.2e} (<= {MAX_MEAN_KL}), max |logit diff| {self.max_abs_logit_diff:.2e}"
+        )
+
+
+def read_checkpoint(checkpoint: str | Path) -> Recipe:
+    """The recipe a checkpoint was trained with, after checking the files a merge needs."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise QllavaError(f"checkpoint `{checkpoint}` not found; pass a checkpoint-STEP/ or final/ directory of a run")
+    missing = [
+        f for f in ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml") if not (path / f).is_file()
+    ]
+    if missing:
+        raise QllavaError(
+            f"checkpoint `{checkpoint}` is incomplete (missing {', '.join(missing)}); "
+            "pass a checkpoint-STEP/ or final/ directory written by `qllava train`"
+        )
+    return load_recipe(path / "recipe.yaml")
+
+
+def _dense_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """A linear layer's weight as its forward computes with it: dequantized when 4/8-bit, fp32."""
+    if isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+        return dequantize_bnb_weight(layer.weight, state=getattr(layer, "state", None)).float()
+    return layer.weight.float()
+
+
+def merged_tensors(model: torch.nn.Module, dtype: torch.dtype):
+    """Yield (name, tensor) of the plain model: LoRA folded in, 4/8-bit weights dequantized, cast to dtype.
+
+    Names are the module names of the LlavaForConditionalGeneration (peft prefixes removed).
+    """
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    done: list[str] = []
+    seen: set[int] = set()
+
+    def out(name: str, tensor: torch.Tensor):
+        tensor = tensor.detach()
+        return name, (tensor.to(dtype) if tensor.is_floating_point() else tensor).to("cpu").contiguous()
+
+    for name, module in inner.named_modules():
+        prefix = f"{name}." if name else ""
+        if any(prefix.startswith(d) for d in done):  # inside a module already written whole
+            continue
+        if isinstance(module, ModulesToSaveWrapper):  # the trained projector replaces the original
+            for pname, param in module.modules_to_save[module.active_adapter].named_parameters():
+                yield out(prefix + pname, param)
+            done.append(prefix)
+        elif isinstance(module, (LoraLayer, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+            weight = _dense_weight(base)
+            if isinstance(module, LoraLayer):
+                for adapter in module.active_adapters:
+                    weight = weight + module.get_delta_weight(adapter).float()
+            yield out(prefix + "weight", weight)
+            if base.bias is not None:
+                yield out(prefix + "bias", base.bias)
+            done.append(prefix)
+        else:
+            for pname, param in module.named_parameters(recurse=False):
+                if id(param) in seen:  # tied weights are stored once, as save_pretrained does
+                    continue
+                seen.add(id(param))
+                yield out(prefix + pname, param)
+            for bname, buffer in module.named_buffers(recurse=False):
+                if bname not in module._non_persistent_buffers_set:
+                    yield out(prefix + bname, buffer)
+
+
+class ShardWriter:
+    """Write tensors into safetensors shards of at most `max_bytes`, named and indexed as transformers does."""
+
+    def __init__(self, out: Path, model: torch.nn.Module, max_bytes: int = SHARD_BYTES) -> None:
+        self.out, self.model, self.max_bytes = out, model, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.names: set[str] = set()
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor
+        self.names.add(name)
+        self.pending_bytes += size
+        self.total += size
+
+    def _flush(self) -> None:
+        # Same key names as save_pretrained writes (transformers 5 reverts its load-time renaming, so
+        # the export also loads in vLLM and older transformers).
+        shard = revert_weight_conversion(self.model, self.pending)
+        save_file(shard, self.out / f"shard-{len(self.shards)}.tmp", metadata={"format": "pt"})
+        self.shards.append(list(shard))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        if len(self.shards) == 1:
+            (self.out / "shard-0.tmp").rename(self.out / "model.safetensors")
+            return
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            filename = f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
+            (self.out / f"shard-{i}.tmp").rename(self.out / filename)
+            weight_map.update(dict.fromkeys(names, filename))
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _plain_config(config, dtype: torch.dtype):
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    for sub in (config, config.text_config, config.vision_config):
+        sub.dtype = dtype
+    return config
+
+
+def _save_processor(checkpoint: Path, recipe: Recipe, out: Path) -> None:
+    """Processor and tokenizer as trained, with the training template as the chat template."""
+    processor = load_processor(checkpoint)
+    template = chat_template(recipe.data.template, recipe.data.system_prompt)
+    if template is not None:
+        processor.chat_template = template
+        processor.tokenizer.chat_template = template
+    processor.save_pretrained(out)
+    tokenizer = processor.tokenizer
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=end_of_turn(recipe.data.template, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+    ).save_pretrained(out)
+
+
+def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple[str, list[dict]]:
+    """Up to `count` fixed prompts: the recipe's eval (or train) samples, else seeded synthetic ones."""
+    encoder = encoder_from_recipe(recipe, processor, config)
+    inputs = []
+    for source in (recipe.data.eval, recipe.data.train):
+        if not source or not Path(source).is_file():
+            continue
+        folder = Path(recipe.data.image_folder) if recipe.data.image_folder else None
+        for i, record in enumerate(read_records(source)):
+            if len(inputs) == count:
+                break
+            try:
+                sample = parse_sample(record, i, source)
+            except QllavaError:
+                continue
+            if sample.image and (folder is None or not (folder / sample.image).is_file()):
+                continue
+            pixels = (
+                load_image(folder / sample.image, recipe.data.image_aspect, processor.image_processor)
+                if sample.image
+                else None
+            )
+            inputs.append({"input_ids": encoder.encode(sample)["input_ids"], "pixel_values": pixels})
+        if inputs:
+            return f"{len(inputs)} samples of {source}", inputs
+    rng = random.Random(0)
+    for i in range(count):
+        size = (rng.randint(16, 96), rng.randint(16, 96))
+        image = Image.frombytes("RGB", size, bytes(rng.randrange(256) for _ in range(size[0] * size[1] * 3)))
+        pixels = processor.image_processor(
+            images=square(image, recipe.data.image_aspect, processor.image_processor), return_tensors="pt"
+        )["pixel_values"][0]
+        question = ("Describe the image.", "What is in the picture?", "What colors do you see?")[i % 3]
+        inputs.append({"input_ids": encoder.prompt_ids([("user", question)], has_image=True), "pixel_values": pixels})
+    return f"{count} synthetic prompts (the recipe's data files were not found)", inputs
+
+
+@torch.no_grad()
+def _text_logits(model, inputs: list[dict], image_token_id: int) -> list[torch.Tensor]:
+    """fp32 logits at every non-image position of each prompt (batch size 1: no padding effects)."""
+    device = next(model.parameters()).device
+    dtype = next(p for n, p in model.named_parameters() if "vision_tower" in n).dtype
+    result = []
+    for item in inputs:
+        ids = torch.tensor([item["input_ids"]], device=device)
+        pixels = None if item["pixel_values"] is None else item["pixel_values"][None].to(device, dtype)
+        with autocast(device):
+            logits = model(input_ids=ids, pixel_values=pixels, use_cache=False).logits[0]
+        result.append(logits[ids[0] != image_token_id].float().cpu())
+    return result
+
+
+def compare_logits(reference: list[torch.Tensor], merged: list[torch.Tensor]) -> dict:
+    ref, new = torch.cat(reference).double(), torch.cat(merged).double()
+    ref_logp, new_logp = ref.log_softmax(-1), new.log_softmax(-1)
+    kl = (ref_logp.exp() * (ref_logp - new_logp)).sum(-1)
+    return {
+        "positions": ref.shape[0],
+        "max_abs_logit_diff": (ref - new).abs().max().item(),
+        "mean_kl": kl.mean().item(),
+        "top1_agreement": (ref.argmax(-1) == new.argmax(-1)).float().mean().item(),
+    }
+
+
+def merge_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "bf16",
+    method: str = "dequantized",
+    verify: bool = True,
+    verify_samples: int = 8,
+    device: str = "auto",
+) -> MergeReport:
+    """Write a plain LlavaForConditionalGeneration directory at `out`; verify it unless told not to."""
+    if dtype not in DTYPES:
+        raise QllavaError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if method not in METHODS:
+        raise QllavaError(f"--method {method}: choose one of {', '.join(METHODS)}")
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise QllavaError(f"--out {out} exists and is not empty; choose a new directory (nothing was written)")
+    recipe = read_checkpoint(checkpoint)
+    torch_device = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu")
+    )
+    report = MergeReport(str(checkpoint), recipe.model.base, method, dtype)
+
+    model = attach_adapter(load_base(recipe.model.base, bits=recipe.model.bits, device=torch_device), checkpoint)
+    model.eval()
+    processor = load_processor(checkpoint)
+    config = model.get_base_model().config
+    if verify:
+        report.prompts, inputs = _verification_inputs(recipe, processor, config, verify_samples)
+        reference = _text_logits(model, inputs, config.image_token_id)
+    if method == "original":
+        # The 16-bit weights the base was quantized from, in the export dtype: one whole model in memory.
+        del model
+        gc.collect()
+        base16 = load_base(recipe.model.base, bits=16, device=torch.device("cpu"), dtype=DTYPES[dtype])
+        model = attach_adapter(base16, checkpoint)
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    inner = model.get_base_model()
+    config = _plain_config(inner.config, DTYPES[dtype])
+    with torch.device("meta"):  # the key set save_pretrained would write, without allocating weights
+        expected = set(LlavaForConditionalGeneration(config).state_dict())
+    writer = ShardWriter(tmp, inner)
+    for name, tensor in tqdm(merged_tensors(model, DTYPES[dtype]), total=len(expected), desc="merging", unit="tensor"):
+        writer.add(name, tensor)
+    missing, unexpected = expected - writer.names, writer.names - expected
+    if unexpected or (missing and not getattr(config, "tie_word_embeddings", False)):
+        raise QllavaError(
+            f"internal error: merged tensors do not match the model (missing {missing}, extra {unexpected})"
+        )
+    writer.close()
+    config.save_pretrained(tmp)
+    _save_processor(checkpoint, recipe, tmp)
+    dump_recipe(recipe, tmp / RECIPE_FILE)
+    del model, inner, writer
+    gc.collect()
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+
+    if verify:
+        merged, info = LlavaForConditionalGeneration.from_pretrained(
+            out,
+            dtype=DTYPES[dtype],
+            device_map={"": torch_device.type if torch_device.index is None else torch_device.index},
+            output_loading_info=True,
+        )
+        wrong = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if wrong:
+            raise QllavaError(f"the export in {out} does not load cleanly: {wrong}")
+        merged.eval()
+        stats = compare_logits(reference, _text_logits(merged, inputs, config.image_token_id))
+        report.verified = True
+        for key, value in stats.items():
+            setattr(report, key, value)
+        report.passed = stats["top1_agreement"] >= MIN_TOP1_AGREEMENT and stats["mean_kl"] <= MAX_MEAN_KL
+        if not report.passed:
+            (out / FAILED_MARKER).write_text(
+                "This merged model does not reproduce the trained base + adapter within tolerance; "
+                f"see {REPORT_FILE}.\n"
+            )
+    (out / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report
