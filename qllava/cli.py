@@ -114,6 +114,12 @@ def merge(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare the export with base + adapter"),
     verify_samples: int = typer.Option(8, help="Prompts used by the verification"),
     device: str = typer.Option("auto", help="auto (GPU when there is one), cpu or cuda"),
+    min_top1_agreement: float = typer.Option(
+        0.97, help="Fail unless the export predicts the trained model's top token at this share of positions"
+    ),
+    max_mean_kl: float = typer.Option(
+        0.01, help="Fail unless the mean KL(trained || export) per position is at most this"
+    ),
 ) -> None:
     """Merge the adapter into its base and write a plain transformers LLaVA (verified against base + adapter)."""
     from qllava.export import FAILED_MARKER, merge_checkpoint
@@ -127,6 +133,8 @@ def merge(
         verify=verify,
         verify_samples=verify_samples,
         device=device,
+        min_top1_agreement=min_top1_agreement,
+        max_mean_kl=max_mean_kl,
     )
     typer.echo(report.summary())
     typer.echo(f"qllava: merged model in {out} (report: {out / 'merge_report.json'})")

@@ -19,7 +19,7 @@ import gc
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -69,9 +69,8 @@ class MergeReport:
     max_abs_logit_diff: float | None = None
     mean_kl: float | None = None
     top1_agreement: float | None = None
-    tolerance: dict = field(
-        default_factory=lambda: {"min_top1_agreement": MIN_TOP1_AGREEMENT, "max_mean_kl": MAX_MEAN_KL}
-    )
+    min_top1_agreement: float = MIN_TOP1_AGREEMENT
+    max_mean_kl: float = MAX_MEAN_KL
 
     def summary(self) -> str:
         if not self.verified:
@@ -79,8 +78,8 @@ class MergeReport:
         verdict = "PASSED" if self.passed else "FAILED"
         return (
             f"verification {verdict} on {self.positions} text positions ({self.prompts}): "
-            f"top-1 agreement {self.top1_agreement:.4f} (>= {MIN_TOP1_AGREEMENT}), "
-            f"mean KL {self.mean_kl:.2e} (<= {MAX_MEAN_KL}), max |logit diff| {self.max_abs_logit_diff:.2e}"
+            f"top-1 agreement {self.top1_agreement:.4f} (>= {self.min_top1_agreement}), "
+            f"mean KL {self.mean_kl:.2e} (<= {self.max_mean_kl}), max |logit diff| {self.max_abs_logit_diff:.2e}"
         )
 
 
@@ -290,6 +289,9 @@ def merge_checkpoint(
     verify: bool = True,
     verify_samples: int = 8,
     device: str = "auto",
+    shard_bytes: int = SHARD_BYTES,
+    min_top1_agreement: float = MIN_TOP1_AGREEMENT,
+    max_mean_kl: float = MAX_MEAN_KL,
 ) -> MergeReport:
     """Write a plain LlavaForConditionalGeneration directory at `out`; verify it unless told not to."""
     if dtype not in DTYPES:
@@ -303,7 +305,14 @@ def merge_checkpoint(
     torch_device = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu")
     )
-    report = MergeReport(str(checkpoint), recipe.model.base, method, dtype)
+    report = MergeReport(
+        str(checkpoint),
+        recipe.model.base,
+        method,
+        dtype,
+        min_top1_agreement=min_top1_agreement,
+        max_mean_kl=max_mean_kl,
+    )
 
     model = attach_adapter(load_base(recipe.model.base, bits=recipe.model.bits, device=torch_device), checkpoint)
     model.eval()
@@ -326,7 +335,7 @@ def merge_checkpoint(
     config = _plain_config(inner.config, DTYPES[dtype])
     with torch.device("meta"):  # the key set save_pretrained would write, without allocating weights
         expected = set(LlavaForConditionalGeneration(config).state_dict())
-    writer = ShardWriter(tmp, inner)
+    writer = ShardWriter(tmp, inner, shard_bytes)
     for name, tensor in tqdm(merged_tensors(model, DTYPES[dtype]), total=len(expected), desc="merging", unit="tensor"):
         writer.add(name, tensor)
     missing, unexpected = expected - writer.names, writer.names - expected
@@ -359,7 +368,7 @@ def merge_checkpoint(
         report.verified = True
         for key, value in stats.items():
             setattr(report, key, value)
-        report.passed = stats["top1_agreement"] >= MIN_TOP1_AGREEMENT and stats["mean_kl"] <= MAX_MEAN_KL
+        report.passed = stats["top1_agreement"] >= min_top1_agreement and stats["mean_kl"] <= max_mean_kl
         if not report.passed:
             (out / FAILED_MARKER).write_text(
                 "This merged model does not reproduce the trained base + adapter within tolerance; "

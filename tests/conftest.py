@@ -77,3 +77,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tiny_base, tmp_path_factory):
+    """(base, adapter dir, data dir): the tiny base after 80 QLoRA steps that teach it the color of square images.
+
+    Images are square and at the vision tower's size, so LLaVA's padding and the plain processor agree.
+    """
+    from qllava.train.loop import train
+
+    root = tmp_path_factory.mktemp("trained")
+    (root / "images").mkdir()
+    records = []
+    for i in range(12):
+        name, rgb = list(COLORS.items())[i % 3]
+        write_image(root / "images" / f"{i}.png", rgb, size=(32, 32))
+        convs = [{"from": "human", "value": "What color is the shape?\n<image>"}, {"from": "gpt", "value": name}]
+        records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": convs})
+    (root / "train.json").write_text(json.dumps(records))
+    recipe = make_recipe(
+        tiny_base,
+        root,
+        root / "run",
+        optim={"lr": 1e-2, "projector_lr": 1e-2, "schedule": "constant"},
+        train={"max_steps": 80, "micro_batch_size": 4, "grad_accum": 1, "log_every": 10},
+    )
+    return tiny_base, train(recipe), root

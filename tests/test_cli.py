@@ -11,6 +11,15 @@ def qllava(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "qllava", *args], capture_output=True, text=True, cwd=cwd, timeout=900)
 
 
+def qllava_here(*args, input=None):
+    """The same CLI run in this process by typer's runner (exit_code, stdout, stderr): no import start-up cost."""
+    from typer.testing import CliRunner
+
+    from qllava.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
