@@ -147,12 +147,13 @@ def generate_batch(
         for image, _ in batch
         if image is not None
     ]
-    pixel_values = torch.stack(images).to(device, vision_dtype) if images else None
+    # transformers 5 runs the vision tower for any `pixel_values` key in generate's kwargs, None included.
+    vision = {"pixel_values": torch.stack(images).to(device, vision_dtype)} if images else {}
     with autocast(device):
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
-            pixel_values=pixel_values,
+            **vision,
             eos_token_id=end_of_turn(recipe.data.template, tokenizer),
             pad_token_id=tokenizer.pad_token_id,
             streamer=streamer,

@@ -5,7 +5,7 @@ from PIL import Image
 from transformers import AutoConfig, LlavaProcessor
 
 from qllava.data.dataset import Encoder, num_image_tokens, parse_sample
-from qllava.data.templates import VICUNA_SYSTEM, render
+from qllava.data.templates import VICUNA_SYSTEM, chat_template, render
 from qllava.model.load import load_processor
 
 TURNS = [("user", "<image>\nWhat is it?"), ("assistant", "A cat."), ("user", "Color?"), ("assistant", "Black.")]
@@ -157,3 +157,33 @@ def test_sample_without_image_keeps_text_only(encoder):
     item = encoder.encode(sample)
     assert encoder.image_token_id not in item["input_ids"]
     assert sample.image is None
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "llava_llama_2", "mistral_instruct", "chatml", "plain"])
+@pytest.mark.parametrize("system", [None, "Answer in one word."])
+def test_exported_chat_template_reproduces_the_training_prompt(tiny_base, template, system):
+    """The Jinja written into merged exports renders through transformers exactly as `render` does."""
+    processor = load_processor(tiny_base)
+    processor.chat_template = chat_template(template, system)
+    conversations = [TURNS[:2], TURNS, TURNS[:3]] if template != "plain" else [TURNS[:2], TURNS[:1]]
+    for turns in conversations:
+        generation = len(turns) % 2 == 1
+        expected = render(turns, template, system=system, add_generation_prompt=generation).text
+        messages = [
+            {
+                "role": role,
+                "content": [{"type": "image"}, {"type": "text", "text": text.removeprefix("<image>\n")}]
+                if "<image>" in text
+                else [{"type": "text", "text": text}],
+            }
+            for role, text in turns
+        ]
+        assert processor.apply_chat_template(messages, add_generation_prompt=generation) == expected
+        # String content with the tag inline, and a system message, as other tools send them.
+        plain = [{"role": role, "content": text} for role, text in turns]
+        assert processor.apply_chat_template(plain, add_generation_prompt=generation) == expected
+        with_system = [{"role": "system", "content": "Be kind."}, *plain]
+        assert (
+            processor.apply_chat_template(with_system, add_generation_prompt=generation)
+            == render(turns, template, system="Be kind.", add_generation_prompt=generation).text
+        )

@@ -1,0 +1,158 @@
+"""`qllava answer`, `chat` and `score` on the trained tiny model: batching, resume, the REPL, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_cli import qllava_here
+
+QUESTIONS = [
+    "What color is the shape?",
+    "Describe the image.",
+    "What color is the shape? Answer with one word, please.",
+    "red blue green",
+]
+
+
+def write_questions(path, count: int, with_images: bool = True) -> list[dict]:
+    """Questions of different lengths, some text-only, so left padding differs across each batch."""
+    rows = []
+    for i in range(count):
+        row = {"question_id": i, "text": QUESTIONS[i % len(QUESTIONS)]}
+        if with_images and i % 5 != 4:
+            row["image"] = f"{i % 12}.png"
+        rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def read_answers(path) -> dict:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    ids = [line["question_id"] for line in lines]
+    assert len(ids) == len(set(ids)), "duplicated answers"
+    return {line["question_id"]: line["text"] for line in lines}
+
+
+def answer(base, adapter, data, questions, out, *extra):
+    args = [base, questions, "--adapter", adapter, "--image-folder", data / "images", "--out", out]
+    return qllava_here("answer", *args, "--max-new-tokens", "12", *extra)
+
+
+@pytest.fixture(scope="module")
+def batch_one_answers(trained_adapter, tmp_path_factory):
+    base, adapter, data = trained_adapter
+    root = tmp_path_factory.mktemp("answers")
+    write_questions(root / "q.jsonl", 40)
+    result = answer(base, adapter, data, root / "q.jsonl", root / "bs1.jsonl", "--batch-size", "1")
+    assert result.exit_code == 0, result.output
+    return read_answers(root / "bs1.jsonl")
+
+
+def test_batch_of_8_answers_as_batch_of_1(trained_adapter, batch_one_answers, tmp_path):
+    base, adapter, data = trained_adapter
+    write_questions(tmp_path / "q.jsonl", 40)
+    result = answer(base, adapter, data, tmp_path / "q.jsonl", tmp_path / "bs8.jsonl", "--batch-size", "8")
+    assert result.exit_code == 0, result.output
+    assert "40 answered" in result.stdout
+    assert read_answers(tmp_path / "bs8.jsonl") == batch_one_answers
+    assert len(set(batch_one_answers.values())) > 1, "answers should differ across prompts"
+    line = json.loads((tmp_path / "bs8.jsonl").read_text().splitlines()[0])
+    assert set(line) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    assert line["prompt"] == QUESTIONS[0] and line["model_id"] == "run/final"
+
+
+def test_killed_run_resumes_without_duplicates_or_losses(trained_adapter, batch_one_answers, tmp_path):
+    base, adapter, data = trained_adapter
+    write_questions(tmp_path / "q.jsonl", 40)
+    out = tmp_path / "a.jsonl"
+    args = [str(base), str(tmp_path / "q.jsonl"), "--adapter", str(adapter), "--image-folder", str(data / "images")]
+    cmd = [sys.executable, "-m", "qllava", "answer", *args, "--out", str(out), "--batch-size", "1"]
+    proc = subprocess.Popen([*cmd, "--max-new-tokens", "12"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out.is_file() and out.read_text().count("\n") >= 3) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = out.read_text().count("\n")
+    assert 3 <= done_before < 40, done_before
+    with out.open("a") as f:  # a line cut off mid-write, as a kill during the write leaves it
+        f.write('{"question_id": 39, "prompt": "What col')
+    result = answer(base, adapter, data, tmp_path / "q.jsonl", out, "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    assert f"{40 - done_before} answered, {done_before} already" in result.stdout
+    assert read_answers(out) == batch_one_answers
+
+
+def test_bad_question_files_are_one_message_and_keep_earlier_answers(trained_adapter, tmp_path):
+    base, adapter, data = trained_adapter
+    out = tmp_path / "a.jsonl"
+    out.write_text('{"question_id": 0, "text": "kept"}\n')
+    rows = write_questions(tmp_path / "q.jsonl", 6)
+    with (tmp_path / "q.jsonl").open("a") as f:
+        f.write('{"question_id": 6, "text": \n')
+    result = answer(base, adapter, data, tmp_path / "q.jsonl", out)
+    assert result.exit_code == 1 and "q.jsonl:7: not valid JSON" in result.stderr
+
+    rows[1]["image"] = "missing.png"
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = answer(base, adapter, data, tmp_path / "q.jsonl", out)
+    assert result.exit_code == 1
+    assert "question_id '1'" in result.stderr and "image `missing.png` not found" in result.stderr
+    assert out.read_text() == '{"question_id": 0, "text": "kept"}\n'
+
+
+def test_chat_session_streams_answers_and_follows_commands(trained_adapter, batch_one_answers):
+    base, adapter, data = trained_adapter
+    images = data / "images"
+    session = "\n".join(
+        [
+            QUESTIONS[0],
+            f"/image {images / '4.png'}",
+            QUESTIONS[0],
+            "/image /no/such.png",
+            "/reset",
+            QUESTIONS[0],
+            "/exit",
+        ]
+    )
+    args = ["--adapter", adapter, "--image", images / "0.png", "--temperature", "0", "--max-new-tokens", "12"]
+    result = qllava_here("chat", base, *args, input=session + "\n")
+    assert result.exit_code == 0, result.output
+    replies = [line.split("assistant>", 1)[1].strip() for line in result.stdout.splitlines() if "assistant>" in line]
+    # The same prompts in the batch-1 answers: question 0 is QUESTIONS[0] about 0.png, question 16 about 4.png.
+    assert replies == [batch_one_answers[0], batch_one_answers[16], batch_one_answers[16]]
+    assert "(new conversation about" in result.stdout and "(conversation cleared)" in result.stdout
+    assert "image `/no/such.png` not found" in result.stdout
+
+    one = qllava_here(
+        "chat", base, *args[:2], "--image", images / "4.png", "--temperature", "0", "--prompt", QUESTIONS[0]
+    )
+    assert one.exit_code == 0 and one.stdout.strip() == batch_one_answers[16]
+
+
+def test_score_reports_both_accuracies(tmp_path):
+    answers = [
+        {"question_id": 1, "text": "Two"},
+        {"question_id": 2, "text": "a red circle"},
+        {"question_id": 3, "text": "x"},
+    ]
+    truth = [
+        {"question_id": 1, "answer": "2"},
+        {"question_id": 2, "answer": "red circle"},
+        {"question_id": 3, "answer": "x"},
+    ]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in answers))
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in truth))
+    result = qllava_here(
+        "score", tmp_path / "a.jsonl", "--truth", tmp_path / "t.jsonl", "--per-question", tmp_path / "p"
+    )
+    assert result.exit_code == 0, result.output
+    assert "exact match  0.333 (1/3)" in result.stdout and "normalized   1.000" in result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "p").read_text().splitlines()]
+    assert [r["exact"] for r in rows] == [0, 0, 1] and [r["normalized"] for r in rows] == [1.0, 1.0, 1.0]
