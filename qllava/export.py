@@ -49,9 +49,9 @@ REPORT_FILE = "merge_report.json"
 FAILED_MARKER = "VERIFICATION_FAILED"
 SHARD_BYTES = 5 * 1024**3
 # Verification passes when the export predicts the same next token as the trained model at (nearly)
-# every text position and the distributions are close. Measured on the tiny demo model
-# (tests/test_export.py): dequantized fp32 1.0 / KL ~1e-12, bf16 ~0.99 / KL ~1e-4; a merge into
-# re-quantized weights falls far below both bounds.
+# every text position and the distributions are close. Measured on the tiny test model
+# (tests/test_export.py): dequantized fp32 top-1 1.0, KL ~1e-14; bf16 top-1 1.0, KL ~1e-6; the
+# merge into the original weights KL ~3e-4; a merge into re-quantized weights keeps 58% of top-1 (NOTES).
 MIN_TOP1_AGREEMENT = 0.97
 MAX_MEAN_KL = 0.01
 
