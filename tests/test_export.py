@@ -1,6 +1,7 @@
 """Merge and export: the merged model is the trained model, in any transformers process (real bnb + peft)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 
 from qllava.export import FAILED_MARKER, MIN_TOP1_AGREEMENT, REPORT_FILE, merge_checkpoint, merged_tensors
@@ -204,3 +206,14 @@ def test_merge_tool_is_the_same_command(trained_adapter, tmp_path):
     assert "not verified" in result.stdout
     assert json.loads((out / REPORT_FILE).read_text())["verified"] is False
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+
+
+def test_verification_uses_synthetic_prompts_when_the_data_is_gone(trained_adapter, tmp_path):
+    checkpoint = tmp_path / "moved"
+    shutil.copytree(trained_adapter[1], checkpoint)
+    recipe = yaml.safe_load((checkpoint / "recipe.yaml").read_text())
+    recipe["data"]["train"] = str(tmp_path / "gone.json")
+    (checkpoint / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    report = merge_checkpoint(checkpoint, tmp_path / "out", dtype="fp32", verify_samples=3)
+    assert "synthetic" in report.prompts
+    assert report.passed and report.top1_agreement == 1.0 and report.positions > 30
