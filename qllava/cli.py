@@ -112,7 +112,7 @@ def merge(
         "original: merge into the original 16-bit weights (drifts, see merge_report.json)",
     ),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare the export with base + adapter"),
-    verify_samples: int = typer.Option(8, help="Prompts used by the verification"),
+    verify_samples: int = typer.Option(16, help="Samples (prompts) used by the verification"),
     device: str = typer.Option("auto", help="auto (GPU when there is one), cpu or cuda"),
     min_top1_agreement: float = typer.Option(
         0.97, help="Fail unless the export predicts the trained model's top token at this share of positions"

@@ -9,7 +9,8 @@ whole model in memory is the quantized one (about 4 GB for a 7B LLM).
 
 Verification runs fixed prompts (the recipe's own samples when their files are there, else seeded
 synthetic ones) through the model as trained and through the export loaded with plain
-`from_pretrained`, and compares the logits of every text position.
+`from_pretrained`: KL and max |logit diff| over every text position, top-1 agreement over the
+positions that predict a reply token.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlavaForConditionalGeneration
 from transformers.core_model_loading import revert_weight_conversion
 
-from qllava.data.dataset import encoder_from_recipe, parse_sample, read_records
+from qllava.data.dataset import IGNORE_INDEX, encoder_from_recipe, parse_sample, read_records
 from qllava.data.images import load_image, square
 from qllava.data.templates import chat_template, end_of_turn
 from qllava.errors import QllavaError
@@ -48,10 +49,10 @@ RECIPE_FILE = "qllava_recipe.yaml"
 REPORT_FILE = "merge_report.json"
 FAILED_MARKER = "VERIFICATION_FAILED"
 SHARD_BYTES = 5 * 1024**3
-# Verification passes when the export predicts the same next token as the trained model at (nearly)
-# every text position and the distributions are close. Measured on the tiny test model
-# (tests/test_export.py): dequantized fp32 top-1 1.0, KL ~1e-14; bf16 top-1 1.0, KL ~1e-6; the
-# merge into the original weights KL ~3e-4; a merge into re-quantized weights keeps 58% of top-1 (NOTES).
+# Verification passes when the export predicts the trained model's next reply token (nearly) always
+# and the distributions over all text positions are close. Measured on the demo (README): the
+# dequantized merge has mean KL 8e-13 (fp32) to 1.3e-4 (bf16); the merge into the original weights
+# 1.4e-2; a merge into re-quantized weights keeps 58% of top-1 predictions (team NOTES).
 MIN_TOP1_AGREEMENT = 0.97
 MAX_MEAN_KL = 0.01
 
@@ -66,6 +67,9 @@ class MergeReport:
     passed: bool | None = None
     prompts: str = ""
     positions: int = 0
+    """Text positions compared (KL, max |logit diff|)."""
+    reply_positions: int = 0
+    """Of those, the positions that predict a reply token (top-1 agreement)."""
     max_abs_logit_diff: float | None = None
     mean_kl: float | None = None
     top1_agreement: float | None = None
@@ -78,7 +82,8 @@ class MergeReport:
         verdict = "PASSED" if self.passed else "FAILED"
         return (
             f"verification {verdict} on {self.positions} text positions ({self.prompts}): "
-            f"top-1 agreement {self.top1_agreement:.4f} (>= {self.min_top1_agreement}), "
+            f"top-1 agreement on {self.reply_positions} reply tokens {self.top1_agreement:.4f} "
+            f"(>= {self.min_top1_agreement}), "
             f"mean KL {self.mean_kl:.2e} (<= {self.max_mean_kl}), max |logit diff| {self.max_abs_logit_diff:.2e}"
         )
 
@@ -238,7 +243,10 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
                 if sample.image
                 else None
             )
-            inputs.append({"input_ids": encoder.encode(sample)["input_ids"], "pixel_values": pixels})
+            encoded = encoder.encode(sample)
+            # Positions whose next token is a reply token: what the fine-tune was trained to predict.
+            replies = [label != IGNORE_INDEX for label in encoded["labels"][1:]] + [False]
+            inputs.append({"input_ids": encoded["input_ids"], "pixel_values": pixels, "replies": replies})
         if inputs:
             return f"{len(inputs)} samples of {source}", inputs
     rng = random.Random(0)
@@ -249,13 +257,14 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
             images=square(image, recipe.data.image_aspect, processor.image_processor), return_tensors="pt"
         )["pixel_values"][0]
         question = ("Describe the image.", "What is in the picture?", "What colors do you see?")[i % 3]
-        inputs.append({"input_ids": encoder.prompt_ids([("user", question)], has_image=True), "pixel_values": pixels})
+        ids = encoder.prompt_ids([("user", question)], has_image=True)
+        inputs.append({"input_ids": ids, "pixel_values": pixels, "replies": [True] * len(ids)})
     return f"{count} synthetic prompts (the recipe's data files were not found)", inputs
 
 
 @torch.no_grad()
-def _text_logits(model, inputs: list[dict], image_token_id: int) -> list[torch.Tensor]:
-    """fp32 logits at every non-image position of each prompt (batch size 1: no padding effects)."""
+def _text_logits(model, inputs: list[dict], image_token_id: int) -> torch.Tensor:
+    """fp32 logits at every non-image position of the prompts, concatenated (batch size 1: no padding)."""
     device = next(model.parameters()).device
     dtype = next(p for n, p in model.named_parameters() if "vision_tower" in n).dtype
     result = []
@@ -265,18 +274,32 @@ def _text_logits(model, inputs: list[dict], image_token_id: int) -> list[torch.T
         with autocast(device):
             logits = model(input_ids=ids, pixel_values=pixels, use_cache=False).logits[0]
         result.append(logits[ids[0] != image_token_id].float().cpu())
-    return result
+    return torch.cat(result)
 
 
-def compare_logits(reference: list[torch.Tensor], merged: list[torch.Tensor]) -> dict:
-    ref, new = torch.cat(reference).double(), torch.cat(merged).double()
+def _reply_mask(inputs: list[dict], image_token_id: int) -> torch.Tensor:
+    """Which of the `_text_logits` rows predict a reply token."""
+    return torch.tensor(
+        [r for item in inputs for r, t in zip(item["replies"], item["input_ids"]) if t != image_token_id]
+    )
+
+
+def compare_logits(reference: torch.Tensor, merged: torch.Tensor, replies: torch.Tensor) -> dict:
+    """KL and max |diff| over every text position; top-1 agreement where a reply token is predicted.
+
+    Top-1 over all positions would count argmax flips at near-ties (a system prompt the model never
+    learned to predict), which 16-bit rounding alone causes; the replies are what the fine-tune is for.
+    """
+    ref, new = reference.double(), merged.double()
     ref_logp, new_logp = ref.log_softmax(-1), new.log_softmax(-1)
     kl = (ref_logp.exp() * (ref_logp - new_logp)).sum(-1)
+    agree = ref.argmax(-1) == new.argmax(-1)
     return {
         "positions": ref.shape[0],
+        "reply_positions": int(replies.sum()),
         "max_abs_logit_diff": (ref - new).abs().max().item(),
         "mean_kl": kl.mean().item(),
-        "top1_agreement": (ref.argmax(-1) == new.argmax(-1)).float().mean().item(),
+        "top1_agreement": agree[replies].float().mean().item(),
     }
 
 
@@ -287,7 +310,7 @@ def merge_checkpoint(
     dtype: str = "bf16",
     method: str = "dequantized",
     verify: bool = True,
-    verify_samples: int = 8,
+    verify_samples: int = 16,
     device: str = "auto",
     shard_bytes: int = SHARD_BYTES,
     min_top1_agreement: float = MIN_TOP1_AGREEMENT,
@@ -364,7 +387,8 @@ def merge_checkpoint(
         if wrong:
             raise QllavaError(f"the export in {out} does not load cleanly: {wrong}")
         merged.eval()
-        stats = compare_logits(reference, _text_logits(merged, inputs, config.image_token_id))
+        merged_logits = _text_logits(merged, inputs, config.image_token_id)
+        stats = compare_logits(reference, merged_logits, _reply_mask(inputs, config.image_token_id))
         report.verified = True
         for key, value in stats.items():
             setattr(report, key, value)
