@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from qllava.data.dataset import encoder_from_recipe, read_records
-from qllava.errors import QllavaError
+from qllava.errors import QllavaError, problem_list
 from qllava.generate import Sampling, generate_batch
 
 
@@ -40,9 +40,8 @@ def read_questions(path: str | Path, image_folder: str | Path | None) -> list[di
         if image and (folder is None or not (folder / image).is_file()):
             problems.append(f"{where} (question_id {qid!r}): image `{image}` not found in --image-folder `{folder}`")
     if problems:
-        shown = "\n".join(f"  - {p}" for p in problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise QllavaError(f"{len(problems)} problem(s) in the questions, nothing was generated:\n{shown}{more}")
+        summary = f"{len(problems)} problem(s) in the questions, nothing was generated"
+        raise QllavaError(f"{summary}:\n{problem_list(problems)}")
     return records
 
 

@@ -28,12 +28,10 @@ class ChatSession:
         self.image = _check_image(image)
         self.turns: list[tuple[str, str]] = []
 
-    def ask(self, question: str, stream: bool = True) -> str:
-        """Answer `question` given the conversation so far; tokens are printed as they come when `stream`."""
+    def ask(self, question: str) -> str:
+        """Answer `question` given the conversation so far; tokens are printed as they are generated."""
         turns = [*self.turns, ("user", question)]
-        streamer = (
-            TextStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-        )
+        streamer = TextStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         answer = generate_batch(
             self.model, self.processor, self.encoder, self.recipe, [(self.image, turns)], self.sampling, streamer
         )[0]

@@ -153,6 +153,14 @@ BITS = typer.Option(None, help="Load MODEL in 4, 8 or 16 bit (default: 16 for a 
 TEMPLATE = typer.Option(None, help="Override the conversation template (default: the one the model was trained with)")
 
 
+def _load_for_prompts(model: str, adapter: Path | None, bits: int | None, template: str | None):
+    """(model, processor, recipe whose data section renders its prompts) for chat and answer."""
+    from qllava.generate import inference_recipe, load_for_inference
+
+    loaded, processor = load_for_inference(model, adapter, bits=bits)
+    return loaded, processor, inference_recipe(model, adapter, processor, template)
+
+
 @app.command()
 def chat(
     model: str = MODEL,
@@ -167,11 +175,10 @@ def chat(
 ) -> None:
     """Chat about an image; tokens stream as they are generated. /image PATH, /reset, /exit in the session."""
     from qllava.chat import ChatSession, repl
-    from qllava.generate import Sampling, inference_recipe, load_for_inference
+    from qllava.generate import Sampling
 
     def start():
-        loaded, processor = load_for_inference(model, adapter, bits=bits)
-        recipe = inference_recipe(model, adapter, processor, template)
+        loaded, processor, recipe = _load_for_prompts(model, adapter, bits, template)
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         session = ChatSession(loaded, processor, recipe, sampling, image)
         if prompt is not None:
@@ -199,12 +206,11 @@ def answer(
 ) -> None:
     """Answer a question file in LLaVA's model_vqa format, resumably."""
     from qllava.answer import answer_questions, read_questions
-    from qllava.generate import Sampling, inference_recipe, load_for_inference
+    from qllava.generate import Sampling
 
     def start():
         items = read_questions(questions, image_folder)
-        loaded, processor = load_for_inference(model, adapter, bits=bits)
-        recipe = inference_recipe(model, adapter, processor, template)
+        loaded, processor, recipe = _load_for_prompts(model, adapter, bits, template)
         name = model_id or (f"{adapter.parent.name}/{adapter.name}" if adapter else Path(model).name)
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         return answer_questions(

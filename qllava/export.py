@@ -36,16 +36,15 @@ from transformers import GenerationConfig, LlavaForConditionalGeneration
 from transformers.core_model_loading import revert_weight_conversion
 
 from qllava.data.dataset import IGNORE_INDEX, encoder_from_recipe, parse_sample, read_records
-from qllava.data.images import load_image, square
+from qllava.data.images import load_image, pixel_values
 from qllava.data.templates import chat_template, end_of_turn
 from qllava.errors import QllavaError
-from qllava.generate import attach_adapter, autocast
+from qllava.generate import MERGED_RECIPE, attach_adapter, autocast
 from qllava.model.load import load_base, load_processor
 from qllava.recipe import Recipe, dump_recipe, load_recipe
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 METHODS = ("dequantized", "original")
-RECIPE_FILE = "qllava_recipe.yaml"
 REPORT_FILE = "merge_report.json"
 FAILED_MARKER = "VERIFICATION_FAILED"
 SHARD_BYTES = 5 * 1024**3
@@ -205,9 +204,8 @@ def _plain_config(config, dtype: torch.dtype):
     return config
 
 
-def _save_processor(checkpoint: Path, recipe: Recipe, out: Path) -> None:
+def _save_processor(processor, recipe: Recipe, out: Path) -> None:
     """Processor and tokenizer as trained, with the training template as the chat template."""
-    processor = load_processor(checkpoint)
     template = chat_template(recipe.data.template, recipe.data.system_prompt)
     if template is not None:
         processor.chat_template = template
@@ -253,9 +251,7 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
     for i in range(count):
         size = (rng.randint(16, 96), rng.randint(16, 96))
         image = Image.frombytes("RGB", size, bytes(rng.randrange(256) for _ in range(size[0] * size[1] * 3)))
-        pixels = processor.image_processor(
-            images=square(image, recipe.data.image_aspect, processor.image_processor), return_tensors="pt"
-        )["pixel_values"][0]
+        pixels = pixel_values(image, recipe.data.image_aspect, processor.image_processor)
         question = ("Describe the image.", "What is in the picture?", "What colors do you see?")[i % 3]
         ids = encoder.prompt_ids([("user", question)], has_image=True)
         inputs.append({"input_ids": ids, "pixel_values": pixels, "replies": [True] * len(ids)})
@@ -368,8 +364,8 @@ def merge_checkpoint(
         )
     writer.close()
     config.save_pretrained(tmp)
-    _save_processor(checkpoint, recipe, tmp)
-    dump_recipe(recipe, tmp / RECIPE_FILE)
+    _save_processor(processor, recipe, tmp)
+    dump_recipe(recipe, tmp / MERGED_RECIPE)
     del model, inner, writer
     gc.collect()
     if out.exists():

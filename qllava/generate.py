@@ -17,7 +17,7 @@ from qllava.data.dataset import Encoder, encoder_from_recipe
 from qllava.data.images import load_image
 from qllava.data.templates import end_of_turn
 from qllava.errors import QllavaError
-from qllava.model.load import guard_cpu_repack, load_base, load_processor
+from qllava.model.load import load_base, load_processor
 from qllava.recipe import Recipe, build_recipe, load_recipe
 
 MERGED_RECIPE = "qllava_recipe.yaml"
@@ -65,7 +65,6 @@ def attach_adapter(model, adapter: str | Path) -> PeftModel:
             f"adapter `{adapter}` does not fit the model `{model.name_or_path}` "
             f"({detail[-1].strip() if detail else type(exc).__name__}); was it trained on another base?"
         ) from None
-    guard_cpu_repack(peft_model)
     return peft_model
 
 
@@ -89,9 +88,8 @@ def load_for_inference(
     if bits is None:
         bits = 16 if is_merged_export(model_path) and adapter is None else 4
     model = load_base(model_path, bits=bits, device=device)
-    if adapter is not None:
+    if adapter is not None:  # peft wraps the guarded Linear4bit layers of load_base, adds none
         model = attach_adapter(model, adapter)
-    guard_cpu_repack(model)
     model.eval()
     processor = load_processor(adapter if adapter is not None else model_path)
     return model, processor
@@ -109,7 +107,8 @@ def inference_recipe(
         default = "tokenizer" if getattr(processor.tokenizer, "chat_template", None) else "vicuna_v1"
         recipe = build_recipe({"model": {"base": str(model_path)}, "data": {"template": default}})
     if template:
-        recipe = build_recipe({**recipe.to_dict(), "data": {**recipe.to_dict()["data"], "template": template}})
+        raw = recipe.to_dict()
+        recipe = build_recipe({**raw, "data": {**raw["data"], "template": template}})
     return recipe
 
 

@@ -38,6 +38,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qllava.data.jsonl import parse_jsonl
 from qllava.errors import QllavaError
 
 _NUMBERS = {
@@ -123,16 +124,7 @@ def _read_jsonl(path: Path, kind: str) -> list[tuple[int, object]]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise QllavaError(f"{kind} file `{path}` is not UTF-8 text (bad byte at offset {exc.start})") from None
-    rows = []
-    # split on \n only: str.splitlines() also breaks at U+2028 and friends, valid inside JSON strings
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise QllavaError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one object per line") from None
-    return rows
+    return parse_jsonl(text, path)
 
 
 def _question_id(record: object, path: Path, lineno: int, expected: str) -> str:

@@ -15,8 +15,9 @@ import torch
 from torch.utils.data import Dataset
 
 from qllava.data.images import load_image
+from qllava.data.jsonl import parse_jsonl
 from qllava.data.templates import render
-from qllava.errors import QllavaError
+from qllava.errors import QllavaError, problem_list
 
 IMAGE_TAG = "<image>"
 IGNORE_INDEX = -100
@@ -40,17 +41,7 @@ def read_records(path: str | Path) -> list[dict]:
         raise QllavaError(f"data file `{p}` not found")
     text = p.read_text(encoding="utf-8")
     if p.suffix == ".jsonl" or not text.lstrip().startswith("["):
-        records = []
-        # split on \n only: str.splitlines() also breaks at U+2028 and friends, valid inside JSON strings
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise QllavaError(
-                        f"{p}:{lineno}: not valid JSON ({exc.msg}); expected one sample object per line"
-                    ) from None
-        return records
+        return [record for _, record in parse_jsonl(text, p)]
     try:
         records = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -218,10 +209,9 @@ def load_samples(path: str | Path, image_folder: str | Path | None) -> list[Samp
             )
         samples.append(sample)
     if problems:
-        shown = "\n".join(f"  - {p}" for p in problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise QllavaError(
-            f"{len(problems)} bad sample(s) in {path} (run `qllava data check` for a full report):\n{shown}{more}"
+            f"{len(problems)} bad sample(s) in {path} (run `qllava data check` for a full report):\n"
+            + problem_list(problems)
         )
     if not samples:
         raise QllavaError(f"{path} holds no samples")

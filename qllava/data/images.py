@@ -33,9 +33,13 @@ def square(image: Image.Image, aspect: str, image_processor) -> Image.Image:
     return image.resize((width, height), Image.BICUBIC)
 
 
+def pixel_values(image: Image.Image, aspect: str, image_processor) -> torch.Tensor:
+    """An RGB image as the normalized (3, H, W) float tensor the vision tower takes."""
+    return image_processor(images=square(image, aspect, image_processor), return_tensors="pt")["pixel_values"][0]
+
+
 def load_image(path: str | Path, aspect: str, image_processor) -> torch.Tensor:
     """Decode one image file into a normalized (3, H, W) float tensor."""
     with Image.open(path) as img:
         image = img.convert("RGB")
-    image = square(image, aspect, image_processor)
-    return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+    return pixel_values(image, aspect, image_processor)
