@@ -40,9 +40,21 @@ def _run(fn, *args, **kwargs):
 def train(
     recipe: str = typer.Argument(..., help="Recipe YAML path or shipped recipe name (see `qllava recipes`)"),
     overrides: list[str] | None = OVERRIDES,
+    num_processes: int = typer.Option(
+        1, "--num-processes", "-n", min=1, help="Processes to launch through accelerate: one per GPU (gloo on CPU)"
+    ),
+    accelerate_config: Path | None = typer.Option(
+        None, help="An accelerate config for the launch, e.g. recipes/accelerate/fsdp-qlora.yaml"
+    ),
 ) -> None:
-    """Train the LoRA adapters and projector as the recipe says."""
+    """Train the LoRA adapters and projector as the recipe says (stage 1: the projector alone)."""
     from qllava.recipe import load_recipe
+
+    if num_processes > 1 or accelerate_config is not None:
+        from qllava.train.launch import launch_training
+
+        code = _run(launch_training, recipe, overrides or [], num_processes, accelerate_config)
+        raise typer.Exit(code)
     from qllava.train.loop import train as run_training
 
     _run(lambda: run_training(load_recipe(recipe, overrides or [])))
@@ -145,6 +157,35 @@ def merge(
             err=True,
         )
         raise typer.Exit(2)
+
+
+@app.command()
+def compose(
+    vision: Path = typer.Option(
+        ..., "--vision", help="CLIP or SigLIP checkpoint directory (vision-only or dual encoder)"
+    ),
+    llm: Path = typer.Option(..., "--llm", help="Llama, Mistral or Qwen2 causal LM directory (with its tokenizer)"),
+    out: Path = typer.Option(..., "--out", help="New directory for the composed LLaVA"),
+    projector: str = typer.Option("mlp2x_gelu", help="mlp2x_gelu (LLaVA-1.5) or linear (alias mlp1x_gelu)"),
+    template: str | None = typer.Option(
+        None, help="Chat template written with the model (default: vicuna_v1 / mistral_instruct / chatml by LLM)"
+    ),
+    vision_feature_layer: int = typer.Option(-2, help="Vision tower layer whose features feed the projector"),
+    seed: int = typer.Option(0, help="Seed of the projector's initialisation"),
+) -> None:
+    """Build a new LLaVA from a vision encoder and an LLM; its projector starts untrained."""
+    from qllava.model.compose import compose_llava
+
+    _run(
+        compose_llava,
+        vision,
+        llm,
+        out,
+        projector=projector,
+        template=template,
+        vision_feature_layer=vision_feature_layer,
+        seed=seed,
+    )
 
 
 MODEL = typer.Argument(..., help="A merged export, or a base LLaVA directory (with --adapter for a trained one)")

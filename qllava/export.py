@@ -41,6 +41,7 @@ from qllava.data.templates import chat_template, end_of_turn
 from qllava.errors import QllavaError
 from qllava.generate import MERGED_RECIPE, attach_adapter, autocast
 from qllava.model.load import load_base, load_processor
+from qllava.model.projector import PROJECTOR_FILE
 from qllava.recipe import Recipe, dump_recipe, load_recipe
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -92,6 +93,11 @@ def read_checkpoint(checkpoint: str | Path) -> Recipe:
     path = Path(checkpoint)
     if not path.is_dir():
         raise QllavaError(f"checkpoint `{checkpoint}` not found; pass a checkpoint-STEP/ or final/ directory of a run")
+    if (path / PROJECTOR_FILE).is_file():
+        raise QllavaError(
+            f"checkpoint `{checkpoint}` is from a stage-1 run (projector only, no LoRA): there is nothing to merge; "
+            f"train stage 2 from it with model.projector_from={path}"
+        )
     missing = [
         f for f in ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml") if not (path / f).is_file()
     ]

@@ -18,6 +18,7 @@ from qllava.data.images import load_image
 from qllava.data.templates import end_of_turn
 from qllava.errors import QllavaError
 from qllava.model.load import load_base, load_processor
+from qllava.model.projector import PROJECTOR_FILE, load_projector
 from qllava.recipe import Recipe, build_recipe, load_recipe
 
 MERGED_RECIPE = "qllava_recipe.yaml"
@@ -49,9 +50,15 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def attach_adapter(model, adapter: str | Path) -> PeftModel:
-    """The adapter's LoRA layers and trained projector on `model`, with a clear error when they do not fit."""
+def attach_adapter(model, adapter: str | Path):
+    """The adapter's LoRA layers and trained projector on `model`, with a clear error when they do not fit.
+
+    A stage-1 checkpoint (projector only) loads its projector into `model` instead.
+    """
     path = Path(adapter)
+    if (path / PROJECTOR_FILE).is_file():
+        load_projector(model, path)
+        return model
     if not (path / "adapter_config.json").is_file() or not (path / "adapter_model.safetensors").is_file():
         raise QllavaError(
             f"`{adapter}` is not an adapter directory (adapter_config.json and adapter_model.safetensors); "

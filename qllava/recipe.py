@@ -42,9 +42,17 @@ class ModelSection:
     gradient_checkpointing: bool = True
     """Recompute decoder-layer activations in the backward pass (non-reentrant) to save memory."""
 
+    projector_from: str = ""
+    """Start the projector from these weights instead of the base's: a stage-1 run's final/ or
+    checkpoint directory (projector.safetensors), the file itself, or LLaVA's mm_projector.bin."""
+
 
 @dataclass
 class LoraSection:
+    enabled: bool = True
+    """false: no LoRA, the language model stays frozen and only the projector trains (stage 1,
+    projector alignment); checkpoints then hold projector.safetensors instead of an adapter."""
+
     r: int = 16
     """LoRA rank."""
 
@@ -374,6 +382,8 @@ def _check_values(recipe: Recipe) -> list[str]:
         problems.append(f"`optim.warmup_ratio` must be in [0, 1), got {recipe.optim.warmup_ratio}")
     if not (isinstance(recipe.optim.betas, list) and len(recipe.optim.betas) == 2):
         problems.append(f"`optim.betas` must be a list of two numbers, got {recipe.optim.betas!r}")
+    if not recipe.lora.enabled and recipe.optim.projector_lr == 0:
+        problems.append("`lora.enabled` is false and `optim.projector_lr` is 0: nothing would train")
     if recipe.lora.dropout >= 1:
         problems.append(f"`lora.dropout` must be below 1, got {recipe.lora.dropout}")
     return problems

@@ -80,7 +80,8 @@ def parse_sample(record, index: int, source: str) -> Sample:
                 f"{label}: turn {t} has unknown role {turn.get('from')!r} (use one of {', '.join(sorted(ROLES))})"
             )
         value = turn["value"]
-        if not value.replace(IMAGE_TAG, "").strip():
+        # `<image>` alone is a question (LLaVA's stage-1 caption data); any other empty turn is a mistake.
+        if not value.replace(IMAGE_TAG, "").strip() and not (role == "user" and IMAGE_TAG in value):
             raise QllavaError(f"{label}: turn {t} ({turn.get('from')}) has empty text")
         if role == "system":
             if t != 0:

@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
 
 from qllava.errors import QllavaError
+from qllava.model.projector import load_projector, projector_of
 from qllava.recipe import Recipe
 
 # transformers 5 matches skip patterns against the full module name from its start: short names
@@ -143,26 +144,35 @@ def lora_targets(model: torch.nn.Module, target_modules) -> str:
 
 
 def load_for_training(recipe: Recipe, device: torch.device):
-    """Return (peft model, processor) ready to train as the recipe says."""
+    """Return (model, processor) ready to train as the recipe says.
+
+    With LoRA (stage 2, the default) the model is a peft model whose adapter holds the projector;
+    with `lora.enabled: false` (stage 1) it is the plain LLaVA with only its projector trainable.
+    """
     model = load_base(recipe.model.base, bits=recipe.model.bits, device=device, attention=recipe.model.attention)
     processor = load_processor(recipe.model.base)
+    if recipe.model.projector_from:
+        load_projector(model, recipe.model.projector_from)
     model.requires_grad_(False)
     if recipe.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    config = LoraConfig(
-        r=recipe.lora.r,
-        lora_alpha=recipe.lora.alpha,
-        lora_dropout=recipe.lora.dropout,
-        target_modules=lora_targets(model, recipe.lora.target_modules),
-        modules_to_save=[PROJECTOR],
-        bias="none",
-    )
-    torch.manual_seed(recipe.train.seed)
-    model = get_peft_model(model, config)
+    if recipe.lora.enabled:
+        config = LoraConfig(
+            r=recipe.lora.r,
+            lora_alpha=recipe.lora.alpha,
+            lora_dropout=recipe.lora.dropout,
+            target_modules=lora_targets(model, recipe.lora.target_modules),
+            modules_to_save=[PROJECTOR],
+            bias="none",
+        )
+        torch.manual_seed(recipe.train.seed)
+        model = get_peft_model(model, config)
+    else:
+        projector_of(model).requires_grad_(True)
     # transformers (and peft for 16-bit bases) hook every sub-model's input embeddings to require
     # grad, the vision tower's patch embedding included: its whole forward would then be recorded
     # for a backward pass that updates nothing. Non-reentrant checkpointing does not need the hooks.
-    model.base_model.model.disable_input_require_grads()
+    (model.base_model.model if recipe.lora.enabled else model).disable_input_require_grads()
     # Trainable weights stay fp32 for the optimizer; bf16 autocast does the compute on GPU.
     for param in model.parameters():
         if param.requires_grad:
@@ -182,7 +192,9 @@ def _group(name: str) -> str:
     if "lora_" in name:
         return "LoRA adapters"
     if PROJECTOR in name:
-        return "projector (trained copy)" if "modules_to_save" in name else "projector (frozen original)"
+        if "modules_to_save" in name:
+            return "projector (trained copy)"
+        return "projector (frozen original)" if "original_module" in name else "projector"
     if "vision_tower" in name:
         return "vision tower"
     if "lm_head" in name:

@@ -12,14 +12,29 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
     CLIPVisionConfig,
+    CLIPVisionModel,
     LlamaConfig,
+    LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    SiglipConfig,
+    SiglipModel,
+    SiglipTextConfig,
+    SiglipVisionConfig,
+    SiglipVisionModel,
 )
 from transformers.models.clip import CLIPImageProcessorPil
+from transformers.models.siglip import SiglipImageProcessorPil
 
 from qllava.data.templates import TEMPLATE_TEXTS
 
@@ -28,6 +43,8 @@ IMAGE_SIZE = 32
 PATCH_SIZE = 8
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+SIGLIP_MEAN = [0.5, 0.5, 0.5]
+SIGLIP_STD = [0.5, 0.5, 0.5]
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
@@ -122,4 +139,156 @@ def build_tiny_llava(
     )
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    return out
+
+
+def build_tiny_vision(
+    out_dir: str | Path, kind: str = "clip", *, hidden: int = 64, seed: int = 0, full: bool = False
+) -> Path:
+    """Save a random tiny CLIP or SigLIP vision encoder with its image processor; return its directory.
+
+    `full` saves the dual encoder (CLIPModel / SiglipModel, text tower included), the form in which
+    real encoders such as openai/clip-vit-large-patch14-336 are published.
+    """
+    if kind not in ("clip", "siglip"):
+        raise ValueError(f"kind must be clip or siglip, not {kind!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+    text = dict(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    torch.manual_seed(seed)
+    if kind == "clip":
+        vision = CLIPVisionConfig(**shape, projection_dim=hidden)
+        if full:
+            config = CLIPConfig(
+                text_config=CLIPTextConfig(**text).to_dict(),
+                vision_config=vision.to_dict(),
+                projection_dim=hidden,
+            )
+            model = CLIPModel(config)
+        else:
+            model = CLIPVisionModel(vision)
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": IMAGE_SIZE},
+            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            image_mean=CLIP_MEAN,
+            image_std=CLIP_STD,
+        )
+    else:
+        vision = SiglipVisionConfig(**shape)
+        if full:
+            config = SiglipConfig(text_config=SiglipTextConfig(**text).to_dict(), vision_config=vision.to_dict())
+            model = SiglipModel(config)
+        else:
+            model = SiglipVisionModel(vision)
+        image_processor = SiglipImageProcessorPil(
+            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD
+        )
+    model.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    return out
+
+
+# family -> (config class, model class, special tokens, bos, eos, pad, unk); Llama and Mistral have
+# no pad token, like the released tokenizers, and none of them has <image>: compose adds those.
+_TINY_LLMS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, ["<unk>", "<s>", "</s>"], "<s>", "</s>", None, "<unk>"),
+    "mistral": (MistralConfig, MistralForCausalLM, ["<unk>", "<s>", "</s>"], "<s>", "</s>", None, "<unk>"),
+    "qwen2": (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        None,
+        "<|im_end|>",
+        "<|endoftext|>",
+        None,
+    ),
+}
+TINY_LLM_CORPUS = ["What color is the shape?", "red blue green", "Describe the image.", "a red circle"]
+
+
+def _tiny_llm_tokenizer(family: str, corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE as in `build_tokenizer`, with the family's own special tokens only."""
+    *_, specials, bos, eos, pad, unk = _TINY_LLMS[family]
+    tok = Tokenizer(models.BPE(unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus) + list(TEMPLATE_TEXTS), trainer=trainer)
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    named = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": unk}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        **{k: v for k, v in named.items() if v is not None},
+        additional_special_tokens=[t for t in specials if t not in named.values()],
+        model_max_length=512,
+    )
+
+
+def build_tiny_llm(
+    out_dir: str | Path,
+    family: str = "llama",
+    corpus: list[str] | None = None,
+    *,
+    hidden: int = 128,
+    seed: int = 0,
+    tie_word_embeddings: bool | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Save a random tiny causal LM (llama, mistral or qwen2) with its tokenizer; return its directory.
+
+    The tokenizer has no `<image>` (and Llama's and Mistral's no pad token), as released LLMs. Qwen2, like
+    the released small ones, ties lm_head to the embeddings and pads its embedding matrix beyond the
+    tokenizer (`tie_word_embeddings` overrides the family's default).
+    """
+    if family not in _TINY_LLMS:
+        raise ValueError(f"family must be one of {', '.join(_TINY_LLMS)}, not {family!r}")
+    config_class, model_class, *_ = _TINY_LLMS[family]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tiny_llm_tokenizer(family, TINY_LLM_CORPUS if corpus is None else corpus, vocab_size=512)
+    vocab_size = len(tokenizer)
+    if family == "qwen2":
+        vocab_size = 64 * (vocab_size // 64 + 2)  # padded: room for added tokens without a resize
+    config = config_class(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=family == "qwen2" if tie_word_embeddings is None else tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = model_class(config).to(dtype)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out

@@ -1,7 +1,8 @@
 """Self-describing checkpoints, written atomically, and the exact resume from them.
 
-A checkpoint directory holds the PEFT adapter (projector included), the processor, the resolved
-recipe, and `trainer_state.json` + `optimizer.pt` + `scheduler.pt` + `rng.pt` to resume exactly.
+A checkpoint directory holds the PEFT adapter (projector included) or, for a stage-1 run without
+LoRA, `projector.safetensors`; the processor, the resolved recipe, and `trainer_state.json` +
+`optimizer.pt` + `scheduler.pt` + `rng.pt` (one RNG state per process) to resume exactly.
 It is written under a temporary name and renamed when complete, so a crash mid-write never
 leaves a directory that looks like a checkpoint.
 """
@@ -17,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import set_peft_model_state_dict
+from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from qllava.errors import QllavaError
+from qllava.model.projector import PROJECTOR_FILE, load_projector, save_projector
 from qllava.recipe import Recipe, dump_recipe
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -35,6 +37,8 @@ class TrainState:
     epoch: int = 0
     consumed: int = 0
     """Samples of this epoch already consumed by this rank (the sampler skips them on resume)."""
+    world_size: int = 1
+    """Processes that trained; `consumed` and the RNG states are per process."""
 
 
 def _rng_state() -> dict:
@@ -52,22 +56,40 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def gather_rng_states(accelerator) -> list[dict]:
+    """Every process's RNG state, in rank order (a collective: all ranks call it)."""
+    from accelerate.utils import gather_object
+
+    return gather_object([_rng_state()]) if accelerator.num_processes > 1 else [_rng_state()]
+
+
 def save_checkpoint(
-    path: Path, *, model, processor, recipe: Recipe, state: TrainState, optimizer=None, scheduler=None
+    path: Path,
+    *,
+    model,
+    processor,
+    recipe: Recipe,
+    state: TrainState,
+    optimizer=None,
+    scheduler=None,
+    rng_states: list[dict] | None = None,
 ) -> Path:
     """Write a complete checkpoint at `path` (replacing an older one of the same name)."""
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:  # stage 1: only the projector trained
+        save_projector(model, tmp)
     processor.save_pretrained(tmp)
     dump_recipe(recipe, tmp / "recipe.yaml")
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        torch.save(rng_states or [_rng_state()], tmp / "rng.pt")
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
@@ -95,14 +117,38 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
         found = list_checkpoints(run_dir)
         return found[-1] if found else None
     path = Path(resume)
-    missing = [f for f in (ADAPTER_FILE, STATE_FILE, "optimizer.pt") if not (path / f).is_file()]
+    weights = PROJECTOR_FILE if (path / PROJECTOR_FILE).is_file() else ADAPTER_FILE
+    missing = [f for f in (weights, STATE_FILE, "optimizer.pt") if not (path / f).is_file()]
     if missing:
         raise QllavaError(f"train.resume `{resume}` is not a complete checkpoint (missing {', '.join(missing)})")
     return path
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> TrainState:
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, world_size: int = 1, rank: int = 0) -> TrainState:
     """Restore adapter + projector weights, optimizer, scheduler and RNG; return the trainer state."""
+    state = TrainState(**json.loads((path / STATE_FILE).read_text()))
+    if state.world_size != world_size:
+        raise QllavaError(
+            f"checkpoint {path} was written by a run of {state.world_size} process(es); resume it with the same "
+            f"number (this run has {world_size}), since the data position and RNG states are per process"
+        )
+    if not isinstance(model, PeftModel):
+        if not (path / PROJECTOR_FILE).is_file():
+            raise QllavaError(f"checkpoint {path} holds a LoRA adapter, but this recipe trains no LoRA (lora.enabled)")
+        load_projector(model, path)
+    else:
+        _load_adapter(path, model)
+    # CPU first: tensors saved by rank 0 would otherwise all land on its GPU in every process.
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
+    _set_rng_state(rng[rank] if isinstance(rng, list) else rng)  # a dict: written before per-process states
+    return state
+
+
+def _load_adapter(path: Path, model) -> None:
+    if not (path / ADAPTER_FILE).is_file():
+        raise QllavaError(f"checkpoint {path} holds no LoRA adapter (a stage-1 run?), but this recipe trains LoRA")
     try:
         result = set_peft_model_state_dict(model, load_file(path / ADAPTER_FILE))
     except RuntimeError as exc:  # shape mismatch: another LoRA rank or base
@@ -116,8 +162,3 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> TrainState:
             f"checkpoint {path} does not fit this model (unexpected weights such as {unexpected[0]}); "
             "was it trained from another model.base or LoRA setting?"
         )
-    # CPU first: tensors saved by rank 0 would otherwise all land on its GPU in every process.
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
-    _set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=False))
-    return TrainState(**json.loads((path / STATE_FILE).read_text()))

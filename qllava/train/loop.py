@@ -26,7 +26,14 @@ from qllava.data.sampler import GroupedSampler
 from qllava.errors import QllavaError
 from qllava.model.load import compute_dtype, describe, load_for_training, resolve_attention, set_train_mode
 from qllava.recipe import Recipe, dump_recipe
-from qllava.train.checkpoint import TrainState, find_resume, load_checkpoint, rotate, save_checkpoint
+from qllava.train.checkpoint import (
+    TrainState,
+    find_resume,
+    gather_rng_states,
+    load_checkpoint,
+    rotate,
+    save_checkpoint,
+)
 from qllava.train.loss import loss_sum, trained_tokens
 from qllava.train.optim import build_optimizer, build_scheduler, resolve_optimizer
 
@@ -54,7 +61,7 @@ def _loader(dataset, sampler, recipe: Recipe, pad_token_id: int, device: torch.d
 
 def _new_interval() -> dict:
     """Sums over the steps since the last metrics line."""
-    return {"loss": 0.0, "steps": 0, "tokens": 0, "truncated": 0, "start": time.perf_counter()}
+    return {"loss": 0.0, "grad_norm": 0.0, "steps": 0, "tokens": 0, "truncated": 0, "start": time.perf_counter()}
 
 
 def _step_of(line: str) -> float:
@@ -122,6 +129,9 @@ class _StopRequest:
 
 def make_accelerator(recipe: Recipe, out: Path, trackers: str | None = None) -> Accelerator:
     return Accelerator(
+        # Without a GPU, processes started by a launcher (`qllava train --num-processes N`) join a
+        # gloo process group on the CPU; accelerate otherwise treats each as a lone process.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=_mixed_precision(recipe.train.mixed_precision),
         log_with=trackers,
         project_dir=str(out),
@@ -174,7 +184,11 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             "train.micro_batch_size or train.grad_accum"
         )
     total_steps = recipe.train.max_steps or math.ceil(recipe.train.epochs * steps_per_epoch)
-    say(f"qllava: {len(train_set)} samples, {steps_per_epoch} steps per epoch, training {total_steps} steps")
+    processes = f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"
+    say(
+        f"qllava: {len(train_set)} samples, {steps_per_epoch} steps per epoch, "
+        f"training {total_steps} steps on {processes}"
+    )
     optimizer = build_optimizer(model, recipe, device)
     scheduler = build_scheduler(optimizer, recipe, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -183,11 +197,16 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
         shard = list(range(accelerator.process_index, len(eval_set), accelerator.num_processes))
         eval_loader = _loader(eval_set, shard, recipe, pad_id, device)
 
-    state = TrainState()
+    state = TrainState(world_size=accelerator.num_processes)
     resume_from = find_resume(recipe.train.resume, out)
     if resume_from is not None:
         state = load_checkpoint(
-            resume_from, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler
+            resume_from,
+            model=accelerator.unwrap_model(model),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            world_size=accelerator.num_processes,
+            rank=accelerator.process_index,
         )
         say(f"qllava: resumed from {resume_from} at step {state.step}")
     metrics = out / "metrics.jsonl"
@@ -206,6 +225,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             accelerator.init_trackers("qllava")
 
     def save(path: Path, with_optimizer: bool = True) -> None:
+        rng_states = gather_rng_states(accelerator) if with_optimizer else None
         accelerator.wait_for_everyone()
         if main:
             save_checkpoint(
@@ -216,6 +236,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                 state=state,
                 optimizer=optimizer if with_optimizer else None,
                 scheduler=scheduler,
+                rng_states=rng_states,
             )
         accelerator.wait_for_everyone()  # no rank exits (and takes the others down) mid-write
 
@@ -263,8 +284,8 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                     micro_loss = _forward_loss(model, batch, device, dtype)
                     accelerator.backward(micro_loss * scale)
                 step_loss += micro_loss.detach()
-            if recipe.optim.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm)
+            # The norm before clipping (the same on every rank: gradients are already reduced).
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm or math.inf)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -278,6 +299,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                 sum(b["attention_mask"].sum() for b in window),
                 sum(b["truncated"] for b in window),
                 int(stop.requested),
+                grad_norm / accelerator.num_processes,
             ]
             summed = accelerator.reduce(
                 torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device) for x in local]), "sum"
@@ -287,11 +309,13 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             interval["tokens"] += int(summed[1])
             interval["truncated"] += int(summed[2])
             stopping = summed[3] > 0
+            interval["grad_norm"] += summed[4]
             if state.step % recipe.train.log_every == 0 or state.step == total_steps:
                 elapsed = time.perf_counter() - interval["start"]
                 record = {
                     "step": state.step,
                     "loss": interval["loss"] / interval["steps"],
+                    "grad_norm": interval["grad_norm"] / interval["steps"],
                     "lr": _group_lr(optimizer, "lora"),
                     "projector_lr": _group_lr(optimizer, "projector"),
                     "tokens_per_s": interval["tokens"] / elapsed,
@@ -299,9 +323,8 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                     "epoch": state.epoch,
                 }
                 log(record)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
-                )
+                lr = record["lr"] if record["lr"] is not None else record["projector_lr"]  # stage 1: no LoRA
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 interval = _new_interval()
             bar.update(1)
             if eval_loader is not None and recipe.train.eval_every and state.step % recipe.train.eval_every == 0:

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from qllava.errors import QllavaError
+from qllava.model.load import load_for_training
 from qllava.train import checkpoint as ckpt
 from qllava.train.loop import train
 from tests.conftest import make_recipe
@@ -62,24 +63,22 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_base, tiny_data, tmp_path)
 
 def test_a_crash_mid_write_leaves_no_checkpoint(tiny_base, tiny_data, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    train(make_recipe(tiny_base, tiny_data, run, train={"max_steps": 2, "save_every": 1}), progress=False)
+    recipe = make_recipe(tiny_base, tiny_data, run, train={"max_steps": 2, "save_every": 1})
+    train(recipe, progress=False)
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint-1"]
+    model, processor = load_for_training(recipe, torch.device("cpu"))
 
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
+    # The adapter and processor are written, then the disk fills up.
     monkeypatch.setattr(ckpt, "dump_recipe", explode)
     with pytest.raises(OSError):
         ckpt.save_checkpoint(
-            run / "checkpoint-9", model=_NullSaver(), processor=_NullSaver(), recipe=None, state=ckpt.TrainState()
+            run / "checkpoint-9", model=model, processor=processor, recipe=recipe, state=ckpt.TrainState()
         )
     assert not (run / "checkpoint-9").exists()
     assert ckpt.find_resume("auto", run) == run / "checkpoint-1"
-
-
-class _NullSaver:
-    def save_pretrained(self, path, **kwargs):
-        (path / "partial.bin").write_bytes(b"x")
 
 
 def test_ctrl_c_writes_a_checkpoint_and_auto_resume_finishes(tiny_base, tiny_data, tmp_path):

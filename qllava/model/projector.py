@@ -1,0 +1,96 @@
+"""The projector's own weights file: what stage 1 (projector alignment) writes and stage 2 starts from.
+
+Stage 1 trains only the multimodal projector, so its checkpoints hold `projector.safetensors`
+instead of a LoRA adapter. `model.projector_from` loads such a file (or LLaVA's own stage-1
+`mm_projector.bin`) into the base before training, with a clear error when the shapes say it
+was trained for another encoder or LLM.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qllava.errors import QllavaError
+
+PROJECTOR_FILE = "projector.safetensors"
+_PREFIX = "multi_modal_projector."
+# LLaVA's mlp2x_gelu is nn.Sequential(Linear, GELU, Linear): indices 0 and 2.
+_LLAVA_NAMES = {"0": "linear_1", "2": "linear_2"}
+
+
+def projector_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The projector module that trains (peft's trained copy when the model is wrapped)."""
+    found = [m for name, m in model.named_modules() if name.endswith(_PREFIX.rstrip("."))]
+    if not found:
+        raise QllavaError("the model has no multi_modal_projector; is it a LLaVA model?")
+    copies = getattr(found[0], "modules_to_save", None)  # peft's wrapper: the trained copy is "default"
+    return copies["default"] if copies is not None else found[0]
+
+
+def save_projector(model: torch.nn.Module, directory: Path) -> Path:
+    """Write the projector's weights as `multi_modal_projector.*` tensors (the names of an HF LLaVA)."""
+    state = {f"{_PREFIX}{k}": v.detach().contiguous().cpu() for k, v in projector_of(model).state_dict().items()}
+    path = Path(directory) / PROJECTOR_FILE
+    save_file(state, str(path), metadata={"format": "pt"})
+    return path
+
+
+def _read(source: Path) -> dict[str, torch.Tensor]:
+    """Tensors named like the module's own state dict (`linear_1.weight`, ...)."""
+    if source.suffix == ".bin":
+        raw = torch.load(source, map_location="cpu", weights_only=True)
+        out = {}
+        for key, value in raw.items():
+            match = re.search(r"mm_projector\.(\d+)\.(weight|bias)$", key)
+            if not match or match.group(1) not in _LLAVA_NAMES:
+                raise QllavaError(
+                    f"{source}: `{key}` is not a weight of an mlp2x_gelu projector; only LLaVA's "
+                    "mlp2x_gelu mm_projector.bin can be loaded"
+                )
+            out[f"{_LLAVA_NAMES[match.group(1)]}.{match.group(2)}"] = value
+        return out
+    raw = load_file(str(source))
+    return {k.split(_PREFIX, 1)[1] if _PREFIX in k else k: v for k, v in raw.items()}
+
+
+def resolve_projector_file(source: str | Path) -> Path:
+    path = Path(source)
+    if path.is_dir():
+        for name in (PROJECTOR_FILE, "mm_projector.bin"):
+            if (path / name).is_file():
+                return path / name
+        raise QllavaError(
+            f"model.projector_from `{source}` holds no {PROJECTOR_FILE} (a stage-1 run's final/ or "
+            "checkpoint directory) nor mm_projector.bin"
+        )
+    if not path.is_file():
+        raise QllavaError(f"model.projector_from `{source}` does not exist")
+    return path
+
+
+@torch.no_grad()
+def load_projector(model: torch.nn.Module, source: str | Path) -> Path:
+    """Copy projector weights from `source` (file or directory) into the model's projector."""
+    path = resolve_projector_file(source)
+    tensors = _read(path)
+    module = projector_of(model)
+    expected = module.state_dict()
+    if set(tensors) != set(expected):
+        raise QllavaError(
+            f"{path} holds {sorted(tensors)}, but this model's projector has {sorted(expected)}; "
+            "was it trained for another projector type?"
+        )
+    for name, target in expected.items():
+        if tensors[name].shape != target.shape:
+            raise QllavaError(
+                f"{path}: `{name}` has shape {tuple(tensors[name].shape)} but this model's projector needs "
+                f"{tuple(target.shape)} (vision hidden {module.linear_1.in_features} -> LLM hidden "
+                f"{module.linear_1.out_features}); it was trained for another vision encoder or LLM"
+            )
+    for name, param in module.state_dict(keep_vars=True).items():
+        param.copy_(tensors[name].to(param.dtype))
+    return path
