@@ -63,12 +63,15 @@ def train(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Run directory (metrics.json, adapter, logs)"),
+    two_stage: bool = typer.Option(
+        False, "--two-stage", help="Compose a fresh LLaVA, align its projector (stage 1), then instruction-tune"
+    ),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """The embedded default: a tiny LLaVA learns visual QA with QLoRA on CPU; prints accuracy before/after."""
     from qllava.demo import run_demo
 
-    _run(run_demo, out, overrides or [])
+    _run(run_demo, out, overrides or [], two_stage)
 
 
 @app.command()

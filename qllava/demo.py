@@ -8,6 +8,11 @@ and cached under $QLLAVA_CACHE (default ~/.cache/qllava):
   precision to caption such images and to know the answer vocabulary (but not the task);
 then trains it with recipes/demo.yaml through the real path (4-bit LLM, LoRA, trained projector,
 frozen vision tower) and reports held-out exact-match accuracy before and after.
+
+`qllava demo --two-stage` shows LLaVA's two stages instead: the tiny base is split into its vision
+encoder and its LLM, `qllava compose` joins them again with a fresh projector, stage 1
+(recipes/demo-pretrain-projector.yaml) aligns that projector on captions, and stage 2
+(recipes/demo.yaml) tunes LoRA and projector on the questions.
 """
 
 from __future__ import annotations
@@ -304,10 +309,63 @@ def _build(root: Path) -> None:
     tmp.rename(root)
 
 
+def _split_base(base: Path, vision_dir: Path, llm_dir: Path) -> None:
+    """Save the tiny base's vision tower and LLM as the stand-alone checkpoints a user would download."""
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    from qllava.model.load import load_processor
+
+    llava = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+    processor = load_processor(base)
+    llava.model.vision_tower.save_pretrained(vision_dir)
+    processor.image_processor.save_pretrained(vision_dir)
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(llava.config.text_config)
+    llm.model, llm.lm_head = llava.model.language_model, llava.lm_head
+    llm.save_pretrained(llm_dir)
+    processor.tokenizer.save_pretrained(llm_dir)
+
+
+def materialize_two_stage() -> Path:
+    """The two-stage demo's assets, built once from the demo cache: the composed model (fresh
+    projector) and stage-1 caption data (`<image>` then the caption, LLaVA's pretraining format)."""
+    from filelock import FileLock
+
+    from qllava.model.compose import compose_llava
+
+    root = materialize()
+    target = root / "two-stage"
+    with FileLock(str(target) + ".lock"):
+        if (target / "COMPLETE").is_file():
+            return target
+        tmp = root / "two-stage.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _split_base(root / "tiny-llava", tmp / "vision", tmp / "llm")
+        compose_llava(tmp / "vision", tmp / "llm", tmp / "composed", projector="mlp2x_gelu", template="vicuna_v1")
+        captions = [
+            {"id": r["id"], "image": r["image"], "conversations": _turns([("", _caption(r["scene"]))], True)}
+            for r in json.loads((root / "pretrain.json").read_text())
+            if "scene" in r
+        ]
+        (tmp / "captions.json").write_text(json.dumps(captions, indent=1))
+        (tmp / "COMPLETE").write_text("ok\n")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return target
+
+
 def resolve_demo_paths(recipe: Recipe) -> Recipe:
     """Replace `demo:NAME` paths in a recipe with files of the materialized demo cache."""
-    fields = [("model", "base"), ("data", "train"), ("data", "eval"), ("data", "image_folder")]
-    if not any(str(getattr(getattr(recipe, s), k)).startswith("demo:") for s, k in fields):
+    fields = [
+        ("model", "base"),
+        ("model", "projector_from"),
+        ("data", "train"),
+        ("data", "eval"),
+        ("data", "image_folder"),
+    ]
+    values = [str(getattr(getattr(recipe, s), k)) for s, k in fields]
+    if not any(v.startswith("demo:") for v in values):
         return recipe
     root = materialize()
     names = {
@@ -315,7 +373,11 @@ def resolve_demo_paths(recipe: Recipe) -> Recipe:
         "demo:train": root / "train.json",
         "demo:eval": root / "eval.json",
         "demo:images": root / "images",
+        "demo:composed": root / "two-stage" / "composed",
+        "demo:captions": root / "two-stage" / "captions.json",
     }
+    if any(v in ("demo:composed", "demo:captions") for v in values):
+        materialize_two_stage()
     sections = {}
     for section, key in fields:
         value = getattr(getattr(recipe, section), key)
@@ -340,28 +402,54 @@ def held_out_accuracy(recipe: Recipe, adapter: Path | None) -> float:
     return sum(a == t for a, t in zip(answers, truth)) / len(truth)
 
 
-def run_demo(out: Path, overrides: list[str] | None = None) -> dict:
-    """Materialize, evaluate the base, train with recipes/demo.yaml, evaluate again; write metrics.json."""
+def _fresh_run_dir(out: Path) -> None:
+    """The demo's run directory is its own: a new demo replaces what an earlier one wrote there."""
+    for name in ("metrics.jsonl", "metrics.json", "recipe.yaml"):
+        (out / name).unlink(missing_ok=True)
+    for old in [*out.glob("checkpoint-*"), out / "final", out / "stage1", out / "stage2"]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_demo(out: Path, overrides: list[str] | None = None, two_stage: bool = False) -> dict:
+    """Materialize, evaluate the base, train with recipes/demo.yaml, evaluate again; write metrics.json.
+
+    `two_stage`: start from the composed model (fresh projector), run stage 1 then stage 2 into
+    out/stage1 and out/stage2, and evaluate after each. `overrides` apply to recipes/demo.yaml.
+    """
     from qllava.recipe import load_recipe
     from qllava.train.loop import train
 
     start = time.perf_counter()
-    recipe = resolve_demo_paths(load_recipe("demo", [f"output.dir={out}", *(overrides or [])]))
+    out = Path(out)
+    stage2_dir = out / "stage2" if two_stage else out
+    recipe = resolve_demo_paths(load_recipe("demo", [f"output.dir={stage2_dir}", *(overrides or [])]))
     if not recipe.train.resume:
-        # The demo's run directory is its own: a new demo replaces what an earlier one wrote there.
-        for name in ("metrics.jsonl", "metrics.json", "recipe.yaml"):
-            (Path(out) / name).unlink(missing_ok=True)
-        for old in [*Path(out).glob("checkpoint-*"), Path(out) / "final"]:
-            shutil.rmtree(old, ignore_errors=True)
-    before = held_out_accuracy(recipe, None)
-    print(f"qllava demo: held-out accuracy before training {before:.3f}", flush=True)
+        _fresh_run_dir(out)
+    metrics = {}
+    if two_stage:
+        stage1 = resolve_demo_paths(load_recipe("demo-pretrain-projector", [f"output.dir={out / 'stage1'}"]))
+        recipe = dataclasses.replace(
+            recipe, model=dataclasses.replace(recipe.model, base=stage1.model.base, projector_from="")
+        )
+        metrics["accuracy_composed"] = held_out_accuracy(recipe, None)
+        print(f"qllava demo: composed model (fresh projector): accuracy {metrics['accuracy_composed']:.3f}", flush=True)
+        stage1_final = train(stage1)
+        metrics["accuracy_after_stage1"] = held_out_accuracy(recipe, stage1_final)
+        print(
+            f"qllava demo: after stage 1 (projector alone): accuracy {metrics['accuracy_after_stage1']:.3f}", flush=True
+        )
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, projector_from=str(stage1_final)))
+        before = metrics["accuracy_after_stage1"]
+    else:
+        before = held_out_accuracy(recipe, None)
+        print(f"qllava demo: held-out accuracy before training {before:.3f}", flush=True)
     final = train(recipe)
     after = held_out_accuracy(recipe, final)
-    metrics = {"accuracy_before": before, "accuracy_after": after, "wall_time_s": round(time.perf_counter() - start, 1)}
-    (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics.update(accuracy_before=before, accuracy_after=after, wall_time_s=round(time.perf_counter() - start, 1))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(
         f"qllava demo: held-out accuracy before {before:.3f}, after {after:.3f} "
-        f"({metrics['wall_time_s']:.0f}s); written to {Path(out) / 'metrics.json'}",
+        f"({metrics['wall_time_s']:.0f}s); written to {out / 'metrics.json'}",
         flush=True,
     )
     return metrics
