@@ -47,21 +47,28 @@ SIGLIP_MEAN = [0.5, 0.5, 0.5]
 SIGLIP_STD = [0.5, 0.5, 0.5]
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on `corpus` plus the templates' fixed text, Llama-style specials."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+def _train_bpe(corpus: list[str], specials: list[str], *, unk: str, bos: str | None, vocab_size: int) -> Tokenizer:
+    """Byte-level BPE trained on `corpus` plus the templates' fixed text; `bos` prefixed when given."""
+    tok = Tokenizer(models.BPE(unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(list(corpus) + list(TEMPLATE_TEXTS), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    return tok
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `corpus` plus the templates' fixed text, Llama-style specials."""
+    tok = _train_bpe(corpus, SPECIAL_TOKENS, unk="<unk>", bos="<s>", vocab_size=vocab_size)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -226,20 +233,7 @@ TINY_LLM_CORPUS = ["What color is the shape?", "red blue green", "Describe the i
 def _tiny_llm_tokenizer(family: str, corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE as in `build_tokenizer`, with the family's own special tokens only."""
     *_, specials, bos, eos, pad, unk = _TINY_LLMS[family]
-    tok = Tokenizer(models.BPE(unk_token=unk))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(corpus) + list(TEMPLATE_TEXTS), trainer=trainer)
-    if bos is not None:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
-        )
+    tok = _train_bpe(corpus, specials, unk=unk, bos=bos, vocab_size=vocab_size)
     named = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": unk}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
