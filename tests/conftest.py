@@ -107,3 +107,24 @@ def trained_adapter(tiny_base, tmp_path_factory):
         train={"max_steps": 80, "micro_batch_size": 4, "grad_accum": 1, "log_every": 10},
     )
     return tiny_base, train(recipe), root
+
+
+@pytest.fixture(scope="session")
+def mixed_data(tmp_path_factory):
+    """24 samples, every fourth text-only; images of two sizes so that batches pad differently (DDP, FSDP)."""
+    root = tmp_path_factory.mktemp("ddp-data")
+    (root / "images").mkdir()
+    records = []
+    for i in range(24):
+        name, rgb = list(COLORS.items())[i % 3]
+        if i % 4 == 3:
+            convs = [{"from": "human", "value": "Say a color."}, {"from": "gpt", "value": name}]
+            records.append({"id": f"t{i}", "conversations": convs})
+            continue
+        write_image(root / "images" / f"{i}.png", rgb, size=(40, 28) if i % 2 else (32, 32))
+        convs = [{"from": "human", "value": "What color is the shape?\n<image>"}, {"from": "gpt", "value": name}]
+        if i % 2:
+            convs += [{"from": "human", "value": "Describe the image."}, {"from": "gpt", "value": f"a {name} circle"}]
+        records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": convs})
+    (root / "train.json").write_text(json.dumps(records))
+    return root

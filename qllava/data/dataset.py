@@ -305,4 +305,11 @@ def dataset_from_recipe(recipe, path: str, processor, config) -> LlavaDataset:
     """The dataset at `path` as the recipe's template, length limit and image handling say."""
     encoder = encoder_from_recipe(recipe, processor, config)
     samples = load_samples(path, recipe.data.image_folder)
+    text_only = [s for s in samples if not s.image]
+    if text_only and not recipe.lora.enabled:
+        # Stage 1 trains only the projector: a text-only batch would have nothing to train at all.
+        raise QllavaError(
+            f"{path}: {len(text_only)} text-only sample(s) (such as {text_only[0].id!r}), but lora.enabled=false "
+            "trains only the projector, which they never reach; stage-1 data is images with captions"
+        )
     return LlavaDataset(samples, encoder, recipe.data.image_folder, processor.image_processor, recipe.data.image_aspect)

@@ -249,3 +249,14 @@ def chat_template(template: str, system: str | None = None) -> str | None:
         raise QllavaError(f"unknown template `{template}`; choose one of {', '.join(TEMPLATES)}")
     default = _DEFAULT_SYSTEMS[template] if system is None else system
     return f"{{%- set default_system = {json.dumps(default)} -%}}" + _JINJA_CONTENT + _JINJA_BODIES[template]
+
+
+def template_named_by(jinja: str | None) -> str | None:
+    """The qllava template whose chat template (default system prompt) is exactly `jinja`, if any.
+
+    `qllava compose` and `qllava merge` write these, so a base that carries one says which
+    template it was built or trained for.
+    """
+    if not jinja:
+        return None
+    return next((name for name in TEMPLATES if name != "tokenizer" and chat_template(name, None) == jinja), None)

@@ -67,14 +67,17 @@ def check_base(base: str | Path) -> Path:
     return path
 
 
-def quantization_config(bits: int, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+def quantization_config(
+    bits: int, dtype: torch.dtype, quant_storage: torch.dtype = torch.uint8
+) -> BitsAndBytesConfig | None:
+    """`quant_storage`: the dtype the packed 4-bit bytes are viewed as (FSDP needs the compute dtype)."""
     if bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_quant_storage=quant_storage,
             llm_int8_skip_modules=SKIP_QUANTIZATION,
         )
     if bits == 8:
@@ -95,11 +98,19 @@ def guard_cpu_repack(model: torch.nn.Module) -> None:
 
 
 def load_base(
-    base: str | Path, *, bits: int, device: torch.device, attention: str = "auto", dtype: torch.dtype | None = None
+    base: str | Path,
+    *,
+    bits: int,
+    device: torch.device,
+    attention: str = "auto",
+    dtype: torch.dtype | None = None,
+    fsdp: bool = False,
 ):
     """The LLaVA base as trained: quantized LLM, 16/32-bit vision tower, projector and lm_head.
 
     `dtype` (default: bf16 on GPU, fp32 on CPU) is the compute dtype and that of unquantized weights.
+    `fsdp`: store the packed 4-bit weights as `dtype` instead of uint8, because FSDP cannot flatten
+    integer tensors and needs one dtype per flat parameter; the 4-bit values are the same.
     """
     path = check_base(base)
     dtype = dtype or compute_dtype(device)
@@ -108,7 +119,7 @@ def load_base(
     model = LlavaForConditionalGeneration.from_pretrained(
         path,
         dtype=dtype,
-        quantization_config=quantization_config(bits, dtype),
+        quantization_config=quantization_config(bits, dtype, dtype if fsdp else torch.uint8),
         device_map=device_map,
         attn_implementation={"text_config": attn, "vision_config": "sdpa" if attn == "flash_attention_2" else attn},
     )
@@ -143,13 +154,16 @@ def lora_targets(model: torch.nn.Module, target_modules) -> str:
     return rf"{re.escape(LLM_PREFIX)}.*\.({'|'.join(map(re.escape, wanted))})"
 
 
-def load_for_training(recipe: Recipe, device: torch.device):
+def load_for_training(recipe: Recipe, device: torch.device, *, fsdp: bool = False):
     """Return (model, processor) ready to train as the recipe says.
 
     With LoRA (stage 2, the default) the model is a peft model whose adapter holds the projector;
     with `lora.enabled: false` (stage 1) it is the plain LLaVA with only its projector trainable.
+    `fsdp`: load the 4-bit weights in an FSDP-shardable storage dtype (see `load_base`).
     """
-    model = load_base(recipe.model.base, bits=recipe.model.bits, device=device, attention=recipe.model.attention)
+    model = load_base(
+        recipe.model.base, bits=recipe.model.bits, device=device, attention=recipe.model.attention, fsdp=fsdp
+    )
     processor = load_processor(recipe.model.base)
     if recipe.model.projector_from:
         load_projector(model, recipe.model.projector_from)
@@ -212,7 +226,8 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, dict]:
     for name, param in model.named_parameters():
         g = groups.setdefault(_group(name), {"dtypes": set(), "quantized": False, "trainable": 0, "params": 0})
         quantized = isinstance(param, (bnb.nn.Params4bit, bnb.nn.Int8Params)) or param.dtype == torch.uint8
-        count = param.numel() * (2 if isinstance(param, bnb.nn.Params4bit) else 1)
+        # Two 4-bit values per byte of storage, whatever dtype the bytes are viewed as (uint8, or bf16 for FSDP).
+        count = param.numel() * (2 * param.element_size() if isinstance(param, bnb.nn.Params4bit) else 1)
         g["dtypes"].add("nf4" if isinstance(param, bnb.nn.Params4bit) else str(param.dtype).replace("torch.", ""))
         g["quantized"] |= quantized
         g["params"] += count

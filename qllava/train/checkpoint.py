@@ -4,7 +4,8 @@ A checkpoint directory holds the PEFT adapter (projector included) or, for a sta
 LoRA, `projector.safetensors`; the processor, the resolved recipe, and `trainer_state.json` +
 `optimizer.pt` + `scheduler.pt` + `rng.pt` (one RNG state per process) to resume exactly.
 It is written under a temporary name and renamed when complete, so a crash mid-write never
-leaves a directory that looks like a checkpoint.
+leaves a directory that looks like a checkpoint. An FSDP run writes the same adapter files; its
+`optimizer.pt` is FSDP's full optimizer state (keyed by parameter name), so it resumes under FSDP only.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 from qllava.errors import QllavaError
 from qllava.model.projector import PROJECTOR_FILE, load_projector, save_projector
 from qllava.recipe import Recipe, dump_recipe
+from qllava.train.fsdp import strip_wrapper_names
 
 ADAPTER_FILE = "adapter_model.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -39,6 +41,8 @@ class TrainState:
     """Samples of this epoch already consumed by this rank (the sampler skips them on resume)."""
     world_size: int = 1
     """Processes that trained; `consumed` and the RNG states are per process."""
+    fsdp: bool = False
+    """Trained under FSDP: optimizer.pt holds FSDP's full optimizer state dict."""
 
 
 def _rng_state() -> dict:
@@ -73,21 +77,29 @@ def save_checkpoint(
     optimizer=None,
     scheduler=None,
     rng_states: list[dict] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
-    """Write a complete checkpoint at `path` (replacing an older one of the same name)."""
+    """Write a complete checkpoint at `path` (replacing an older one of the same name).
+
+    Under FSDP, `weights` (the gathered trainable parameters, named as in the unwrapped model) and
+    `optimizer_state` replace what the sharded model and optimizer hold.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     if isinstance(model, PeftModel):
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        if weights is not None:  # FSDP: peft's keys keep the names of the nested FSDP units
+            strip_wrapper_names(tmp / ADAPTER_FILE)
     else:  # stage 1: only the projector trained
         save_projector(model, tmp)
     processor.save_pretrained(tmp)
     dump_recipe(recipe, tmp / "recipe.yaml")
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_states or [_rng_state()], tmp / "rng.pt")
     if path.exists():
@@ -124,13 +136,23 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, world_size: int = 1, rank: int = 0) -> TrainState:
-    """Restore adapter + projector weights, optimizer, scheduler and RNG; return the trainer state."""
+def load_weights(path: Path, *, model, world_size: int = 1, fsdp: bool = False) -> TrainState:
+    """Restore adapter + projector weights into the model before it is wrapped; return the trainer state.
+
+    Loading before `accelerator.prepare` works alike for DDP (which broadcasts rank 0's weights)
+    and FSDP (which shards what the model holds).
+    """
     state = TrainState(**json.loads((path / STATE_FILE).read_text()))
     if state.world_size != world_size:
         raise QllavaError(
             f"checkpoint {path} was written by a run of {state.world_size} process(es); resume it with the same "
             f"number (this run has {world_size}), since the data position and RNG states are per process"
+        )
+    if state.fsdp != fsdp:
+        how = "written under FSDP and this run is not" if state.fsdp else "written without FSDP and this run uses it"
+        raise QllavaError(
+            f"checkpoint {path} was {how}; its optimizer state only resumes the way it was written: "
+            "launch with the same accelerate config"
         )
     if not isinstance(model, PeftModel):
         if not (path / PROJECTOR_FILE).is_file():
@@ -138,12 +160,20 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, world_size: int 
         load_projector(model, path)
     else:
         _load_adapter(path, model)
+    return state
+
+
+def load_training_state(path: Path, *, optimizer, scheduler, rank: int = 0, load_optimizer=None) -> None:
+    """Restore optimizer, scheduler and this rank's RNG state (after `load_weights` and prepare).
+
+    `load_optimizer(state)` replaces `optimizer.load_state_dict` (FSDP shards a full state).
+    """
     # CPU first: tensors saved by rank 0 would otherwise all land on its GPU in every process.
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    (load_optimizer or optimizer.load_state_dict)(optimizer_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
     _set_rng_state(rng[rank] if isinstance(rng, list) else rng)  # a dict: written before per-process states
-    return state
 
 
 def _load_adapter(path: Path, model) -> None:

@@ -48,6 +48,23 @@ def launch_command(
     return command + ["-m", "qllava", "train", recipe, *overrides]
 
 
+def check_accelerate_config(path: Path) -> None:
+    """The config exists, accelerate reads it, and it asks for DDP or FSDP (DeepSpeed is refused)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    from qllava.train.fsdp import DEEPSPEED_UNSUPPORTED
+
+    if not path.is_file():
+        raise QllavaError(f"--accelerate-config `{path}` not found (see recipes/accelerate/)")
+    try:
+        config = load_config_from_file(str(path))
+    except Exception as exc:  # yaml, missing keys, unknown values: accelerate raises many types
+        raise QllavaError(f"--accelerate-config `{path}` is not a valid accelerate config: {exc}") from None
+    if config.distributed_type == DistributedType.DEEPSPEED:
+        raise QllavaError(f"--accelerate-config `{path}`: {DEEPSPEED_UNSUPPORTED}")
+
+
 def launch_training(
     recipe: str, overrides: list[str], num_processes: int, accelerate_config: Path | None = None
 ) -> int:
@@ -60,7 +77,7 @@ def launch_training(
             f"--num-processes {num_processes} is more than this machine allows: it has {available} {what}; "
             "use one process per GPU (on several machines, see the README's multi-GPU section)"
         )
-    if accelerate_config is not None and not accelerate_config.is_file():
-        raise QllavaError(f"--accelerate-config `{accelerate_config}` not found (see recipes/accelerate/)")
+    if accelerate_config is not None:
+        check_accelerate_config(accelerate_config)
     load_recipe(recipe, overrides)  # report recipe problems once, before any process starts
     return subprocess.call(launch_command(recipe, overrides, num_processes, accelerate_config))

@@ -1,6 +1,7 @@
 """The training recipe, top to bottom: setup -> train -> save.
 
-One process per device under accelerate (`qllava train` or `accelerate launch -m qllava train`).
+One process per device under accelerate (`qllava train` or `accelerate launch -m qllava train`),
+with DDP or, from an FSDP accelerate config, FSDP (`qllava.train.fsdp`); DeepSpeed is refused.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ from tqdm.auto import tqdm
 
 from qllava.data.dataset import collate, dataset_from_recipe
 from qllava.data.sampler import GroupedSampler
+from qllava.data.templates import template_named_by
 from qllava.errors import QllavaError
 from qllava.model.load import compute_dtype, describe, load_for_training, resolve_attention, set_train_mode
 from qllava.recipe import Recipe, dump_recipe
+from qllava.train import fsdp
 from qllava.train.checkpoint import (
     TrainState,
     find_resume,
     gather_rng_states,
-    load_checkpoint,
+    load_training_state,
+    load_weights,
     rotate,
     save_checkpoint,
 )
@@ -89,15 +93,26 @@ def _forward_loss(model, batch: dict, device: torch.device, dtype: torch.dtype) 
 
 
 @torch.no_grad()
-def evaluate(model, loader: DataLoader, accelerator: Accelerator, dtype: torch.dtype) -> float:
-    """Token-weighted mean loss over the whole loader."""
+def evaluate(
+    model, loader: DataLoader, accelerator: Accelerator, dtype: torch.dtype, *, batches: int = 0, filler=None
+) -> float:
+    """Token-weighted mean loss over the whole loader.
+
+    Under FSDP every forward gathers parameters together with the other ranks, so a rank with fewer
+    batches runs `filler` (its loss discarded) until it has run `batches` forwards like the others.
+    """
     model.eval()
     total = torch.zeros((), device=accelerator.device)
     tokens = torch.zeros((), device=accelerator.device)
+    done = 0
     for batch in loader:
         with accelerator.autocast():  # the unwrapped model has no autocast of its own (fp32 projector, bf16 base)
             total += _forward_loss(model, batch, accelerator.device, dtype)
         tokens += trained_tokens(batch["labels"]).to(accelerator.device)
+        done += 1
+    for _ in range(batches - done):
+        with accelerator.autocast():
+            _forward_loss(model, filler, accelerator.device, dtype)
     set_train_mode(model)
     total, tokens = accelerator.reduce(total, "sum"), accelerator.reduce(tokens, "sum")
     return (total / tokens.clamp(min=1)).item()
@@ -128,7 +143,8 @@ class _StopRequest:
 
 
 def make_accelerator(recipe: Recipe, out: Path, trackers: str | None = None) -> Accelerator:
-    return Accelerator(
+    fsdp.refuse_deepspeed()
+    accelerator = Accelerator(
         # Without a GPU, processes started by a launcher (`qllava train --num-processes N`) join a
         # gloo process group on the CPU; accelerate otherwise treats each as a lone process.
         cpu=not torch.cuda.is_available(),
@@ -140,6 +156,8 @@ def make_accelerator(recipe: Recipe, out: Path, trackers: str | None = None) -> 
         # setting would divide them a second time.
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
     )
+    fsdp.enable_on_cpu(accelerator)
+    return accelerator
 
 
 def train(recipe: Recipe, *, progress: bool = True) -> Path:
@@ -155,12 +173,18 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     set_seed(recipe.train.seed)
 
     # --- setup: model, data, optimizer ---
-    model, processor = load_for_training(recipe, device)
+    sharded = fsdp.enabled(accelerator)
+    if sharded:
+        fsdp.check(accelerator.state.fsdp_plugin, recipe)
+    optimizer_name = resolve_optimizer(recipe.optim.name, device, sharded)
+    if sharded and recipe.optim.name == "auto" and device.type == "cuda":
+        optimizer_name += " (auto under FSDP: 8-bit optimizer states do not shard)"
+    model, processor = load_for_training(recipe, device, fsdp=sharded)
     dtype = compute_dtype(device)
     say(
         f"qllava: {recipe.model.base} on {device}, LLM in {recipe.model.bits}-bit, "
         f"attention {resolve_attention(recipe.model.attention, device)}, "
-        f"optimizer {resolve_optimizer(recipe.optim.name, device)}, "
+        f"optimizer {optimizer_name}, "
         f"mixed precision {accelerator.mixed_precision}\n{describe(model)}"
     )
     train_set = dataset_from_recipe(recipe, recipe.data.train, processor, model.config)
@@ -186,29 +210,48 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     total_steps = recipe.train.max_steps or math.ceil(recipe.train.epochs * steps_per_epoch)
     processes = f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"
     say(
-        f"qllava: {len(train_set)} samples, {steps_per_epoch} steps per epoch, "
-        f"training {total_steps} steps on {processes}"
+        f"qllava: {len(train_set)} samples, global batch {micro * accum * accelerator.num_processes} "
+        f"({micro} x {accum} accumulation x {processes}), {steps_per_epoch} steps per epoch, "
+        f"training {total_steps} steps"
     )
-    optimizer = build_optimizer(model, recipe, device)
-    scheduler = build_scheduler(optimizer, recipe, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    built_for = template_named_by(getattr(processor, "chat_template", None))
+    if built_for and built_for != recipe.data.template and recipe.data.template != "plain":
+        say(
+            f"qllava: warning: the base's chat template is qllava's `{built_for}`, but data.template is "
+            f"`{recipe.data.template}`; set data.template={built_for} unless you mean to change it"
+        )
+    state = TrainState(world_size=accelerator.num_processes, fsdp=sharded)
+    resume_from = find_resume(recipe.train.resume, out)
+    if resume_from is not None:
+        state = load_weights(resume_from, model=model, world_size=accelerator.num_processes, fsdp=sharded)
+    replicated = []
+    if sharded:
+        # FSDP replaces the trainable parameters by flat ones: the optimizer is built on those.
+        model, replicated, sharding = fsdp.prepare(accelerator, model)
+        say(f"qllava: {sharding}")
+        optimizer = build_optimizer(model, recipe, device, fsdp=True)
+        scheduler = build_scheduler(optimizer, recipe, total_steps)
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        optimizer = build_optimizer(model, recipe, device)
+        scheduler = build_scheduler(optimizer, recipe, total_steps)
+        model, optimizer = accelerator.prepare(model, optimizer)
+    if resume_from is not None:
+        load_training_state(
+            resume_from,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            rank=accelerator.process_index,
+            load_optimizer=partial(fsdp.load_optimizer_state, model, optimizer.optimizer) if sharded else None,
+        )
+        say(f"qllava: resumed from {resume_from} at step {state.step}")
     eval_loader = None
     if eval_set is not None:
         shard = list(range(accelerator.process_index, len(eval_set), accelerator.num_processes))
         eval_loader = _loader(eval_set, shard, recipe, pad_id, device)
-
-    state = TrainState(world_size=accelerator.num_processes)
-    resume_from = find_resume(recipe.train.resume, out)
-    if resume_from is not None:
-        state = load_checkpoint(
-            resume_from,
-            model=accelerator.unwrap_model(model),
-            optimizer=optimizer,
-            scheduler=scheduler,
-            world_size=accelerator.num_processes,
-            rank=accelerator.process_index,
-        )
-        say(f"qllava: resumed from {resume_from} at step {state.step}")
+        # Under FSDP all ranks run as many eval forwards as the one with the most samples.
+        eval_batches = math.ceil(math.ceil(len(eval_set) / accelerator.num_processes) / micro) if sharded else 0
+        eval_filler = collate([eval_set[0]], pad_token_id=pad_id)
     metrics = out / "metrics.jsonl"
     if resume_from is None and metrics.exists() and recipe.train.resume != "auto":
         raise QllavaError(
@@ -225,7 +268,10 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             accelerator.init_trackers("qllava")
 
     def save(path: Path, with_optimizer: bool = True) -> None:
+        # Collectives first, on every rank: RNG states, and under FSDP the sharded weights and optimizer.
         rng_states = gather_rng_states(accelerator) if with_optimizer else None
+        weights = fsdp.gather_trainable(model) if sharded else None
+        optimizer_state = fsdp.optimizer_state(model, optimizer.optimizer) if sharded and with_optimizer else None
         accelerator.wait_for_everyone()
         if main:
             save_checkpoint(
@@ -237,6 +283,8 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                 optimizer=optimizer if with_optimizer else None,
                 scheduler=scheduler,
                 rng_states=rng_states,
+                weights=weights,
+                optimizer_state=optimizer_state,
             )
         accelerator.wait_for_everyone()  # no rank exits (and takes the others down) mid-write
 
@@ -248,13 +296,13 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def log_eval() -> None:
-        # The unwrapped model: DDP's forward would expect every rank to run the same batches.
-        log(
-            {
-                "step": state.step,
-                "eval_loss": evaluate(accelerator.unwrap_model(model), eval_loader, accelerator, dtype),
-            }
-        )
+        # DDP: the unwrapped model, since DDP's forward would expect every rank to run the same batches.
+        # FSDP: the wrapped one (the unwrapped one holds only shards), with every rank running as many.
+        if sharded:
+            loss = evaluate(model, eval_loader, accelerator, dtype, batches=eval_batches, filler=eval_filler)
+        else:
+            loss = evaluate(accelerator.unwrap_model(model), eval_loader, accelerator, dtype)
+        log({"step": state.step, "eval_loss": loss})
 
     def windows():
         """Accumulation windows of micro-batches; a window never spans two epochs."""
@@ -284,6 +332,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                     micro_loss = _forward_loss(model, batch, device, dtype)
                     accelerator.backward(micro_loss * scale)
                 step_loss += micro_loss.detach()
+            fsdp.average_replicated_grads(replicated, accelerator.num_processes)  # FSDP: the projector
             # The norm before clipping (the same on every rank: gradients are already reduced).
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm or math.inf)
             optimizer.step()
@@ -348,5 +397,5 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
         log_eval()
     save(out / "final", with_optimizer=False)
     accelerator.end_training()
-    say(f"qllava: done; adapter and projector in {out / 'final'}")
+    say(f"qllava: done; {'adapter and projector' if recipe.lora.enabled else 'projector'} in {out / 'final'}")
     return out / "final"

@@ -14,6 +14,9 @@ from qllava.recipe import Recipe
 
 def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
     # Biases and norm weights (1-D) are not decayed; LoRA and projector matrices are.
+    if name.endswith("_flat_param"):
+        # FSDP: a 1-D flat parameter that holds one LoRA matrix (qllava's FSDP units; LoRA has no bias).
+        return False
     return param.ndim < 2 or name.endswith(".bias") or "norm" in name
 
 
@@ -40,15 +43,24 @@ def param_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict]:
     return groups
 
 
-def resolve_optimizer(name: str, device: torch.device) -> str:
+def resolve_optimizer(name: str, device: torch.device, fsdp: bool = False) -> str:
+    """`auto` -> paged 8-bit AdamW on CUDA, AdamW on CPU and under FSDP (8-bit states do not shard)."""
     if name == "auto":
-        return "paged_adamw_8bit" if device.type == "cuda" else "adamw"
+        return "paged_adamw_8bit" if device.type == "cuda" and not fsdp else "adamw"
+    if fsdp and name != "adamw":
+        raise QllavaError(
+            f"optim.name={name} does not work under FSDP: FSDP's optimizer state dict drops its 8-bit "
+            "states, so no checkpoint could resume; use optim.name=adamw (or auto)"
+        )
     return name
 
 
-def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, recipe: Recipe, device: torch.device, fsdp: bool = False
+) -> torch.optim.Optimizer:
+    """The optimizer over `model`'s trainable parameters (under FSDP: the wrapped model's flat ones)."""
     groups = param_groups(model, recipe)
-    name = resolve_optimizer(recipe.optim.name, device)
+    name = resolve_optimizer(recipe.optim.name, device, fsdp)
     betas = tuple(recipe.optim.betas)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=betas)

@@ -187,3 +187,12 @@ def test_exported_chat_template_reproduces_the_training_prompt(tiny_base, templa
             processor.apply_chat_template(with_system, add_generation_prompt=generation)
             == render(turns, template, system="Be kind.", add_generation_prompt=generation).text
         )
+
+
+def test_a_chat_template_written_by_qllava_names_its_template():
+    from qllava.data.templates import template_named_by
+
+    for name in ("vicuna_v1", "llava_llama_2", "mistral_instruct", "chatml", "plain"):
+        assert template_named_by(chat_template(name)) == name
+    assert template_named_by(chat_template("chatml", "You are terse.")) is None  # another system prompt
+    assert template_named_by("{{ messages }}") is None and template_named_by(None) is None

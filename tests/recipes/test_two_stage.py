@@ -1,5 +1,6 @@
 """A new LLaVA end to end: compose (SigLIP + Qwen2) -> stage 1 -> stage 2 -> merge -> plain transformers."""
 
+import dataclasses
 import json
 
 import pytest
@@ -39,7 +40,7 @@ def _losses(run):
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_composed_model_trains_in_two_stages_and_merges(tmp_path):
+def test_composed_model_trains_in_two_stages_and_merges(tmp_path, capsys):
     vision = build_tiny_vision(tmp_path / "siglip", "siglip")
     llm = build_tiny_llm(tmp_path / "qwen2", "qwen2", CORPUS)
     base = compose_llava(vision, llm, tmp_path / "composed")  # template chatml, strategy full
@@ -74,6 +75,11 @@ def test_composed_model_trains_in_two_stages_and_merges(tmp_path):
     )
     stage2_final = train(stage2, progress=False)
     assert _losses(stage2_run)[-1] < _losses(stage2_run)[0]
+    assert "warning" not in capsys.readouterr().out
+    # The template the base was composed for is checked against the recipe's.
+    wrong = make_recipe(base, tmp_path / "qa", tmp_path / "wrong", data={"template": "vicuna_v1"})
+    train(dataclasses.replace(wrong, train=dataclasses.replace(wrong.train, max_steps=1)), progress=False)
+    assert "the base's chat template is qllava's `chatml`, but data.template is `vicuna_v1`" in capsys.readouterr().out
 
     merged = tmp_path / "merged"
     report = merge_checkpoint(stage2_final, merged, dtype="fp32", device="cpu")

@@ -113,3 +113,9 @@ def test_projector_of_another_llm_is_refused(tiny_base, tmp_path):
 def test_stage1_needs_a_projector_learning_rate(tiny_base, captions, tmp_path):
     with pytest.raises(QllavaError, match="nothing would train"):
         make_recipe(tiny_base, captions, tmp_path, lora={"enabled": False}, optim={"projector_lr": 0})
+
+
+def test_stage1_refuses_text_only_samples(tiny_base, tiny_data, tmp_path):
+    # tiny_data has text-only samples; with no LoRA a text-only batch would train nothing.
+    with pytest.raises(QllavaError, match="text-only sample.*lora.enabled=false trains only the projector"):
+        train(stage1(tiny_base, tiny_data, tmp_path / "run"), progress=False)
