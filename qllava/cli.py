@@ -61,6 +61,22 @@ def train(
 
 
 @app.command()
+def plan(
+    recipe: str = typer.Argument(..., help="Recipe YAML path or shipped recipe name (see `qllava recipes`)"),
+    overrides: list[str] | None = OVERRIDES,
+    gpu_memory: float | None = typer.Option(
+        None, "--gpu-memory", help="GPU memory in GB (default: the local GPU's; none: a 12-80 GB table)"
+    ),
+    seq_len: int | None = typer.Option(None, "--seq-len", min=1, help="Tokens per sample (default: data.max_length)"),
+) -> None:
+    """Predict the training step's peak GPU memory from the base's config.json; the largest micro-batch that fits."""
+    from qllava.plan import plan as make_plan
+    from qllava.recipe import load_recipe
+
+    typer.echo(_run(lambda: make_plan(load_recipe(recipe, overrides or []), gpu_memory, seq_len)))
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Run directory (metrics.json, adapter, logs)"),
     two_stage: bool = typer.Option(

@@ -96,6 +96,14 @@ class DataSection:
     group_by_modality_length: bool = True
     """Batch image and text-only samples separately, each megabatch sorted by length (LLaVA-1.5)."""
 
+    packing: bool = False
+    """Padding-free micro-batches: the samples of a micro-batch are concatenated into one row (at most
+    train.micro_batch_size * max_length tokens) with position_ids restarting per sample and a
+    block-diagonal causal mask, so no sample sees another and no padding is computed. Same samples,
+    order and loss as padded batches. Off by default: with sdpa or eager attention the mask is a dense
+    row x row matrix, so attention costs grow with the square of the packed row (measured 2x slower
+    on CPU). It should pay off with flash_attention_2 and long-tailed lengths; not measured yet."""
+
     num_workers: int = 2
     """Dataloader worker processes that decode images; 0 decodes in the training process."""
 
@@ -140,6 +148,13 @@ class TrainSection:
 
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
+
+    loss_chunk_size: int = 1024
+    """Cross-entropy over the vocabulary this many trained tokens at a time, from the final hidden
+    states, each chunk's logits recomputed in backward: the full fp32 logits (batch x length x vocab,
+    256 MiB per 2048-token sample at a 32k vocabulary, and as much again for their gradient) are never
+    built. 0: the model's full logits (the loss is the same to float rounding). Under FSDP lm_head is
+    sharded, and the full logits are used."""
 
     seed: int = 42
     """Seed of model init (LoRA), data order and dropout."""
@@ -204,6 +219,7 @@ POSITIVE = (
 NON_NEGATIVE = (
     "train.max_steps",
     "train.epochs",
+    "train.loss_chunk_size",
     "train.eval_every",
     "train.save_every",
     "data.num_workers",

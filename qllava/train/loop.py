@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from qllava.data.dataset import collate, dataset_from_recipe
+from qllava.data.packing import collate_packed
 from qllava.data.sampler import GroupedSampler
 from qllava.data.templates import template_named_by
 from qllava.errors import QllavaError
@@ -38,7 +39,7 @@ from qllava.train.checkpoint import (
     rotate,
     save_checkpoint,
 )
-from qllava.train.loss import loss_sum, trained_tokens
+from qllava.train.loss import forward_loss_sum, trained_tokens
 from qllava.train.optim import build_optimizer, build_scheduler, resolve_optimizer
 
 
@@ -55,7 +56,7 @@ def _loader(dataset, sampler, recipe: Recipe, pad_token_id: int, device: torch.d
         dataset,
         batch_size=recipe.train.micro_batch_size,
         sampler=sampler,
-        collate_fn=partial(collate, pad_token_id=pad_token_id),
+        collate_fn=partial(collate_packed if recipe.data.packing else collate, pad_token_id=pad_token_id),
         num_workers=recipe.data.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
@@ -81,20 +82,36 @@ def _group_lr(optimizer, kind: str) -> float | None:
     return next((g["lr"] for g in optimizer.param_groups if g["name"].startswith(kind)), None)
 
 
-def _forward_loss(model, batch: dict, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _forward_loss(model, batch: dict, device: torch.device, dtype: torch.dtype, chunk_size: int = 0) -> torch.Tensor:
+    """Summed loss of a micro-batch; chunk_size > 0 never builds the full logits (`forward_loss_sum`).
+
+    A packed batch (`collate_packed`) runs with its position_ids and attention_mask=None, which is what
+    makes transformers mask attention between the packed samples.
+    """
     pixel_values = batch["pixel_values"]
-    out = model(
+    packed = batch.get("position_ids") is not None
+    return forward_loss_sum(
+        model,
+        batch["labels"].to(device),
+        chunk_size,
         input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
+        attention_mask=None if packed else batch["attention_mask"].to(device),
+        position_ids=batch["position_ids"].to(device) if packed else None,
         pixel_values=None if pixel_values is None else pixel_values.to(device, dtype),
         use_cache=False,
     )
-    return loss_sum(out.logits, batch["labels"].to(device))
 
 
 @torch.no_grad()
 def evaluate(
-    model, loader: DataLoader, accelerator: Accelerator, dtype: torch.dtype, *, batches: int = 0, filler=None
+    model,
+    loader: DataLoader,
+    accelerator: Accelerator,
+    dtype: torch.dtype,
+    *,
+    batches: int = 0,
+    filler=None,
+    chunk_size: int = 0,
 ) -> float:
     """Token-weighted mean loss over the whole loader.
 
@@ -107,12 +124,12 @@ def evaluate(
     done = 0
     for batch in loader:
         with accelerator.autocast():  # the unwrapped model has no autocast of its own (fp32 projector, bf16 base)
-            total += _forward_loss(model, batch, accelerator.device, dtype)
+            total += _forward_loss(model, batch, accelerator.device, dtype, chunk_size)
         tokens += trained_tokens(batch["labels"]).to(accelerator.device)
         done += 1
     for _ in range(batches - done):
         with accelerator.autocast():
-            _forward_loss(model, filler, accelerator.device, dtype)
+            _forward_loss(model, filler, accelerator.device, dtype, chunk_size)
     set_train_mode(model)
     total, tokens = accelerator.reduce(total, "sum"), accelerator.reduce(tokens, "sum")
     return (total / tokens.clamp(min=1)).item()
@@ -251,7 +268,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
         eval_loader = _loader(eval_set, shard, recipe, pad_id, device)
         # Under FSDP all ranks run as many eval forwards as the one with the most samples.
         eval_batches = math.ceil(math.ceil(len(eval_set) / accelerator.num_processes) / micro) if sharded else 0
-        eval_filler = collate([eval_set[0]], pad_token_id=pad_id)
+        eval_filler = (collate_packed if recipe.data.packing else collate)([eval_set[0]], pad_token_id=pad_id)
     metrics = out / "metrics.jsonl"
     if resume_from is None and metrics.exists() and recipe.train.resume != "auto":
         raise QllavaError(
@@ -301,7 +318,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
         if sharded:
             loss = evaluate(model, eval_loader, accelerator, dtype, batches=eval_batches, filler=eval_filler)
         else:
-            loss = evaluate(accelerator.unwrap_model(model), eval_loader, accelerator, dtype)
+            loss = evaluate(accelerator.unwrap_model(model), eval_loader, accelerator, dtype, chunk_size=chunk_size)
         log({"step": state.step, "eval_loss": loss})
 
     def windows():
@@ -312,6 +329,9 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             for _ in range(len(sampler) // micro // accum):
                 yield [next(batches) for _ in range(accum)]
             state.epoch, state.consumed = state.epoch + 1, 0
+
+    # FSDP shards lm_head, whose weight the chunked loss reads outside the forward.
+    chunk_size = 0 if sharded else recipe.train.loss_chunk_size
 
     # --- train ---
     set_train_mode(model)
@@ -329,7 +349,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             for i, batch in enumerate(window):
                 sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model)
                 with sync:
-                    micro_loss = _forward_loss(model, batch, device, dtype)
+                    micro_loss = _forward_loss(model, batch, device, dtype, chunk_size)
                     accelerator.backward(micro_loss * scale)
                 step_loss += micro_loss.detach()
             fsdp.average_replicated_grads(replicated, accelerator.num_processes)  # FSDP: the projector
