@@ -128,3 +128,21 @@ def mixed_data(tmp_path_factory):
         records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": convs})
     (root / "train.json").write_text(json.dumps(records))
     return root
+
+
+def lora_model_with_random_b(recipe):
+    """(model, dataset) for `recipe`: 4-bit + LoRA in train mode, LoRA B drawn at random (it starts at
+    zero) so that every LoRA weight gets a gradient in equivalence tests."""
+    import torch
+
+    from qllava.data.dataset import dataset_from_recipe
+    from qllava.model.load import load_for_training, set_train_mode
+
+    model, processor = load_for_training(recipe, torch.device("cpu"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    set_train_mode(model)
+    return model, processor, dataset_from_recipe(recipe, recipe.data.train, processor, model.config)

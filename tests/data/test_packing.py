@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from qllava.data.dataset import IGNORE_INDEX, collate, dataset_from_recipe
+from qllava.data.dataset import IGNORE_INDEX, collate
 from qllava.data.packing import collate_packed, padding_fraction
-from qllava.model.load import load_for_training, set_train_mode
 from qllava.train.loop import _forward_loss
-from tests.conftest import make_recipe
+from tests.conftest import lora_model_with_random_b, make_recipe
 
 ORDER = (0, 3, 1, 7)  # image, text-only, image (two turns), text-only: three lengths
 
@@ -16,14 +15,7 @@ ORDER = (0, 3, 1, 7)  # image, text-only, image (two turns), text-only: three le
 def packed_setup(tiny_base, tiny_data, tmp_path):
     """The tiny base, 4-bit + LoRA on sdpa (LoRA B randomized so every LoRA weight gets a gradient), and its items."""
     recipe = make_recipe(tiny_base, tiny_data, tmp_path / "run", model={"attention": "sdpa"})
-    model, processor = load_for_training(recipe, torch.device("cpu"))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.05)
-    set_train_mode(model)
-    dataset = dataset_from_recipe(recipe, recipe.data.train, processor, model.config)
+    model, processor, dataset = lora_model_with_random_b(recipe)
     items = [dataset[i] for i in ORDER]
     assert len({len(it["input_ids"]) for it in items}) == 3
     return model, items, processor.tokenizer.pad_token_id

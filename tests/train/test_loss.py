@@ -7,11 +7,11 @@ from accelerate import Accelerator
 
 from qllava.data.dataset import collate, dataset_from_recipe
 from qllava.data.sampler import GroupedSampler
-from qllava.model.load import load_base, load_for_training, load_processor, set_train_mode
+from qllava.model.load import load_base, load_processor
 from qllava.recipe import load_recipe
 from qllava.train.loop import make_accelerator, train
 from qllava.train.loss import forward_loss_sum, loss_sum, trained_tokens
-from tests.conftest import make_recipe
+from tests.conftest import lora_model_with_random_b, make_recipe
 
 
 def test_step_loss_equals_hand_computation(tiny_base, tiny_data, tmp_path):
@@ -68,14 +68,7 @@ def _lora_model_and_batch(tiny_base, tiny_data, tmp_path, **data):
     """The tiny base, 4-bit + LoRA (B randomized so every LoRA weight gets a gradient), and a padded
     micro-batch of image and text-only samples of different lengths."""
     recipe = make_recipe(tiny_base, tiny_data, tmp_path / "run", data=data)
-    model, processor = load_for_training(recipe, torch.device("cpu"))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.05)
-    set_train_mode(model)
-    dataset = dataset_from_recipe(recipe, recipe.data.train, processor, model.config)
+    model, processor, dataset = lora_model_with_random_b(recipe)
     items = [dataset[i] for i in (0, 3, 1, 7)]  # image, text-only, image (two turns), text-only
     assert len({len(it["input_ids"]) for it in items}) > 2
     return model, collate(items, pad_token_id=processor.tokenizer.pad_token_id), dataset
