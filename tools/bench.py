@@ -1,0 +1,427 @@
+"""Benchmark qllava's training step: tokens/s, samples/s, padding, peak memory and MFU per variant.
+
+    PYTHONPATH=. python tools/bench.py [--tiny] [--steps N] [--micro-batch B] [--seq-len S] [--lora-r R]
+        [--out DIR] [--packing] [--loss-chunk-size C] [--compare]
+
+What it builds (in a temporary directory, nothing downloaded):
+- a LLaVA with random weights saved as an HF directory with its processor, then loaded through qllava's
+  real path (`build_recipe` with model.base pointing at it, then `load_for_training`). `--tiny`: the
+  shapes of qllava/model/tiny.py (CPU, the tested path). Default: LLaVA-1.5-7B's shape (CLIP-L/336
+  vision, Llama-2-7B text, vocab 32064, mlp2x_gelu), generated in bf16 on the GPU and saved (about
+  14 GB of disk); it needs a CUDA GPU and has not been run yet.
+- a LLaVA JSON with PNG images whose token lengths follow tools/padding_report.py's synthetic
+  LLaVA-1.5-mix distribution (image samples: every image token + long-tailed text; 12% text-only),
+  cut to --seq-len by qllava's Encoder. Every variant runs the same samples in the same order.
+
+How it times: the real step, driven directly rather than through `qllava.train.loop.train` (whose
+tokens/s includes data loading and the per-step logging sync): the micro-batches are collated first
+by qllava's `collate` / `collate_packed`, then each step is `_forward_loss` under the accelerator's
+autocast, `accelerator.backward`, gradient clipping, `optimizer.step()` and `zero_grad`, with
+`torch.cuda.synchronize()` before reading the clock. Two warmup steps (--warmup) are not timed. grad_accum is 1.
+
+What it reports (tokens are real tokens: the attention_mask sum, padding excluded):
+- padding: padded / all tokens of the timed micro-batches as run (0 when packed);
+- peak memory: CUDA: torch.cuda.max_memory_allocated / max_memory_reserved over the timed steps.
+  CPU: the peak resident set size (VmHWM) over the timed steps minus the RSS before them; the
+  high-water mark is reset per variant through /proc/self/clear_refs (Linux);
+- MFU: model FLOPs per second / the matmul rate measured in the same run (bf16 4096^3 on GPU, fp32
+  512^3 on CPU, best of 5). Model FLOPs per step:
+    4 x (LLM linear + lm_head parameters) per real token (forward 2P, backward to the inputs 2P; the
+      frozen weights get no weight gradient; the 4-bit parameters counted unpacked),
+    6 x (LoRA + trained projector parameters) per token (they also get weight gradients),
+    causal attention 6 x layers x hidden x len^2 per sample (QK^T and AV: 4 x hidden x len^2 / 2 per
+      layer forward, x3 for forward + backward),
+    2 x vision tower parameters x vision positions per image (forward only; it is frozen).
+  Gradient checkpointing's recomputation is not counted (it is hardware FLOPs, not model FLOPs).
+The TRL baseline is not run here (trl is not installed); the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qllava.data.dataset import collate, dataset_from_recipe  # noqa: E402
+from qllava.data.packing import collate_packed  # noqa: E402
+from qllava.model.load import compute_dtype, load_for_training, parameter_groups, set_train_mode  # noqa: E402
+from qllava.recipe import build_recipe  # noqa: E402
+from qllava.train.loop import _forward_loss, make_accelerator  # noqa: E402
+from qllava.train.loss import trained_tokens  # noqa: E402
+from qllava.train.optim import build_optimizer  # noqa: E402
+from tools.padding_report import IMAGE_TOKENS, synthetic_lengths  # noqa: E402
+
+WARMUP = 2
+COLUMNS = [
+    "variant",
+    "packing",
+    "loss_chunk_size",
+    "steps",
+    "micro_batch",
+    "tokens_per_s",
+    "samples_per_s",
+    "padding",
+    "peak_mem_mib",
+    "peak_reserved_mib",
+    "mfu",
+    "step_s",
+    "loss",
+]
+BASELINE = "baseline: not run (pip install trl, see issue)"
+WORDS = ["What", "color", "is", "the", "shape", "red", "blue", "green", "Describe", "image", "a", "circle"]
+
+
+def build_base(out: Path, tiny: bool) -> Path:
+    """Save a random LLaVA (tiny, or LLaVA-1.5-7B-shaped in bf16 on the GPU) with its processor."""
+    if tiny:
+        from qllava.model.tiny import build_tiny_llava
+
+        return build_tiny_llava(out, [" ".join(WORDS)], seed=0)
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    from qllava.model.tiny import CLIP_MEAN, CLIP_STD, build_tokenizer
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench: the 7B shape needs a CUDA GPU; use --tiny on the CPU")
+    tokenizer = build_tokenizer([" ".join(WORDS)])
+    tokenizer.model_max_length = 4096
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    text = LlamaConfig(
+        vocab_size=32064,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=576,
+    )
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": 336},
+            crop_size={"height": 336, "width": 336},
+            image_mean=CLIP_MEAN,
+            image_std=CLIP_STD,
+        ),
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def write_data(root: Path, n: int, image_size: int, seed: int = 0) -> Path:
+    """n LLaVA records with padding_report's lengths (text counted in words ~ tokens of the tiny BPE)."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    colors = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (200, 200, 30)]
+    for i, rgb in enumerate(colors):
+        Image.new("RGB", (image_size, image_size), rgb).save(root / "images" / f"{i}.png")
+    tokens, modality = synthetic_lengths(n, seed)
+    rng = random.Random(seed)
+    records = []
+    for i, (t, m) in enumerate(zip(tokens, modality)):
+        text = t if m < 0 else t - IMAGE_TOKENS
+        words = [rng.choice(WORDS) for _ in range(max(text, 4))]
+        cut = max(1, len(words) // 4)  # a short question, a long answer
+        question, answer = " ".join(words[:cut]), " ".join(words[cut:])
+        if m < 0:
+            convs = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+            records.append({"id": f"t{i}", "conversations": convs})
+        else:
+            convs = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+            records.append({"id": f"s{i}", "image": f"{i % len(colors)}.png", "conversations": convs})
+    (root / "train.json").write_text(json.dumps(records))
+    return root
+
+
+def matmul_flops(device: torch.device) -> float:
+    """Measured dense matmul rate (FLOP/s): bf16 4096^3 on CUDA, fp32 512^3 on CPU, best of 5."""
+    cuda = device.type == "cuda"
+    n, dtype = (4096, torch.bfloat16) if cuda else (512, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * n**3 / best
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_cpu_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def step_flops(batch: dict, params: dict, shape: dict) -> float:
+    """Model FLOPs of one micro-batch's training step (see the module docstring)."""
+    real = int(batch["attention_mask"].sum())
+    flops = 4 * params["frozen_llm"] * real + 6 * params["trained"] * real
+    if batch.get("position_ids") is not None:
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["position_ids"].shape[1]]
+        lengths = [b - a for a, b in zip(starts, starts[1:])]
+    else:
+        lengths = batch["attention_mask"].sum(1).tolist()
+    flops += sum(6 * shape["layers"] * shape["hidden"] * n * n for n in lengths)
+    images = 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
+    flops += 2 * params["vision"] * shape["vision_positions"] * images
+    return float(flops)
+
+
+def run_variant(name: str, base: Path, data: Path, out: Path, args, packing: bool, chunk: int, peak_rate: float):
+    recipe = build_recipe(
+        {
+            "model": {"base": str(base)},
+            "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.05},
+            "data": {
+                "train": str(data / "train.json"),
+                "image_folder": str(data / "images"),
+                "max_length": args.seq_len,
+                "num_workers": 0,
+                "packing": packing,
+                "group_by_modality_length": False,
+            },
+            "optim": {"schedule": "constant", "warmup_ratio": 0.0},
+            "train": {
+                "max_steps": args.steps + args.warmup,
+                "micro_batch_size": args.micro_batch,
+                "grad_accum": 1,
+                "loss_chunk_size": chunk,
+                "log_every": 1,
+                "save_every": 0,
+                "seed": 0,
+            },
+            "output": {"dir": str(out / name)},
+        },
+        source="bench",
+    )
+    accelerator = make_accelerator(recipe, out / name)
+    device = accelerator.device
+    torch.manual_seed(0)
+    model, processor = load_for_training(recipe, device)
+    dtype = compute_dtype(device)
+    groups = parameter_groups(model)
+    count = lambda *keys: sum(groups.get(k, {}).get("params", 0) for k in keys)  # noqa: E731
+    params = {
+        "frozen_llm": count("LLM linear layers", "lm_head"),
+        "trained": sum(g["trainable"] for g in groups.values()),
+        "vision": count("vision tower"),
+    }
+    vc, tc = model.config.vision_config, model.config.text_config
+    shape = {
+        "layers": tc.num_hidden_layers,
+        "hidden": tc.hidden_size,
+        "vision_positions": (vc.image_size // vc.patch_size) ** 2 + 1,
+    }
+    dataset = dataset_from_recipe(recipe, recipe.data.train, processor, model.config)
+    gather = partial(collate_packed if packing else collate, pad_token_id=processor.tokenizer.pad_token_id)
+    micro = args.micro_batch
+    batches = [gather([dataset[i] for i in range(s * micro, (s + 1) * micro)]) for s in range(args.steps + args.warmup)]
+    optimizer = build_optimizer(model, recipe, device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    set_train_mode(model)
+    cuda = device.type == "cuda"
+    step_times, losses = [], []
+    rss_before = 0
+    for step, batch in enumerate(batches):
+        if step == args.warmup:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                _reset_cpu_peak()
+                rss_before = _rss_kib("VmRSS")
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        tokens = trained_tokens(batch["labels"]).to(device).clamp(min=1)
+        with accelerator.autocast():
+            loss = _forward_loss(model, batch, device, dtype, chunk)
+        accelerator.backward(loss / tokens)
+        accelerator.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        if step >= args.warmup:
+            step_times.append(elapsed)
+            losses.append((loss / tokens).item())
+    timed = batches[args.warmup :]
+    seconds = sum(step_times)
+    real = sum(int(b["attention_mask"].sum()) for b in timed)
+    slots = sum(b["input_ids"].numel() for b in timed)
+    flops = sum(step_flops(b, params, shape) for b in timed)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        reserved = torch.cuda.max_memory_reserved() / 2**20
+    else:
+        peak = max(0, _rss_kib("VmHWM") - rss_before) / 1024
+        reserved = None
+    row = {
+        "variant": name,
+        "packing": packing,
+        "loss_chunk_size": chunk,
+        "steps": len(timed),
+        "micro_batch": micro,
+        "tokens_per_s": real / seconds,
+        "samples_per_s": micro * len(timed) / seconds,
+        "padding": 1 - real / slots,
+        "peak_mem_mib": peak,
+        "peak_reserved_mib": reserved,
+        "mfu": flops / seconds / peak_rate,
+        "step_s": seconds / len(timed),
+        "loss": sum(losses) / len(losses),
+        "model_tflop_per_step": flops / len(timed) / 1e12,
+    }
+    del model, optimizer, batches
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def render(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"# qllava bench: {meta['model']} on {meta['device']}",
+        "",
+        f"{BASELINE}",
+        f"peak matmul rate: {meta['peak_tflops']:.3f} TFLOP/s ({meta['matmul']}); memory: {meta['memory']}",
+        f"micro-batch {meta['micro_batch']}, max length {meta['seq_len']}, LoRA r {meta['lora_r']}, "
+        f"{meta['steps']} timed steps after {meta['warmup']} warmup",
+        "",
+        "| variant | tokens/s | samples/s | padding | peak MiB | reserved MiB | MFU | s/step | loss |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        reserved = "-" if r["peak_reserved_mib"] is None else f"{r['peak_reserved_mib']:.0f}"
+        lines.append(
+            f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | {r['padding']:.1%} | "
+            f"{r['peak_mem_mib']:.0f} | {reserved} | {r['mfu']:.2%} | {r['step_s']:.3f} | {r['loss']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny random model (CPU); default: LLaVA-1.5-7B shape")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after 2 warmup steps)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="default 4 (tiny) / 8 (7B)")
+    parser.add_argument("--seq-len", type=int, default=None, help="data.max_length; default 512 (tiny) / 2048 (7B)")
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed steps first (default 2)")
+    parser.add_argument("--lora-r", type=int, default=None, help="default 8 (tiny) / 128 (7B)")
+    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--loss-chunk-size", type=int, default=1024)
+    parser.add_argument("--compare", action="store_true", help="also run packed/padded and full/chunked loss")
+    args = parser.parse_args(argv)
+    args.micro_batch = args.micro_batch or (4 if args.tiny else 8)
+    args.lora_r = args.lora_r or (8 if args.tiny else 128)
+    args.seq_len = args.seq_len or (512 if args.tiny else 2048)  # the tiny model has 512 positions
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = [("qllava", args.packing, args.loss_chunk_size)]
+    if args.compare:
+        chunk = args.loss_chunk_size or 1024
+        variants = [
+            ("padded, chunked loss", False, chunk),
+            ("packed, chunked loss", True, chunk),
+            ("padded, full logits", False, 0),
+            ("packed, full logits", True, 0),
+        ]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak_rate = matmul_flops(device)
+    with tempfile.TemporaryDirectory(prefix="qllava-bench-") as tmp:
+        tmp = Path(tmp)
+        base = build_base(tmp / "model", args.tiny)
+        from transformers import AutoConfig
+
+        vision = AutoConfig.from_pretrained(base).vision_config
+        data = write_data(tmp / "data", args.micro_batch * (args.steps + args.warmup), vision.image_size)
+        rows = [run_variant(n, base, data, tmp / "runs", args, p, c, peak_rate) for n, p, c in variants]
+    meta = {
+        "model": "tiny (qllava.model.tiny)" if args.tiny else "LLaVA-1.5-7B shape, random weights",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+        "peak_tflops": peak_rate / 1e12,
+        "matmul": "bf16 4096^3" if device.type == "cuda" else f"fp32 512^3, {torch.get_num_threads()} threads",
+        "memory": "torch.cuda max allocated / reserved"
+        if device.type == "cuda"
+        else "peak RSS (VmHWM) rise over the timed steps",
+        "micro_batch": args.micro_batch,
+        "seq_len": args.seq_len,
+        "lora_r": args.lora_r,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "baseline": BASELINE,
+        "columns": COLUMNS,
+    }
+    result = {"meta": meta, "rows": rows}
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    table = render(rows, meta)
+    (out / "bench.md").write_text(table)
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
