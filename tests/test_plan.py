@@ -20,7 +20,7 @@ import torch
 import yaml
 from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from qllava.model.tiny import build_tiny_llava
+from qllava.model.tiny import LLAVA_1_5_7B, build_tiny_llava, llava_config
 from qllava.plan import estimate, largest_micro_batch, read_shape, shape_from_config
 from qllava.recipe import RECIPES_DIR, build_recipe
 
@@ -32,11 +32,10 @@ def build_llava(out: Path, processor_from: Path, *, hidden: int, layers: int, in
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(processor_from)
-    tok = processor.tokenizer
-    vision = CLIPVisionConfig(
+    vision = dict(
         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=8
     )
-    text = LlamaConfig(
+    text = dict(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -44,17 +43,8 @@ def build_llava(out: Path, processor_from: Path, *, hidden: int, layers: int, in
         num_attention_heads=8,
         num_key_value_heads=8,
         max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id,
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=64,
-    )
+    config = llava_config(processor.tokenizer, vision, text)
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).save_pretrained(out)
     processor.save_pretrained(out)
@@ -199,14 +189,12 @@ def test_estimate_matches_measured_cpu_peak(small_base, case):
 
 
 def _config_7b(vocab: int = 32064) -> LlavaConfig:
-    vision = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=336, patch_size=14, projection_dim=768,
-    )  # fmt: skip
-    text = LlamaConfig(
-        hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32, vocab_size=vocab
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**LLAVA_1_5_7B["vision"]),
+        text_config=LlamaConfig(**{**LLAVA_1_5_7B["text"], "vocab_size": vocab}),
+        image_token_id=32000,
+        image_seq_length=576,
     )
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, image_seq_length=576)
 
 
 @pytest.fixture(scope="module")

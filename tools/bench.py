@@ -87,46 +87,15 @@ def build_base(out: Path, tiny: bool) -> Path:
         from qllava.model.tiny import build_tiny_llava
 
         return build_tiny_llava(out, [" ".join(WORDS)], seed=0)
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip import CLIPImageProcessorPil
+    from transformers import LlavaForConditionalGeneration
 
-    from qllava.model.tiny import CLIP_MEAN, CLIP_STD, build_tokenizer
+    from qllava.model.tiny import LLAVA_1_5_7B, build_tokenizer, llava_config, llava_processor
 
     if not torch.cuda.is_available():
         raise SystemExit("bench: the 7B shape needs a CUDA GPU; use --tiny on the CPU")
     tokenizer = build_tokenizer([" ".join(WORDS)])
     tokenizer.model_max_length = 4096
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
-    text = LlamaConfig(
-        vocab_size=32064,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=576,
-    )
+    config = llava_config(tokenizer, **LLAVA_1_5_7B)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -135,18 +104,7 @@ def build_base(out: Path, tiny: bool) -> Path:
             model = LlavaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": 336},
-            crop_size={"height": 336, "width": 336},
-            image_mean=CLIP_MEAN,
-            image_std=CLIP_STD,
-        ),
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
+    processor = llava_processor(tokenizer, 336, 14)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     del model

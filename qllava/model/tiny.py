@@ -81,6 +81,71 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedToken
     )
 
 
+LLAVA_1_5_7B = {
+    "vision": dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    ),
+    "text": dict(
+        vocab_size=32064,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+    ),
+}
+"""LLaVA-1.5-7B's shape (CLIP-L/336 vision tower, Llama-2-7B / Vicuna LLM), for `llava_config`."""
+
+
+def llava_config(tokenizer, vision: dict, text: dict) -> LlavaConfig:
+    """A LLaVA-1.5-style config (CLIP vision, Llama LLM, mlp2x_gelu, layer -2, CLS dropped) of the
+    given shapes; the vocabulary is the tokenizer's unless `text` sets vocab_size."""
+    vision_config = CLIPVisionConfig(**vision)
+    text_config = LlamaConfig(
+        **{
+            "vocab_size": len(tokenizer),
+            "tie_word_embeddings": False,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            **text,
+        }
+    )
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
+    )
+
+
+def llava_processor(tokenizer, image_size: int, patch_size: int) -> LlavaProcessor:
+    """The processor of a `llava_config` model: CLIP normalization, the CLS token dropped."""
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
 def build_tiny_llava(
     out_dir: str | Path,
     corpus: list[str],
@@ -95,7 +160,7 @@ def build_tiny_llava(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(corpus)
-    vision = CLIPVisionConfig(
+    vision = dict(
         hidden_size=vision_hidden,
         intermediate_size=2 * vision_hidden,
         num_hidden_layers=2,
@@ -104,48 +169,21 @@ def build_tiny_llava(
         patch_size=PATCH_SIZE,
         projection_dim=vision_hidden,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
+    text = dict(
         hidden_size=text_hidden,
         intermediate_size=text_intermediate,
         num_hidden_layers=text_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
-    num_image_tokens = (IMAGE_SIZE // PATCH_SIZE) ** 2
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=num_image_tokens,
-    )
+    config = llava_config(tokenizer, vision, text)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
     model.save_pretrained(out)
-    processor.save_pretrained(out)
+    llava_processor(tokenizer, IMAGE_SIZE, PATCH_SIZE).save_pretrained(out)
     return out
 
 
