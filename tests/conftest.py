@@ -146,3 +146,35 @@ def lora_model_with_random_b(recipe):
                 param.normal_(std=0.05)
     set_train_mode(model)
     return model, processor, dataset_from_recipe(recipe, recipe.data.train, processor, model.config)
+
+
+# --- multi-process runs (tests/train/test_distributed.py, test_fsdp.py) ---
+
+
+def run_launcher(command: list[str]):
+    """Run a launching command (`qllava train --num-processes`, `accelerate launch`) as a user would:
+    outside any launched process (no inherited LOCAL_RANK); fail with its stderr."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def run_metrics(run: Path, key: str) -> list:
+    """The values of `key` in a run's metrics.jsonl, in order (lines without it skipped)."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [line[key] for line in lines if key in line]
+
+
+def adapter_tensors(run: Path, name: str = "final") -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / name / "adapter_model.safetensors")
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)

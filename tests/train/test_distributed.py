@@ -6,21 +6,18 @@ every rank (the DDP reduction trap in NOTES).
 """
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from qllava.data.dataset import dataset_from_recipe
 from qllava.data.sampler import GroupedSampler
 from qllava.model.load import load_processor
 from qllava.train.loop import train
-from tests.conftest import make_recipe
+from tests.conftest import adapter_tensors, make_recipe, max_abs_diff, run_launcher, run_metrics
 from tests.test_cli import qllava_here
 
 MICRO = 2  # per process; the 1-process reference takes 2 * MICRO
@@ -39,29 +36,7 @@ def _recipe(base, data, out, micro, **train):
 def _launch(recipe, tmp_path, *overrides):
     path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
     path.write_text(yaml.safe_dump(recipe.to_dict()))
-    env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}
-    done = subprocess.run(
-        [sys.executable, "-m", "qllava", "train", str(path), "--num-processes", "2", *overrides],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
-def _metrics(run, key):
-    return [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _adapter(run, name="final"):
-    return load_file(run / name / "adapter_model.safetensors")
-
-
-def _max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    return run_launcher([sys.executable, "-m", "qllava", "train", str(path), "--num-processes", "2", *overrides])
 
 
 def test_two_processes_match_one_process_with_the_whole_batch(tiny_base, mixed_data, tmp_path):
@@ -85,19 +60,19 @@ def test_two_processes_match_one_process_with_the_whole_batch(tiny_base, mixed_d
     # absolute; one process at half the batch ends 6.5e-3 away). Adam
     # steps each weight by about lr = 1e-3 whatever its gradient's size, so rounding in near-zero
     # gradients shows up in the weights at a small fraction of lr; the bound is a twentieth of it.
-    assert _metrics(two, "loss") == pytest.approx(_metrics(one, "loss"), rel=1e-5)
-    assert _metrics(two, "grad_norm") == pytest.approx(_metrics(one, "grad_norm"), rel=1e-4)
-    one_final, two_final = _adapter(one), _adapter(two)
+    assert run_metrics(two, "loss") == pytest.approx(run_metrics(one, "loss"), rel=1e-5)
+    assert run_metrics(two, "grad_norm") == pytest.approx(run_metrics(one, "grad_norm"), rel=1e-4)
+    one_final, two_final = adapter_tensors(one), adapter_tensors(two)
     assert any("multi_modal_projector" in k for k in one_final)
-    assert _max_diff(one_final, two_final) < 5e-5
+    assert max_abs_diff(one_final, two_final) < 5e-5
     # The bound can fail: one process at the per-process micro-batch (half the data per step) ends
     # far outside it.
     half = tmp_path / "half"
     train(_recipe(tiny_base, mixed_data, half, MICRO), progress=False)
-    assert _max_diff(one_final, _adapter(half)) > 20 * 5e-5
+    assert max_abs_diff(one_final, adapter_tensors(half)) > 20 * 5e-5
 
     # Only rank 0 wrote: one metrics line per step, a checkpoint with one RNG state per process.
-    assert len(_metrics(two, "step")) == STEPS
+    assert len(run_metrics(two, "step")) == STEPS
     assert len(torch.load(two / "checkpoint-3" / "rng.pt", weights_only=False)) == 2
     assert json.loads((two / "checkpoint-3" / "trainer_state.json").read_text())["world_size"] == 2
 
@@ -105,9 +80,9 @@ def test_two_processes_match_one_process_with_the_whole_batch(tiny_base, mixed_d
     resumed = tmp_path / "resumed"
     recipe = _recipe(tiny_base, mixed_data, resumed, MICRO, resume=str(two / "checkpoint-3"))
     _launch(recipe, tmp_path)
-    assert _metrics(resumed, "loss") == pytest.approx(_metrics(two, "loss")[3:], rel=1e-6)
-    assert _max_diff(two_final, _adapter(resumed)) < 1e-6
-    assert _max_diff(_adapter(two, "checkpoint-3"), two_final) > 1e-4  # it moved after the checkpoint
+    assert run_metrics(resumed, "loss") == pytest.approx(run_metrics(two, "loss")[3:], rel=1e-6)
+    assert max_abs_diff(two_final, adapter_tensors(resumed)) < 1e-6
+    assert max_abs_diff(adapter_tensors(two, "checkpoint-3"), two_final) > 1e-4  # it moved after the checkpoint
 
     # A checkpoint of 2 processes is refused by 1 with a clear message.
     code = qllava_here(

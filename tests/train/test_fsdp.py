@@ -8,9 +8,7 @@ while the other's runs them; the 5-sample eval set gives the ranks 2 and 1 batch
 """
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +20,6 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command_parser
 from accelerate.utils import FullyShardedDataParallelPlugin
-from safetensors.torch import load_file
 
 from qllava.errors import QllavaError
 from qllava.generate import load_for_inference
@@ -32,7 +29,7 @@ from qllava.train.fsdp import DEEPSPEED_UNSUPPORTED, check
 from qllava.train.launch import launch_command
 from qllava.train.loop import make_accelerator, train
 from qllava.train.optim import resolve_optimizer
-from tests.conftest import make_recipe
+from tests.conftest import adapter_tensors, make_recipe, max_abs_diff, run_launcher, run_metrics
 from tests.test_cli import qllava_here
 
 ACCELERATE_CONFIGS = sorted((Path(__file__).parents[2] / "recipes" / "accelerate").glob("*.yaml"))
@@ -51,27 +48,6 @@ def _recipe(base, data, out, micro, **train):
     )
 
 
-def _run(command):
-    env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
-def _metrics(run, key):
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [line[key] for line in lines if key in line]
-
-
-def _adapter(run, name="final"):
-    return load_file(run / name / "adapter_model.safetensors")
-
-
-def _max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_base, mixed_data, tmp_path_factory):
     """A 1-process run at 2 x MICRO, and the FSDP run at MICRO on 2 processes (checkpoint at step 3)."""
@@ -83,7 +59,7 @@ def runs(tiny_base, mixed_data, tmp_path_factory):
     recipe = root / "two.yaml"
     two = root / "two"
     recipe.write_text(yaml.safe_dump(_recipe(tiny_base, mixed_data, two, MICRO, save_every=3).to_dict()))
-    launched = _run(
+    launched = run_launcher(
         [sys.executable, "-m", "qllava", "train", str(recipe), "--num-processes", "2"]
         + ["--accelerate-config", str(FSDP_CONFIG)]
     )
@@ -101,16 +77,16 @@ def test_fsdp_shards_the_base_and_trains_what_one_process_does(runs):
     # Measured (fp32 on CPU, sums in another order): losses, grad norms and eval losses equal to
     # 3.5e-7 relative, adapter weights to 5.2e-6 absolute, the figures of the DDP test; the bounds are
     # those of tests/train/test_distributed.py, where one process at half the batch fails them.
-    assert _metrics(runs.two, "loss") == pytest.approx(_metrics(runs.one, "loss"), rel=1e-5)
-    assert _metrics(runs.two, "grad_norm") == pytest.approx(_metrics(runs.one, "grad_norm"), rel=1e-4)
-    assert len(_metrics(runs.two, "eval_loss")) == 3  # steps 3 and 6, and the final one
-    assert _metrics(runs.two, "eval_loss") == pytest.approx(_metrics(runs.one, "eval_loss"), rel=1e-5)
-    one, two = _adapter(runs.one), _adapter(runs.two)
+    assert run_metrics(runs.two, "loss") == pytest.approx(run_metrics(runs.one, "loss"), rel=1e-5)
+    assert run_metrics(runs.two, "grad_norm") == pytest.approx(run_metrics(runs.one, "grad_norm"), rel=1e-4)
+    assert len(run_metrics(runs.two, "eval_loss")) == 3  # steps 3 and 6, and the final one
+    assert run_metrics(runs.two, "eval_loss") == pytest.approx(run_metrics(runs.one, "eval_loss"), rel=1e-5)
+    one, two = adapter_tensors(runs.one), adapter_tensors(runs.two)
     assert any("multi_modal_projector" in k for k in one) and any("lora_A" in k for k in one)
     assert one.keys() == two.keys()  # the keys peft writes without FSDP: merge, chat and resume read them
-    assert _max_diff(one, two) < 5e-5
+    assert max_abs_diff(one, two) < 5e-5
     # The bound tells runs apart: the step-3 weights, which the decaying lr moved 8e-4 more by step 6.
-    assert _max_diff(one, _adapter(runs.two, "checkpoint-3")) > 10 * 5e-5
+    assert max_abs_diff(one, adapter_tensors(runs.two, "checkpoint-3")) > 10 * 5e-5
     config = json.loads((runs.two / "final" / "adapter_config.json").read_text())
     assert config == json.loads((runs.one / "final" / "adapter_config.json").read_text())
 
@@ -133,14 +109,16 @@ def test_the_fsdp_adapter_loads_for_inference_and_merges(runs, tmp_path):
 def test_fsdp_resume_continues_the_run_exactly(runs):
     resumed = runs.root / "resumed"
     overrides = [f"output.dir={resumed}", f"train.resume={runs.two / 'checkpoint-3'}"]
-    _run(launch_command(str(runs.recipe), overrides, 2, FSDP_CONFIG))  # accelerate launch --config_file ...
+    run_launcher(launch_command(str(runs.recipe), overrides, 2, FSDP_CONFIG))  # accelerate launch --config_file ...
     state = json.loads((runs.two / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["fsdp"] and state["world_size"] == 2
     # Measured: equal to the last bit (same sharding, same order of sums).
-    assert _metrics(resumed, "loss") == pytest.approx(_metrics(runs.two, "loss")[3:], rel=1e-6)
-    assert _metrics(resumed, "eval_loss") == pytest.approx(_metrics(runs.two, "eval_loss")[1:], rel=1e-6)
-    assert _max_diff(_adapter(runs.two), _adapter(resumed)) < 1e-6
-    assert _max_diff(_adapter(runs.two, "checkpoint-3"), _adapter(runs.two)) > 1e-4  # it moved after step 3
+    assert run_metrics(resumed, "loss") == pytest.approx(run_metrics(runs.two, "loss")[3:], rel=1e-6)
+    assert run_metrics(resumed, "eval_loss") == pytest.approx(run_metrics(runs.two, "eval_loss")[1:], rel=1e-6)
+    assert max_abs_diff(adapter_tensors(runs.two), adapter_tensors(resumed)) < 1e-6
+    assert (
+        max_abs_diff(adapter_tensors(runs.two, "checkpoint-3"), adapter_tensors(runs.two)) > 1e-4
+    )  # it moved after step 3
 
 
 def test_a_checkpoint_resumes_only_the_way_it_was_written(tmp_path):
