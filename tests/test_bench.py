@@ -1,24 +1,69 @@
-"""tools/bench.py --tiny end to end on the CPU: the JSON's columns and sane values, the markdown table."""
+"""tools/bench.py --tiny end to end on the CPU, qllava and the TRL baseline, and the baseline's samples."""
 
 from __future__ import annotations
 
 import json
+import math
 
-from tools.bench import BASELINE, COLUMNS, main
+from tools.bench import COLUMNS, build_base, main, write_data
 
 
 def test_bench_tiny(tmp_path, capsys):
     out = tmp_path / "bench"
     main(["--tiny", "--steps", "2", "--warmup", "1", "--micro-batch", "2", "--seq-len", "128", "--out", str(out)])
     result = json.loads((out / "bench.json").read_text())
-    assert result["meta"]["baseline"] == BASELINE
-    (row,) = result["rows"]
-    assert set(COLUMNS) <= set(row)
-    assert row["steps"] == 2 and row["micro_batch"] == 2
-    assert row["tokens_per_s"] > 0 and row["samples_per_s"] > 0
-    assert 0 <= row["padding"] < 1
-    assert 0 < row["mfu"] <= 1
-    assert row["peak_mem_mib"] >= 0
+    qllava, baseline = result["rows"]
+    assert qllava["variant"] == "qllava" and baseline["variant"].startswith("baseline: TRL ")
+    for row in (qllava, baseline):
+        assert set(COLUMNS) <= set(row)
+        assert row["steps"] == 2 and row["micro_batch"] == 2
+        assert row["tokens_per_s"] > 0 and row["samples_per_s"] > 0
+        assert 0 <= row["padding"] < 1
+        assert 0 < row["mfu"] <= 1
+        assert row["peak_mem_mib"] >= 0
+        assert math.isfinite(row["loss"]) and 0 < row["loss"] < 2 * math.log(512)
+    # The same samples: the baseline's sequences lack only the BOS token (TRL tokenizes the chat
+    # template's text with add_special_tokens=False), one per sample at most.
+    assert 0 <= qllava["real_tokens"] - baseline["real_tokens"] <= 2 * 2
+    ratios = result["meta"]["vs_baseline"]["qllava"]
+    assert ratios["tokens_per_s"] == qllava["tokens_per_s"] / baseline["tokens_per_s"]
     table = (out / "bench.md").read_text()
-    assert "| qllava |" in table and BASELINE in table
+    assert "| qllava |" in table and f"| {baseline['variant']} |" in table and "| vs the baseline |" in table
     assert capsys.readouterr().out.rstrip().endswith(table.rstrip().splitlines()[-1])
+
+
+def test_baseline_tokenizes_the_samples_as_qllava(tmp_path):
+    """TRL's collator on `messages_dataset` gives qllava's Encoder ids (minus BOS), image tokens included."""
+    from transformers import AutoConfig, AutoProcessor
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    from qllava.data.dataset import dataset_from_recipe
+    from qllava.data.templates import chat_template
+    from qllava.model.load import load_processor
+    from qllava.recipe import build_recipe
+    from tools.trl_baseline import TEMPLATE, messages_dataset
+
+    base = build_base(tmp_path / "model", tiny=True)
+    config = AutoConfig.from_pretrained(base)
+    data = write_data(tmp_path / "data", 12, config.vision_config.image_size)
+    raw = {"model": {"base": str(base)}, "data": {"train": str(data / "train.json"), "max_length": 512}}
+    raw["data"]["image_folder"] = str(data / "images")
+    recipe = build_recipe(raw)
+    assert recipe.data.template == TEMPLATE
+    processor = load_processor(base)
+    ours = dataset_from_recipe(recipe, recipe.data.train, processor, config)
+    trl_processor = AutoProcessor.from_pretrained(base)
+    trl_processor.chat_template = chat_template(TEMPLATE)
+    collator = DataCollatorForVisionLanguageModeling(trl_processor, max_length=512)
+    records = json.loads((data / "train.json").read_text())
+    theirs = messages_dataset(records, data / "images")
+    kinds = set()
+    for i, record in enumerate(records):
+        batch = collator([dict(theirs[i])])
+        ids = ours[i]["input_ids"]
+        assert ids[0] == processor.tokenizer.bos_token_id
+        # Both cut at max_length keeping the start, so a cut sample of theirs has one token more at the end.
+        assert batch["input_ids"][0].tolist()[: len(ids) - 1] == ids[1:]
+        assert ("pixel_values" in batch) == ("image" in record)
+        kinds.add("image" in record)
+    assert kinds == {True, False}

@@ -1,7 +1,7 @@
 """Benchmark qllava's training step: tokens/s, samples/s, padding, peak memory and MFU per variant.
 
     PYTHONPATH=. python tools/bench.py [--tiny] [--steps N] [--micro-batch B] [--seq-len S] [--lora-r R]
-        [--out DIR] [--packing] [--loss-chunk-size C] [--compare]
+        [--out DIR] [--packing] [--loss-chunk-size C] [--compare] [--no-baseline]
 
 What it builds (in a temporary directory, nothing downloaded):
 - a LLaVA with random weights saved as an HF directory with its processor, then loaded through qllava's
@@ -21,9 +21,8 @@ autocast, `accelerator.backward`, gradient clipping, `optimizer.step()` and `zer
 
 What it reports (tokens are real tokens: the attention_mask sum, padding excluded):
 - padding: padded / all tokens of the timed micro-batches as run (0 when packed);
-- peak memory: CUDA: torch.cuda.max_memory_allocated / max_memory_reserved over the timed steps.
-  CPU: the peak resident set size (VmHWM) over the timed steps minus the RSS before them; the
-  high-water mark is reset per variant through /proc/self/clear_refs (Linux);
+- peak memory over the timed steps, as tools/peak_memory.py's PeakMemory reads it: CUDA max
+  allocated / reserved; CPU: the rise of the resident set's high-water mark;
 - MFU: model FLOPs per second / the matmul rate measured in the same run (bf16 4096^3 on GPU, fp32
   512^3 on CPU, best of 5). Model FLOPs per step:
     4 x (LLM linear + lm_head parameters) per real token (forward 2P, backward to the inputs 2P; the
@@ -33,7 +32,13 @@ What it reports (tokens are real tokens: the attention_mask sum, padding exclude
       layer forward, x3 for forward + backward),
     2 x vision tower parameters x vision positions per image (forward only; it is frozen).
   Gradient checkpointing's recomputation is not counted (it is hardware FLOPs, not model FLOPs).
-The TRL baseline is not run here (trl is not installed); the table says so.
+
+The baseline (tools/trl_baseline.py): TRL's SFTTrainer on the same model, samples, order, micro-batch,
+sequence limit, LoRA and chat template, timed and measured the same way, in the same process after
+qllava's rows. It runs when trl imports (`pip install 'qllava[bench]'`; skip with --no-baseline), and
+the table then ends with each qllava row's tokens/s and peak memory as multiples of the baseline's.
+On the CPU the baseline runs in bf16 autocast (TRL's default) and qllava in fp32 (qllava's CPU
+default): there the comparison checks that both paths run, not which is faster.
 """
 
 from __future__ import annotations
@@ -59,7 +64,9 @@ from qllava.recipe import build_recipe  # noqa: E402
 from qllava.train.loop import _forward_loss, make_accelerator  # noqa: E402
 from qllava.train.loss import trained_tokens  # noqa: E402
 from qllava.train.optim import build_optimizer  # noqa: E402
+from tools import trl_baseline  # noqa: E402
 from tools.padding_report import IMAGE_TOKENS, synthetic_lengths  # noqa: E402
+from tools.peak_memory import PeakMemory  # noqa: E402
 
 WARMUP = 2
 COLUMNS = [
@@ -77,7 +84,7 @@ COLUMNS = [
     "step_s",
     "loss",
 ]
-BASELINE = "baseline: not run (pip install trl, see issue)"
+NO_TRL = "baseline not run: trl is not installed (pip install 'qllava[bench]')"
 WORDS = ["What", "color", "is", "the", "shape", "red", "blue", "green", "Describe", "image", "a", "circle"]
 
 
@@ -157,21 +164,6 @@ def matmul_flops(device: torch.device) -> float:
     return 2 * n**3 / best
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_cpu_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def step_flops(batch: dict, params: dict, shape: dict) -> float:
     """Model FLOPs of one micro-batch's training step (see the module docstring)."""
     real = int(batch["attention_mask"].sum())
@@ -185,6 +177,56 @@ def step_flops(batch: dict, params: dict, shape: dict) -> float:
     images = 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
     flops += 2 * params["vision"] * shape["vision_positions"] * images
     return float(flops)
+
+
+def measured_row(
+    name: str,
+    model,
+    micro: int,
+    timed: list[dict],
+    step_times: list[float],
+    losses: list[float],
+    memory: PeakMemory,
+    peak_rate: float,
+    packing: bool = False,
+    chunk: int = 0,
+) -> dict:
+    """One table row from the timed micro-batches (as run) of a trained model; qllava's and the baseline's."""
+    groups = parameter_groups(model)
+    count = lambda *keys: sum(groups.get(k, {}).get("params", 0) for k in keys)  # noqa: E731
+    params = {
+        "frozen_llm": count("LLM linear layers", "lm_head"),
+        "trained": sum(g["trainable"] for g in groups.values()),
+        "vision": count("vision tower"),
+    }
+    vc, tc = model.config.vision_config, model.config.text_config
+    shape = {
+        "layers": tc.num_hidden_layers,
+        "hidden": tc.hidden_size,
+        "vision_positions": (vc.image_size // vc.patch_size) ** 2 + 1,
+    }
+    seconds = sum(step_times)
+    real = sum(int(b["attention_mask"].sum()) for b in timed)
+    slots = sum(b["attention_mask"].numel() for b in timed)
+    flops = sum(step_flops(b, params, shape) for b in timed)
+    peak, reserved = memory.read()
+    return {
+        "variant": name,
+        "packing": packing,
+        "loss_chunk_size": chunk,
+        "steps": len(timed),
+        "micro_batch": micro,
+        "real_tokens": real,
+        "tokens_per_s": real / seconds,
+        "samples_per_s": micro * len(timed) / seconds,
+        "padding": 1 - real / slots,
+        "peak_mem_mib": peak,
+        "peak_reserved_mib": reserved,
+        "mfu": flops / seconds / peak_rate,
+        "step_s": seconds / len(timed),
+        "loss": sum(losses) / len(losses),
+        "model_tflop_per_step": flops / len(timed) / 1e12,
+    }
 
 
 def run_variant(name: str, base: Path, data: Path, out: Path, args, packing: bool, chunk: int, peak_rate: float):
@@ -219,19 +261,6 @@ def run_variant(name: str, base: Path, data: Path, out: Path, args, packing: boo
     torch.manual_seed(0)
     model, processor = load_for_training(recipe, device)
     dtype = compute_dtype(device)
-    groups = parameter_groups(model)
-    count = lambda *keys: sum(groups.get(k, {}).get("params", 0) for k in keys)  # noqa: E731
-    params = {
-        "frozen_llm": count("LLM linear layers", "lm_head"),
-        "trained": sum(g["trainable"] for g in groups.values()),
-        "vision": count("vision tower"),
-    }
-    vc, tc = model.config.vision_config, model.config.text_config
-    shape = {
-        "layers": tc.num_hidden_layers,
-        "hidden": tc.hidden_size,
-        "vision_positions": (vc.image_size // vc.patch_size) ** 2 + 1,
-    }
     dataset = dataset_from_recipe(recipe, recipe.data.train, processor, model.config)
     gather = partial(collate_packed if packing else collate, pad_token_id=processor.tokenizer.pad_token_id)
     micro = args.micro_batch
@@ -240,16 +269,11 @@ def run_variant(name: str, base: Path, data: Path, out: Path, args, packing: boo
     model, optimizer = accelerator.prepare(model, optimizer)
     set_train_mode(model)
     cuda = device.type == "cuda"
+    memory = PeakMemory(device)
     step_times, losses = [], []
-    rss_before = 0
     for step, batch in enumerate(batches):
         if step == args.warmup:
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            else:
-                _reset_cpu_peak()
-                rss_before = _rss_kib("VmRSS")
+            memory.reset()
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -266,33 +290,9 @@ def run_variant(name: str, base: Path, data: Path, out: Path, args, packing: boo
         if step >= args.warmup:
             step_times.append(elapsed)
             losses.append((loss / tokens).item())
-    timed = batches[args.warmup :]
-    seconds = sum(step_times)
-    real = sum(int(b["attention_mask"].sum()) for b in timed)
-    slots = sum(b["input_ids"].numel() for b in timed)
-    flops = sum(step_flops(b, params, shape) for b in timed)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        reserved = torch.cuda.max_memory_reserved() / 2**20
-    else:
-        peak = max(0, _rss_kib("VmHWM") - rss_before) / 1024
-        reserved = None
-    row = {
-        "variant": name,
-        "packing": packing,
-        "loss_chunk_size": chunk,
-        "steps": len(timed),
-        "micro_batch": micro,
-        "tokens_per_s": real / seconds,
-        "samples_per_s": micro * len(timed) / seconds,
-        "padding": 1 - real / slots,
-        "peak_mem_mib": peak,
-        "peak_reserved_mib": reserved,
-        "mfu": flops / seconds / peak_rate,
-        "step_s": seconds / len(timed),
-        "loss": sum(losses) / len(losses),
-        "model_tflop_per_step": flops / len(timed) / 1e12,
-    }
+    row = measured_row(
+        name, model, micro, batches[args.warmup :], step_times, losses, memory, peak_rate, packing, chunk
+    )
     del model, optimizer, batches
     if cuda:
         torch.cuda.empty_cache()
@@ -303,7 +303,7 @@ def render(rows: list[dict], meta: dict) -> str:
     lines = [
         f"# qllava bench: {meta['model']} on {meta['device']}",
         "",
-        f"{BASELINE}",
+        meta["baseline"],
         f"peak matmul rate: {meta['peak_tflops']:.3f} TFLOP/s ({meta['matmul']}); memory: {meta['memory']}",
         f"micro-batch {meta['micro_batch']}, max length {meta['seq_len']}, LoRA r {meta['lora_r']}, "
         f"{meta['steps']} timed steps after {meta['warmup']} warmup",
@@ -317,7 +317,22 @@ def render(rows: list[dict], meta: dict) -> str:
             f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | {r['padding']:.1%} | "
             f"{r['peak_mem_mib']:.0f} | {reserved} | {r['mfu']:.2%} | {r['step_s']:.3f} | {r['loss']:.3f} |"
         )
+    if meta.get("vs_baseline"):
+        lines += ["", "| vs the baseline | tokens/s | peak memory |", "|---|---|---|"]
+        for name, ratio in meta["vs_baseline"].items():
+            lines.append(f"| {name} | {ratio['tokens_per_s']:.2f}x | {ratio['peak_mem']:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def versus(rows: list[dict], baseline: dict) -> dict:
+    """Each qllava row's tokens/s and peak memory as multiples of the baseline's (same run)."""
+    return {
+        r["variant"]: {
+            "tokens_per_s": r["tokens_per_s"] / baseline["tokens_per_s"],
+            "peak_mem": r["peak_mem_mib"] / baseline["peak_mem_mib"] if baseline["peak_mem_mib"] else float("nan"),
+        }
+        for r in rows
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -332,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--loss-chunk-size", type=int, default=1024)
     parser.add_argument("--compare", action="store_true", help="also run packed/padded and full/chunked loss")
+    parser.add_argument("--no-baseline", action="store_true", help="skip TRL's SFTTrainer (run when trl imports)")
     args = parser.parse_args(argv)
     args.micro_batch = args.micro_batch or (4 if args.tiny else 8)
     args.lora_r = args.lora_r or (8 if args.tiny else 128)
@@ -357,25 +373,35 @@ def main(argv: list[str] | None = None) -> dict:
         vision = AutoConfig.from_pretrained(base).vision_config
         data = write_data(tmp / "data", args.micro_batch * (args.steps + args.warmup), vision.image_size)
         rows = [run_variant(n, base, data, tmp / "runs", args, p, c, peak_rate) for n, p, c in variants]
+        baseline = None
+        if args.no_baseline:
+            baseline_note = "baseline not run (--no-baseline)"
+        elif not trl_baseline.available():
+            baseline_note = NO_TRL
+        else:
+            records = json.loads((data / "train.json").read_text())
+            baseline = trl_baseline.run(
+                base, records, data / "images", tmp / "runs" / "trl", args, peak_rate, measured_row
+            )
+            baseline_note = f"{baseline['variant']}, same model, samples and settings (tools/trl_baseline.py)"
     meta = {
         "model": "tiny (qllava.model.tiny)" if args.tiny else "LLaVA-1.5-7B shape, random weights",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
         "peak_tflops": peak_rate / 1e12,
         "matmul": "bf16 4096^3" if device.type == "cuda" else f"fp32 512^3, {torch.get_num_threads()} threads",
-        "memory": "torch.cuda max allocated / reserved"
-        if device.type == "cuda"
-        else "peak RSS (VmHWM) rise over the timed steps",
+        "memory": PeakMemory(device).method,
         "micro_batch": args.micro_batch,
         "seq_len": args.seq_len,
         "lora_r": args.lora_r,
         "steps": args.steps,
         "warmup": args.warmup,
-        "baseline": BASELINE,
+        "baseline": baseline_note,
         "columns": COLUMNS,
+        "vs_baseline": versus(rows, baseline) if baseline else None,
     }
-    result = {"meta": meta, "rows": rows}
+    result = {"meta": meta, "rows": rows + ([baseline] if baseline else [])}
     (out / "bench.json").write_text(json.dumps(result, indent=2))
-    table = render(rows, meta)
+    table = render(result["rows"], meta)
     (out / "bench.md").write_text(table)
     print(table)
     return result
