@@ -20,10 +20,10 @@ def test_bench_tiny(tmp_path, capsys):
         assert row["tokens_per_s"] > 0 and row["samples_per_s"] > 0
         assert 0 <= row["padding"] < 1
         assert 0 < row["mfu"] <= 1
-        assert row["peak_mem_mib"] >= 0
+        assert row["peak_mem_mib"] > 1  # live tensors of the memory step: weights and optimizer states at least
         assert math.isfinite(row["loss"]) and 0 < row["loss"] < 2 * math.log(512)
-    # The same samples: the baseline's sequences lack only the BOS token (TRL tokenizes the chat
-    # template's text with add_special_tokens=False), one per sample at most.
+    # The same samples (qllava's sorted, the baseline's in file order): the baseline's sequences lack
+    # only the BOS token (TRL tokenizes the chat template's text with add_special_tokens=False).
     assert 0 <= qllava["real_tokens"] - baseline["real_tokens"] <= 2 * 2
     ratios = result["meta"]["vs_baseline"]["qllava"]
     assert ratios["tokens_per_s"] == qllava["tokens_per_s"] / baseline["tokens_per_s"]

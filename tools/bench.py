@@ -1,7 +1,7 @@
 """Benchmark qllava's training step: tokens/s, samples/s, padding, peak memory and MFU per variant.
 
     PYTHONPATH=. python tools/bench.py [--tiny] [--steps N] [--micro-batch B] [--seq-len S] [--lora-r R]
-        [--out DIR] [--packing] [--loss-chunk-size C] [--compare] [--no-baseline]
+        [--out DIR] [--packing] [--loss-chunk-size C] [--length-bucket K] [--compare] [--no-baseline]
 
 What it builds (in a temporary directory, nothing downloaded):
 - a LLaVA with random weights saved as an HF directory with its processor, then loaded through qllava's
@@ -11,7 +11,12 @@ What it builds (in a temporary directory, nothing downloaded):
   14 GB of disk); it needs a CUDA GPU and has not been run yet.
 - a LLaVA JSON with PNG images whose token lengths follow tools/padding_report.py's synthetic
   LLaVA-1.5-mix distribution (image samples: every image token + long-tailed text; 12% text-only),
-  cut to --seq-len by qllava's Encoder. Every variant runs the same samples in the same order.
+  in random order, cut to --seq-len by qllava's Encoder. Every variant runs the same samples: the
+  warmup micro-batches in file order, then the timed ones as each tool would batch them. qllava:
+  in its sampler's order (modality groups, sorted by length within buckets of --length-bucket
+  micro-batches; by default the timed steps are one bucket, i.e. one optimizer step of grad_accum
+  --steps, which is what the shipped 7B recipe, micro-batch 8 x grad_accum 16, sorts over). The
+  baseline: in file order, as TRL's default random sampler would.
 
 How it times: the real step, driven directly rather than through `qllava.train.loop.train` (whose
 tokens/s includes data loading and the per-step logging sync): the micro-batches are collated first
@@ -21,8 +26,9 @@ autocast, `accelerator.backward`, gradient clipping, `optimizer.step()` and `zer
 
 What it reports (tokens are real tokens: the attention_mask sum, padding excluded):
 - padding: padded / all tokens of the timed micro-batches as run (0 when packed);
-- peak memory over the timed steps, as tools/peak_memory.py's PeakMemory reads it: CUDA max
-  allocated / reserved; CPU: the rise of the resident set's high-water mark;
+- peak memory, as tools/peak_memory.py's PeakMemory reads it: CUDA: max allocated / reserved over
+  the timed steps; CPU: the peak of live tensor bytes (weights and optimizer states included) in one
+  extra, untimed, profiled step after them, on the same micro-batch (the data's last) for every row;
 - MFU: model FLOPs per second / the matmul rate measured in the same run (bf16 4096^3 on GPU, fp32
   512^3 on CPU, best of 5). Model FLOPs per step:
     4 x (LLM linear + lm_head parameters) per real token (forward 2P, backward to the inputs 2P; the
@@ -33,7 +39,7 @@ What it reports (tokens are real tokens: the attention_mask sum, padding exclude
     2 x vision tower parameters x vision positions per image (forward only; it is frozen).
   Gradient checkpointing's recomputation is not counted (it is hardware FLOPs, not model FLOPs).
 
-The baseline (tools/trl_baseline.py): TRL's SFTTrainer on the same model, samples, order, micro-batch,
+The baseline (tools/trl_baseline.py): TRL's SFTTrainer on the same model, samples, micro-batch,
 sequence limit, LoRA and chat template, timed and measured the same way, in the same process after
 qllava's rows. It runs when trl imports (`pip install 'qllava[bench]'`; skip with --no-baseline), and
 the table then ends with each qllava row's tokens/s and peak memory as multiples of the baseline's.
@@ -59,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qllava.data.dataset import collate, dataset_from_recipe  # noqa: E402
 from qllava.data.packing import collate_packed  # noqa: E402
+from qllava.data.sampler import GroupedSampler  # noqa: E402
 from qllava.model.load import compute_dtype, load_for_training, parameter_groups, set_train_mode  # noqa: E402
 from qllava.recipe import build_recipe  # noqa: E402
 from qllava.train.loop import _forward_loss, make_accelerator  # noqa: E402
@@ -229,7 +236,34 @@ def measured_row(
     }
 
 
-def run_variant(name: str, base: Path, data: Path, out: Path, args, packing: bool, chunk: int, peak_rate: float):
+def micro_batch_order(modality_lengths: list[int], micro: int, warmup: int, bucket: int) -> list[list[int]]:
+    """Sample indices per micro-batch: the warmup ones in file order, the timed ones in the order
+    qllava's GroupedSampler gives them with length_bucket = `bucket` (0: file order as well), and the
+    last micro-batch (the memory step, see tools/peak_memory.py) in file order."""
+    n = len(modality_lengths)
+    head = [list(range(s * micro, (s + 1) * micro)) for s in range(warmup)]
+    timed = list(range(warmup * micro, n - micro))
+    if bucket:
+        sampler = GroupedSampler([modality_lengths[i] for i in timed], micro, seed=0, length_bucket=bucket)
+        timed = [timed[i] for i in sampler]
+    return head + [timed[s : s + micro] for s in range(0, len(timed) - micro + 1, micro)] + [list(range(n - micro, n))]
+
+
+def _train_step(model, optimizer, accelerator, batch, device, dtype, chunk, max_grad_norm) -> torch.Tensor:
+    """qllava's optimizer step on one micro-batch (grad_accum 1); returns the mean loss per trained token."""
+    tokens = trained_tokens(batch["labels"]).to(device).clamp(min=1)
+    with accelerator.autocast():
+        loss = _forward_loss(model, batch, device, dtype, chunk) / tokens
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def run_variant(
+    name: str, base: Path, data: Path, out: Path, args, packing: bool, chunk: int, bucket: int, peak_rate: float
+):
     recipe = build_recipe(
         {
             "model": {"base": str(base)},
@@ -244,7 +278,7 @@ def run_variant(name: str, base: Path, data: Path, out: Path, args, packing: boo
             },
             "optim": {"schedule": "constant", "warmup_ratio": 0.0},
             "train": {
-                "max_steps": args.steps + args.warmup,
+                "max_steps": args.warmup + args.steps + 1,
                 "micro_batch_size": args.micro_batch,
                 "grad_accum": 1,
                 "loss_chunk_size": chunk,
@@ -264,7 +298,8 @@ def run_variant(name: str, base: Path, data: Path, out: Path, args, packing: boo
     dataset = dataset_from_recipe(recipe, recipe.data.train, processor, model.config)
     gather = partial(collate_packed if packing else collate, pad_token_id=processor.tokenizer.pad_token_id)
     micro = args.micro_batch
-    batches = [gather([dataset[i] for i in range(s * micro, (s + 1) * micro)]) for s in range(args.steps + args.warmup)]
+    order = micro_batch_order(dataset.modality_lengths(), micro, args.warmup, bucket)
+    batches = [gather([dataset[i] for i in indices]) for indices in order]
     optimizer = build_optimizer(model, recipe, device)
     model, optimizer = accelerator.prepare(model, optimizer)
     set_train_mode(model)
@@ -274,24 +309,22 @@ def run_variant(name: str, base: Path, data: Path, out: Path, args, packing: boo
     for step, batch in enumerate(batches):
         if step == args.warmup:
             memory.reset()
+        if step == len(batches) - 1:  # the memory step: profiled on the CPU, not timed
+            with memory.step():
+                _train_step(model, optimizer, accelerator, batch, device, dtype, chunk, recipe.optim.max_grad_norm)
+            break
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        tokens = trained_tokens(batch["labels"]).to(device).clamp(min=1)
-        with accelerator.autocast():
-            loss = _forward_loss(model, batch, device, dtype, chunk)
-        accelerator.backward(loss / tokens)
-        accelerator.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = _train_step(model, optimizer, accelerator, batch, device, dtype, chunk, recipe.optim.max_grad_norm)
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         if step >= args.warmup:
             step_times.append(elapsed)
-            losses.append((loss / tokens).item())
+            losses.append(loss.item())
     row = measured_row(
-        name, model, micro, batches[args.warmup :], step_times, losses, memory, peak_rate, packing, chunk
+        name, model, micro, batches[args.warmup : -1], step_times, losses, memory, peak_rate, packing, chunk
     )
     del model, optimizer, batches
     if cuda:
@@ -306,21 +339,24 @@ def render(rows: list[dict], meta: dict) -> str:
         meta["baseline"],
         f"peak matmul rate: {meta['peak_tflops']:.3f} TFLOP/s ({meta['matmul']}); memory: {meta['memory']}",
         f"micro-batch {meta['micro_batch']}, max length {meta['seq_len']}, LoRA r {meta['lora_r']}, "
-        f"{meta['steps']} timed steps after {meta['warmup']} warmup",
+        f"{meta['steps']} timed steps after {meta['warmup']} warmup; qllava's timed micro-batches in its sampler's "
+        f"order with length_bucket {meta['length_bucket']}, the baseline's in file order (random)",
         "",
         "| variant | tokens/s | samples/s | padding | peak MiB | reserved MiB | MFU | s/step | loss |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         reserved = "-" if r["peak_reserved_mib"] is None else f"{r['peak_reserved_mib']:.0f}"
+        peak = "-" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
         lines.append(
             f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | {r['padding']:.1%} | "
-            f"{r['peak_mem_mib']:.0f} | {reserved} | {r['mfu']:.2%} | {r['step_s']:.3f} | {r['loss']:.3f} |"
+            f"{peak} | {reserved} | {r['mfu']:.2%} | {r['step_s']:.3f} | {r['loss']:.3f} |"
         )
     if meta.get("vs_baseline"):
         lines += ["", "| vs the baseline | tokens/s | peak memory |", "|---|---|---|"]
         for name, ratio in meta["vs_baseline"].items():
-            lines.append(f"| {name} | {ratio['tokens_per_s']:.2f}x | {ratio['peak_mem']:.2f}x |")
+            mem = "-" if ratio["peak_mem"] is None else f"{ratio['peak_mem']:.2f}x"
+            lines.append(f"| {name} | {ratio['tokens_per_s']:.2f}x | {mem} |")
     return "\n".join(lines) + "\n"
 
 
@@ -329,7 +365,9 @@ def versus(rows: list[dict], baseline: dict) -> dict:
     return {
         r["variant"]: {
             "tokens_per_s": r["tokens_per_s"] / baseline["tokens_per_s"],
-            "peak_mem": r["peak_mem_mib"] / baseline["peak_mem_mib"] if baseline["peak_mem_mib"] else float("nan"),
+            "peak_mem": r["peak_mem_mib"] / baseline["peak_mem_mib"]
+            if r["peak_mem_mib"] and baseline["peak_mem_mib"]
+            else None,
         }
         for r in rows
     }
@@ -338,7 +376,7 @@ def versus(rows: list[dict], baseline: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny random model (CPU); default: LLaVA-1.5-7B shape")
-    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after 2 warmup steps)")
+    parser.add_argument("--steps", type=int, default=16, help="timed optimizer steps (after 2 warmup steps)")
     parser.add_argument("--micro-batch", type=int, default=None, help="default 4 (tiny) / 8 (7B)")
     parser.add_argument("--seq-len", type=int, default=None, help="data.max_length; default 512 (tiny) / 2048 (7B)")
     parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed steps first (default 2)")
@@ -348,20 +386,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--loss-chunk-size", type=int, default=1024)
     parser.add_argument("--compare", action="store_true", help="also run packed/padded and full/chunked loss")
     parser.add_argument("--no-baseline", action="store_true", help="skip TRL's SFTTrainer (run when trl imports)")
+    parser.add_argument(
+        "--length-bucket",
+        type=int,
+        default=None,
+        help="qllava's data.length_bucket for the timed micro-batches; default --steps (they are then one "
+        "optimizer step of grad_accum --steps, as recipes/llava-1.5-7b-qlora.yaml's 16); 0: file order",
+    )
     args = parser.parse_args(argv)
     args.micro_batch = args.micro_batch or (4 if args.tiny else 8)
     args.lora_r = args.lora_r or (8 if args.tiny else 128)
     args.seq_len = args.seq_len or (512 if args.tiny else 2048)  # the tiny model has 512 positions
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    variants = [("qllava", args.packing, args.loss_chunk_size)]
+    bucket = args.steps if args.length_bucket is None else args.length_bucket
+    variants = [("qllava", args.packing, args.loss_chunk_size, bucket)]
     if args.compare:
         chunk = args.loss_chunk_size or 1024
         variants = [
-            ("padded, chunked loss", False, chunk),
-            ("packed, chunked loss", True, chunk),
-            ("padded, full logits", False, 0),
-            ("packed, full logits", True, 0),
+            ("padded, chunked loss", False, chunk, bucket),
+            ("padded, chunked loss, file order", False, chunk, 0),
+            ("packed, chunked loss", True, chunk, bucket),
+            ("padded, full logits", False, 0, bucket),
+            ("packed, full logits", True, 0, bucket),
         ]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak_rate = matmul_flops(device)
@@ -371,8 +418,8 @@ def main(argv: list[str] | None = None) -> dict:
         from transformers import AutoConfig
 
         vision = AutoConfig.from_pretrained(base).vision_config
-        data = write_data(tmp / "data", args.micro_batch * (args.steps + args.warmup), vision.image_size)
-        rows = [run_variant(n, base, data, tmp / "runs", args, p, c, peak_rate) for n, p, c in variants]
+        data = write_data(tmp / "data", args.micro_batch * (args.warmup + args.steps + 1), vision.image_size)
+        rows = [run_variant(n, base, data, tmp / "runs", args, p, c, b, peak_rate) for n, p, c, b in variants]
         baseline = None
         if args.no_baseline:
             baseline_note = "baseline not run (--no-baseline)"
@@ -395,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
         "lora_r": args.lora_r,
         "steps": args.steps,
         "warmup": args.warmup,
+        "length_bucket": bucket,
         "baseline": baseline_note,
         "columns": COLUMNS,
         "vs_baseline": versus(rows, baseline) if baseline else None,

@@ -2,9 +2,10 @@
 
     PYTHONPATH=. python tools/loss_memory.py [--vocab 32064] [--seq 2048] [--chunk 1024] [--hidden 256]
 
-Prints (1) the bytes computed for a LLaVA-1.5-7B shape and (2) the peak measured on the CPU: the peak of
-the running sum of tensor allocations and frees that torch.profiler records (profile_memory=True), over
-the loss's forward and backward from the final hidden states (every position trained, the worst case).
+Prints (1) the bytes computed for a LLaVA-1.5-7B shape and (2) the peak measured on the CPU by
+tools/peak_memory.py's `tensor_peak` (torch.profiler's memory events, the tensors alive before left
+out), over the loss's forward and backward from the final hidden states (every position trained, the
+worst case).
 Logits memory does not depend on the hidden size, so a small one keeps the matmuls quick.
 """
 
@@ -14,26 +15,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
-from torch.profiler._memory_profiler import Action
 
 from qllava.train.loss import chunked_loss_sum, loss_sum
-
-MIB = 2**20
-
-
-def peak_bytes(fn) -> int:
-    """Peak of (allocated - freed) bytes of CPU tensors created while `fn` runs."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        fn()
-    running = peak = 0
-    for _, action, _, size in prof._memory_profile().timeline:
-        if action == Action.CREATE:
-            running += size
-        elif action == Action.DESTROY:
-            running -= size
-        peak = max(peak, running)
-    return peak
+from tools.peak_memory import MIB, tensor_peak
 
 
 def measure(batch: int, seq: int, vocab: int, hidden: int, chunk: int) -> tuple[int, int]:
@@ -51,7 +35,7 @@ def measure(batch: int, seq: int, vocab: int, hidden: int, chunk: int) -> tuple[
         targets = F.pad(labels[:, 1:], (0, 1), value=-100)[keep]
         chunked_loss_sum(states[keep], head, targets, chunk).backward()
 
-    return peak_bytes(full), peak_bytes(chunked)
+    return tensor_peak(full, include_live=False), tensor_peak(chunked, include_live=False)
 
 
 def main() -> None:

@@ -1,21 +1,21 @@
 """How the bench and the memory checks measure peak memory; one place, so their figures compare.
 
-- `PeakMemory`: the peak over a stretch of real training, cheap enough to leave on while timing.
-  CUDA: torch.cuda max allocated / reserved since `reset()`. CPU: the rise of the resident set's
-  high-water mark (VmHWM) over the resident size at `reset()`; the mark is reset through
-  /proc/self/clear_refs (Linux). The CPU figure counts what the allocator took from the system, so
-  it includes allocator slack and is not comparable to tensor bytes.
-- `tensor_peak(fn)`: the exact peak of live CPU tensor bytes while `fn` runs, for the planner and
-  loss-memory checks: the bytes of every tensor alive before (`live_tensor_bytes`) plus the highest
-  point of the running sum, in time order, of each profiler event's own (exclusive) memory change
-  (torch.profiler, profile_memory=True; frees outside any op come as `[memory]` events). Slow: a
-  profiled step takes several times as long as a plain one.
+- `tensor_peak(fn)` / `PeakMemory.step()` on the CPU: the peak of live CPU tensor bytes while `fn`
+  (or the `with` block) runs: the bytes of every tensor alive before (`live_tensor_bytes`: weights,
+  quantization constants, optimizer states) plus the highest point of the running sum of every
+  tensor allocation and free that torch.profiler's memory timeline records, in order. Summing each
+  op's net (exclusive) memory change instead misses what an op allocates and frees inside itself:
+  for the loss on 2048 positions of a 32064 vocabulary that read 501 MiB where the timeline reads
+  751 MiB (`PYTHONPATH=. python tools/loss_memory.py`). Slow: a profiled step takes several times as
+  long as a plain one, so the bench profiles one extra, untimed step.
+- `PeakMemory` on CUDA: torch.cuda max allocated / reserved since `reset()`, the same quantity
+  (tensor bytes, allocator slack aside) measured by the allocator itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from pathlib import Path
 
 import torch
 
@@ -23,37 +23,38 @@ MIB = 2**20
 
 
 class PeakMemory:
+    """CUDA: the allocator's peak since `reset()`. CPU: the tensor peak of the last `step()` block."""
+
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self._rss_at_reset = 0
+        self._cpu_peak: int | None = None
 
     def reset(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass  # the high-water mark then holds since process start: an overestimate
-        self._rss_at_reset = _status_kib("VmRSS")
 
-    def read(self) -> tuple[float, float | None]:
-        """(peak MiB, peak reserved MiB or None on CPU) since `reset()`."""
+    @contextlib.contextmanager
+    def step(self):
+        """Wrap one training step; on the CPU it is profiled (slow: do not time it)."""
+        if self.cuda:
+            yield
+            return
+        with _timeline() as peak:
+            yield
+        self._cpu_peak = peak()
+
+    def read(self) -> tuple[float | None, float | None]:
+        """(peak MiB, peak reserved MiB; None where not measured)."""
         if self.cuda:
             return torch.cuda.max_memory_allocated() / MIB, torch.cuda.max_memory_reserved() / MIB
-        return max(0, _status_kib("VmHWM") - self._rss_at_reset) / 1024, None
+        return (None if self._cpu_peak is None else self._cpu_peak / MIB), None
 
     @property
     def method(self) -> str:
-        return "torch.cuda max allocated / reserved" if self.cuda else "peak RSS (VmHWM) rise over the timed steps"
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
+        if self.cuda:
+            return "torch.cuda max allocated / reserved over the timed steps"
+        return "CPU tensor peak of one extra, untimed step on the same micro-batch for every row (tools/peak_memory.py)"
 
 
 def live_tensor_bytes() -> int:
@@ -72,11 +73,28 @@ def live_tensor_bytes() -> int:
 
 def tensor_peak(fn, *, include_live: bool = True) -> int:
     """Peak bytes of live CPU tensors while `fn` runs (those alive before included unless told not)."""
-    before = live_tensor_bytes() if include_live else 0
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _timeline(include_live) as peak:
         fn()
+    return peak()
+
+
+@contextlib.contextmanager
+def _timeline(include_live: bool = True):
+    # The timeline is torch's private memory profiler (torch.profiler._memory_profiler, torch 2.13);
+    # it needs shapes and stacks recorded to follow each allocation.
+    from torch.profiler._memory_profiler import Action
+
+    before = live_tensor_bytes() if include_live else 0
+    result: list[int] = []
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
+        yield lambda: result[0]
     running = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        running += event.self_cpu_memory_usage
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            running += size
+        elif action == Action.DESTROY:
+            running -= size
         peak = max(peak, running)
-    return before + peak
+    result.append(before + peak)

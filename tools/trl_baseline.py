@@ -13,7 +13,8 @@ Made equal to qllava so that the two rows compare the tools and not the settings
   vision tower too, which would make it a different model) and the same attention kernel;
 - LoRA on the same modules with the same rank, alpha and dropout; the projector trained fully
   (`modules_to_save`), as qllava trains it;
-- the same samples in the same order (a sequential sampler), the same micro-batch, sequence limit
+- the same samples in file order (a sequential sampler: the synthetic file is in random order, as
+  TRL's default random sampler would give them), the same micro-batch, sequence limit
   (truncation keeps the start, as qllava's Encoder does) and the same chat template (qllava's
   vicuna_v1, so both tokenize the same text); grad_accum 1, constant learning rate 2e-4;
 - the same clock: from the start of an optimizer step (after the batch is fetched and collated) to
@@ -25,6 +26,7 @@ trl is not a qllava dependency: `pip install 'qllava[bench]'` (or carry a trl wh
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -120,7 +122,7 @@ def run(base: Path, records: list[dict], image_folder: Path, out: Path, args, pe
         output_dir=str(out),
         per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=1,
-        max_steps=args.warmup + args.steps,
+        max_steps=args.warmup + args.steps + 1,  # + the memory step, as in bench.run_variant
         learning_rate=2e-4,
         lr_scheduler_type="constant",
         max_grad_norm=1.0,
@@ -134,7 +136,7 @@ def run(base: Path, records: list[dict], image_folder: Path, out: Path, args, pe
         seed=0,
         use_cpu=not cuda,
     )
-    clock = _StepClock(args.warmup, cuda)
+    clock = _StepClock(args.warmup, args.warmup + args.steps, cuda)
 
     class Trainer(SFTTrainer):
         def _get_train_sampler(self, train_dataset=None):
@@ -156,9 +158,8 @@ def run(base: Path, records: list[dict], image_folder: Path, out: Path, args, pe
     trainer.train()
     model = trainer.model
     name = f"baseline: TRL {version()} SFTTrainer"
-    row = measured_row(
-        name, model, args.micro_batch, clock.batches[args.warmup :], clock.times, clock.losses, clock.memory, peak_rate
-    )
+    timed = clock.batches[args.warmup : args.warmup + args.steps]
+    row = measured_row(name, model, args.micro_batch, timed, clock.times, clock.losses, clock.memory, peak_rate)
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
@@ -166,20 +167,24 @@ def run(base: Path, records: list[dict], image_folder: Path, out: Path, args, pe
 
 
 class _StepClock:
-    """Step times, batches and losses of the timed steps; the memory peak reset when they start."""
+    """Step times, batches and losses of the timed steps; the memory peak reset when they start and
+    the step after them (the memory step) run inside PeakMemory.step()."""
 
-    def __init__(self, warmup: int, cuda: bool):
-        self.warmup, self.cuda = warmup, cuda
+    def __init__(self, warmup: int, memory_step: int, cuda: bool):
+        self.warmup, self.memory_step, self.cuda = warmup, memory_step, cuda
         self.memory = PeakMemory(torch.device("cuda" if cuda else "cpu"))
         self.batches: list[dict] = []
         self.times: list[float] = []
         self.losses: list[float] = []
         self._pending_loss = None
         self._start = 0.0
+        self._profiling = contextlib.ExitStack()
 
     def begin(self, step: int) -> None:
         if step == self.warmup:
             self.memory.reset()
+        if step == self.memory_step:
+            self._profiling.enter_context(self.memory.step())
         if self.cuda:
             torch.cuda.synchronize()
         self._start = time.perf_counter()
@@ -195,7 +200,9 @@ class _StepClock:
         if self.cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - self._start
-        if step > self.warmup:  # global_step has already counted this step
+        if step > self.memory_step:  # global_step has already counted this step
+            self._profiling.close()
+        elif step > self.warmup:
             self.times.append(elapsed)
             self.losses.append(float(self._pending_loss))
         self.batches[-1] = {k: v.cpu() if v is not None else None for k, v in self.batches[-1].items()}

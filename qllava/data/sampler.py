@@ -1,11 +1,15 @@
 """Modality-length grouped sampling (LLaVA-1.5), distributed-aware, seeded and resumable mid-epoch.
 
-Image and text-only samples are shuffled separately and cut into megabatches of
-world_size * micro_batch; each megabatch is sorted by length so that a micro-batch holds samples of
-similar length (less padding), and rank r takes every world_size-th sample of it, so ranks get
-equal counts of similar lengths. Full megabatches of both kinds are then shuffled together; the
-incomplete tails of the two kinds are mixed into the last megabatches. The order depends only on
-(seed, epoch), so a run can resume mid-epoch by skipping the samples it has consumed.
+Image and text-only samples are shuffled separately and cut into buckets of
+length_bucket * world_size * micro_batch samples; each bucket is sorted by length and cut into
+megabatches of world_size * micro_batch, so that a micro-batch holds samples of similar length (less
+padding), and rank r takes every world_size-th sample of a megabatch, so ranks get equal counts of
+similar lengths. Full buckets of both kinds are then shuffled together; the samples of incomplete
+buckets are mixed into the last megabatches. With length_bucket 1 this is LLaVA-1.5's code for one
+process. The training loop passes length_bucket = grad_accum, so that a bucket is one optimizer
+step: a single-modality global batch sorted by length, which is what LLaVA-1.5's 8-GPU runs (global
+batch 128 = one megabatch) trained on. The order depends only on (seed, epoch), so a run can resume
+mid-epoch by skipping the samples it has consumed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class GroupedSampler(Sampler[int]):
         world_size: int = 1,
         rank: int = 0,
         group_by_modality_length: bool = True,
+        length_bucket: int = 1,
     ) -> None:
         self.lengths = lengths
         self.micro_batch = micro_batch
@@ -38,6 +43,7 @@ class GroupedSampler(Sampler[int]):
         self.world_size = world_size
         self.rank = rank
         self.grouped = group_by_modality_length
+        self.length_bucket = length_bucket
         self.epoch = 0
         self.skip = 0
         # Every rank yields the same number of full micro-batches; fewer than world_size * micro_batch
@@ -56,15 +62,21 @@ class GroupedSampler(Sampler[int]):
         if not self.grouped:
             perm = torch.randperm(len(self.lengths), generator=g).tolist()
             return [perm[i : i + mega] for i in range(0, len(perm), mega)]
-        groups = []
+        full, tails = [], []
+        size = mega * self.length_bucket
         for keep in (lambda n: n > 0, lambda n: n <= 0):
             idx = [i for i, n in enumerate(self.lengths) if keep(n)]
             perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
-            groups.append(_megabatches(perm, self.lengths, mega))
-        full = [mb for group in groups for mb in group if len(mb) == mega]
-        tails = [i for group in groups for mb in group if len(mb) < mega for i in mb]
+            for bucket in _megabatches(perm, self.lengths, size):
+                if len(bucket) == size:
+                    full.append([bucket[i : i + mega] for i in range(0, size, mega)])
+                else:
+                    tails += bucket
+        # Whole buckets are shuffled, their megabatches kept together: with length_bucket =
+        # grad_accum a bucket is exactly one optimizer step, so sorting only moves samples
+        # between the micro-batches of the step they were drawn for.
         order = torch.randperm(len(full), generator=g).tolist()
-        return [full[i] for i in order] + _megabatches(tails, self.lengths, mega)
+        return [mb for i in order for mb in full[i]] + _megabatches(tails, self.lengths, mega)
 
     def rank_stream(self) -> list[int]:
         stream = []

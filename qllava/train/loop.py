@@ -214,6 +214,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
         world_size=accelerator.num_processes,
         rank=accelerator.process_index,
         group_by_modality_length=recipe.data.group_by_modality_length,
+        length_bucket=recipe.data.length_bucket or accum,
     )
     pad_id = processor.tokenizer.pad_token_id
     loader = _loader(train_set, sampler, recipe, pad_id, device)

@@ -38,3 +38,41 @@ def test_resume_skips_exactly_the_consumed_samples():
 def test_random_order_without_grouping_covers_all_full_batches():
     s = GroupedSampler(LENGTHS, 4, seed=0, group_by_modality_length=False)
     assert len(set(s)) == len(s) == 100
+
+
+def test_length_buckets_sort_each_optimizer_step_and_cut_padding():
+    """length_bucket = grad_accum: every step is one modality, its micro-batches sorted by length."""
+    from qllava.data.packing import padding_fraction
+    from tools.padding_report import synthetic_lengths
+
+    micro, accum, world = 2, 4, 2
+    lengths = [(-1) ** (i // 3) * (10 + (37 * i) % 400) for i in range(400)]
+    ranks = [
+        list(GroupedSampler(lengths, micro, seed=5, world_size=world, rank=r, length_bucket=accum))
+        for r in range(world)
+    ]
+    plain = list(GroupedSampler(lengths, micro, seed=5, world_size=world, rank=0))
+    assert len(ranks[0]) == len(ranks[1]) == len(plain) and not set(ranks[0]) & set(ranks[1])
+    per_step = micro * accum
+    full_steps = 0
+    for start in range(0, len(ranks[0]) - per_step + 1, per_step):
+        step = [i for r in ranks for i in r[start : start + per_step]]
+        if len({lengths[i] > 0 for i in step}) > 1:
+            continue  # the mixed tail at the end of the epoch
+        full_steps += 1
+        # Across the step, each micro-batch's samples are no longer than the previous one's.
+        sizes = [abs(lengths[i]) for i in ranks[0][start : start + per_step]]
+        assert sizes == sorted(sizes, reverse=True)
+    assert full_steps >= len(ranks[0]) // per_step - 2
+
+    tokens, modality = synthetic_lengths(4000, seed=0)
+    one = padding_fraction(tokens, list(GroupedSampler(modality, 8, seed=0)), 8)
+    sixteen = padding_fraction(tokens, list(GroupedSampler(modality, 8, seed=0, length_bucket=16)), 8)
+    assert sixteen < one / 3
+
+
+def test_length_bucket_resume_skips_exactly_the_consumed_samples():
+    full = list(GroupedSampler(LENGTHS, 4, seed=3, length_bucket=3))
+    s = GroupedSampler(LENGTHS, 4, seed=3, length_bucket=3)
+    s.set_epoch(0, skip=20)
+    assert list(s) == full[20:] and sorted(full) == sorted(set(full))

@@ -24,7 +24,7 @@ def test_step_loss_equals_hand_computation(tiny_base, tiny_data, tmp_path):
     base = load_base(tiny_base, bits=4, device=torch.device("cpu"))
     base.eval()
     dataset = dataset_from_recipe(recipe, recipe.data.train, load_processor(tiny_base), base.config)
-    order = list(GroupedSampler(dataset.modality_lengths(), 2, seed=0))[:4]
+    order = list(GroupedSampler(dataset.modality_lengths(), 2, seed=0, length_bucket=recipe.train.grad_accum))[:4]
     sums, counts = [], []
     with torch.no_grad():
         for i in order:
