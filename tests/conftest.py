@@ -130,7 +130,7 @@ def mixed_data(tmp_path_factory):
     return root
 
 
-def lora_model_with_random_b(recipe):
+def lora_model_with_random_b(recipe, device: str = "cpu"):
     """(model, dataset) for `recipe`: 4-bit + LoRA in train mode, LoRA B drawn at random (it starts at
     zero) so that every LoRA weight gets a gradient in equivalence tests."""
     import torch
@@ -138,7 +138,7 @@ def lora_model_with_random_b(recipe):
     from qllava.data.dataset import dataset_from_recipe
     from qllava.model.load import load_for_training, set_train_mode
 
-    model, processor = load_for_training(recipe, torch.device("cpu"))
+    model, processor = load_for_training(recipe, torch.device(device))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -1,14 +1,18 @@
-"""CUDA-only paths: bf16 compute, paged 8-bit AdamW, autocast in evaluation. Skipped without a GPU."""
+"""CUDA-only paths: bf16 compute, paged 8-bit AdamW, autocast in evaluation, packing on flash-attention.
+Skipped without a GPU."""
 
+import importlib.util
 import json
 
 import bitsandbytes as bnb
 import pytest
 import torch
 
+from qllava.data.dataset import collate
+from qllava.data.packing import collate_packed
 from qllava.model.load import load_for_training, resolve_attention
-from qllava.train.loop import train
-from tests.conftest import make_recipe
+from qllava.train.loop import _forward_loss, train
+from tests.conftest import lora_model_with_random_b, make_recipe
 
 pytestmark = pytest.mark.gpu
 
@@ -36,3 +40,22 @@ def test_gpu_training_with_paged_optimizer_and_eval(tiny_base, tiny_data, tmp_pa
     assert all(torch.isfinite(torch.tensor(x.get("loss", x.get("eval_loss")))) for x in lines)
     assert any("eval_loss" in x for x in lines)
     assert (final / "adapter_model.safetensors").is_file()
+
+
+ATTENTIONS = ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_gpu_packed_loss_equals_padded(tiny_base, tiny_data, tmp_path, attention):
+    """With flash-attention a packed row runs as varlen sequences cut at the position_ids resets
+    (transformers' padding-free path); only position_ids reach the language model, never the vision
+    tower (NOTES: varlen kwargs passed to LlavaModel.forward reach it too)."""
+    recipe = make_recipe(tiny_base, tiny_data, tmp_path / "run", model={"attention": attention})
+    model, processor, dataset = lora_model_with_random_b(recipe, "cuda")
+    items = [dataset[i] for i in (0, 3, 1, 7)]
+    pad_id = processor.tokenizer.pad_token_id
+    losses = {}
+    for name, batch in (("packed", collate_packed(items, pad_id)), ("padded", collate(items, pad_id))):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            losses[name] = _forward_loss(model, batch, torch.device("cuda"), torch.bfloat16, 1024).float()
+    torch.testing.assert_close(losses["packed"], losses["padded"], rtol=2e-2, atol=0)
