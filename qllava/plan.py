@@ -14,15 +14,21 @@ I = MLP intermediate, V = vocab, L = decoder layers, dt = activation dtype bytes
 - trained parameters (LoRA r*(in+out) per targeted linear, projector) in fp32, AdamW states (fp32:
   8 bytes/param; 8-bit: 2 bytes/param + fp32 absmax per 256 values; paged: same size, can spill to
   CPU under pressure, counted in full here); fp32 gradients, all alive at the optimizer step.
-- with gradient checkpointing: every layer's input (B*S*H*dt) and ONE layer recomputed in backward
-  (sdpa/flash: no S*S matrix; MLP intermediates; LoRA dropout copies; its backward peak is 0.85 of
-  its saved set, measured), or without it every layer's saved set.
+- with gradient checkpointing: every layer's input (B*S*H*dt) and ONE layer recomputed in backward:
+  its whole saved set (sdpa/flash: no S*S matrix; RMSNorms' fp32 inputs; MLP intermediates; LoRA
+  dropout copies) at the end of its recompute, with what its forward still holds there, or the
+  gradients of its MLP's backward, whichever is larger; at layer 0 with the other layers' LoRA
+  gradients when those outweigh their inputs. Without it every layer's saved set.
 The peak is weights + states + the worst of these moments: the logits/loss, one layer's backward,
 the optimizer step (all gradients), the vision tower forward.
-- logits: B*S*V in dt, its shifted fp32 copy, log-softmax and their gradients (the largest row for
-  big vocabularies); with `train.loss_chunk_size` = C > 0 only C*V of them live at once.
+- logits: 12 bytes per logit in the backward of log-softmax (its fp32 output and two fp32
+  gradients; on CPU the full logits' forward, logits + shifted copy + log-softmax, is as large), on
+  B*S*V logits (the largest row for big vocabularies); with `train.loss_chunk_size` = C > 0 on C*V.
 - the vision tower runs without grad: its activations are transient (all hidden states kept by
   output_hidden_states + one layer's working set) and freed before the language model runs.
+The activation terms are what torch.profiler's memory timeline (tools/peak_memory.py) shows alive at
+each peak: measured on CPU in fp32 (tests/test_plan.py); the bf16 counts from a LoRA layer and the
+loss run in bf16 under autocast on CPU, by hand; no GPU run has checked them.
 GPU-only constants: the CUDA context (~0.5 GiB: CUDA runtime, cuBLAS and bitsandbytes kernels; seen
 by nvidia-smi, not by torch's allocator) and the caching allocator's fragmentation (reserved is
 1.1-1.2x the peak of allocated tensors; 1.15x used). These are not validated by any test here.
@@ -185,6 +191,57 @@ def _weight_bytes(n: int, bits: int, dt: int, out_rows: int) -> int:
     return n * dt
 
 
+# What each LoRA-wrapped linear of a Llama layer reads: q/k/v share the input norm's output, gate/up
+# the post-attention norm's output, o_proj reads the attention output (kept by attention anyway),
+# down_proj the gate*up product.
+_LORA_INPUT = {
+    "q_proj": "attn_in",
+    "k_proj": "attn_in",
+    "v_proj": "attn_in",
+    "o_proj": "attn_out",
+    "gate_proj": "mlp_in",
+    "up_proj": "mlp_in",
+    "down_proj": "down_in",
+}
+
+
+def _lora_activation_bytes(
+    shape: Shape, targets: list[tuple[str, int, int]], recipe: Recipe, dt: int, r: int
+) -> tuple[int, int, int, set[str]]:
+    """LoRA's activations in bytes per token of one layer: (kept for backward by every target but
+    down_proj, kept by down_proj's LoRA branch, alive only while that branch runs, which of the
+    layer's own tensors LoRA keeps: "mlp_in" (post-attention norm output), "down_in" (gate*up)).
+
+    With dropout, per input element: its output (kept by lora_A for its weight gradient) and what
+    dropout keeps for its backward: on CPU (fp32) torch's unfused dropout keeps a noise tensor in
+    the input dtype (2 x 4 B, measured); on GPU the bf16 output (4-bit: bf16 in, no autocast copy;
+    16-bit: peft casts the input to the fp32 LoRA dtype, autocast copies the dropout output to bf16,
+    measured) + fused dropout's bool mask: 3 B. Without dropout lora_A keeps its input itself (CPU,
+    and 4/8-bit GPU: inputs shared by several targets once, o_proj's is the attention output kept
+    anyway), or on 16-bit GPU a bf16 autocast copy of peft's fp32 cast per target (2 B, measured).
+    Each target's lora_A output (r x dt) is kept by lora_B. On 16-bit GPU the fp32 cast (4 B) and
+    the fp32 dropout output (4 B) of down_proj's input are alive while its LoRA branch runs.
+    """
+    if not targets:
+        return 0, 0, 0, set()
+    L = max(shape.layers, 1)
+    gpu16 = dt == 2 and recipe.model.bits == 16
+    groups = [(name.rsplit(".", 2)[0], _LORA_INPUT.get(name.rsplit(".", 1)[-1], name), i) for name, i, _ in targets]
+    down_in = max((i for _, g, i in groups if g == "down_in"), default=0)
+    down_targeted = any(g == "down_in" for _, g, _ in groups)
+    others = [(prefix, g, i) for prefix, g, i in groups if g != "down_in"]
+    lora_out = dt * r * len(others) // L
+    down_out = dt * r if down_targeted else 0
+    if recipe.lora.dropout > 0 or gpu16:
+        per_in = (2 * dt if dt == 4 else 3) if recipe.lora.dropout > 0 else 2
+        extra = (8 if recipe.lora.dropout > 0 else 4) * down_in if gpu16 else 0
+        common = per_in * sum(i for _, _, i in others) // L + lora_out
+        return common, per_in * down_in + down_out, extra, set()
+    inputs = {(prefix, g): (0 if g in ("attn_out", "mlp_in") else dt * i) for prefix, g, i in others}
+    keeps = {g for _, g in inputs} & {"mlp_in"} | ({"down_in"} if down_targeted else set())
+    return sum(inputs.values()) // L + lora_out, down_out, 0, keeps
+
+
 def _optimizer(recipe: Recipe, device: str) -> str:
     name = recipe.optim.name
     if name == "auto":
@@ -234,53 +291,93 @@ def estimate(shape: Shape, recipe: Recipe, micro_batch: int, seq_len: int, devic
     grads = trained * 4
     step_temp = 2 * trained * 4 if opt == "adamw" else 4 * max((i + o) * r for _, i, o in targets or [("", 0, 0)])
 
-    # Activations. Per token of one decoder layer (bytes), as autograd saves them: two RMSNorms
-    # (fp32 input copy on GPU or the fp32 input itself on CPU, normalized, output: 8 H), rotary q and
-    # k and v kept by attention (rotary muls save only cos/sin), attention output (sdpa/flash: O(S)
-    # extra, no S*S), the residual, gate/up/act/product (4 I) and per LoRA target its dropout output
-    # (GPU: the bf16 autocast copy) + bool mask, and lora_A's output (r).
+    # Activations, in bytes per token of one decoder layer unless said otherwise. Measured with
+    # tools/peak_memory.py's timeline (what is alive at the peak, by the op that allocated it): on CPU
+    # (fp32) in qllava's real step, and for the GPU dtypes a LoRA-wrapped Llama layer in bf16 under
+    # autocast, run on CPU (same autograd graph; CPU's unfused dropout keeps a noise tensor where
+    # CUDA's fused dropout keeps a bool mask, the one difference accounted for below).
+    tokens = B * S
+    trained_rows = B * max(S - shape.image_tokens, 1)  # positions whose next token carries loss
     kv = shape.kv_dim
     gqa = 2 * (H - kv) if kv < H else 0  # repeat_kv copies before sdpa
-    norm = 8 * H
-    attn = dt * (H + 2 * kv + gqa + 2 * H)
-    mlp = dt * 4 * Ii
-    drop = recipe.lora.dropout > 0
-    per_in = (dt + 1 if drop else (2 if dt == 2 else 0)) if lora else 0
-    lora_act = sum(per_in * i + dt * r for _, i, _ in targets) // max(L, 1)
-    layer_tok = 2 * norm + attn + mlp + lora_act
-    tokens = B * S
+    # Saved for backward by one layer: rotary q and k, v (+ GQA copies) and the attention output
+    # kept by sdpa/flash (no S*S matrix); the RMSNorms' fp32 inputs: on CPU the post-attention
+    # norm keeps the residual sum itself and the input norm the layer input (counted as the layer
+    # input), on GPU each keeps an fp32 copy of its bf16 input (4 B, the bf16 tensors are freed); the
+    # MLP's gate output, silu output and up output (their product is not kept: down_proj's base is
+    # frozen). Norm outputs are not kept (frozen norm weights).
+    attn = dt * (H + 2 * kv + gqa + H)
+    norms = 4 * H + (4 * H if dt == 2 else 0)
+    mlp = dt * 3 * Ii
+    lora_common, lora_down, lora_down_extra, lora_keeps = _lora_activation_bytes(shape, targets, recipe, dt, r)
+    core = attn + norms + mlp + lora_common  # kept until the layer's backward, down_proj's branch aside
+    mlp_in, product = dt * H, dt * Ii  # post-attention norm output, gate*up product (down_proj's input)
+    saved_tok = core + lora_down + mlp_in * ("mlp_in" in lora_keeps) + product * ("down_in" in lora_keeps)
+    # The final norm keeps the last layer's output in fp32 (CPU: that tensor; GPU: its fp32 copy).
+    final_keep = 4 * H
     checkpoint = tokens * H * dt
-    # Backward of one recomputed layer: the saved set is freed while the gradients appear, so its peak
-    # is ~0.85 of the saved set (measured on CPU) + the hidden-state gradients flowing in and out + the
-    # dequantized weight of the largest 4/8-bit linear + that layer's LoRA gradients.
     dequant = shape.largest_linear * dt if bits in (4, 8) else 0
-    recompute = tokens * (layer_tok * 85 // 100 + dt * 2 * H) + dequant + 4 * lora_params // max(L, 1)
+    # Two moments of one layer's backward, measured on CPU (the larger one is the peak):
+    # - the end of its recompute (non-reentrant checkpointing recomputes the whole layer at the first
+    #   unpack of its backward), in down_proj's LoRA branch: the whole saved set, plus what the
+    #   forward still holds (the post-attention norm output, the gate*up product, down_proj's base
+    #   output) and the gradient of the layer output (H x dt) with its copy scaled by down_proj's
+    #   LoRA (H x dt, when down_proj has LoRA) that trigger the recompute; earlier
+    #   in down_proj its dequantized 4/8-bit weight is alive instead of its LoRA branch;
+    # - the backward of gate*up (down_proj's branch freed): the gradients of the product, of silu's
+    #   output and of up's output (3 x I x dt) and the gradient of the layer output.
+    grads_in = dt * H * (2 if lora_down else 1)
+    end_of_recompute = tokens * (core + mlp_in + product + dt * H + grads_in) + max(
+        dequant, tokens * (lora_down + lora_down_extra)
+    )
+    mlp_backward = tokens * (core + mlp_in * ("mlp_in" in lora_keeps) + dt * H + dt * 3 * Ii)
+    # Around them: on GPU the layer's LoRA weights in bf16 (autocast copies kept by autograd); the
+    # final norm's input is freed by then. Layers are recomputed last to first: at layer j, layers
+    # 0..j keep their input and layers j+1.. have their fp32 LoRA gradients, so layer 0 is the worst
+    # when one layer's LoRA gradients outweigh one layer input (small micro-batches, large r).
+    lora_layer_grads = 4 * lora_params // max(L, 1)
+    recompute = (
+        max(end_of_recompute, mlp_backward)
+        + (2 * lora_params // max(L, 1) if dt == 2 else 0)
+        + max(0, (L - 1) * (lora_layer_grads - checkpoint))
+        - tokens * final_keep
+    )
     chunk = getattr(recipe.train, "loss_chunk_size", 0)
+    # Bytes per logit at the loss's worst moment, 12 on CPU and GPU (the loss is fp32 either way,
+    # measured on CPU in fp32 and in bf16): the backward of log-softmax, when its saved fp32 output,
+    # the gradient nll_loss_backward wrote (fp32) and the one log_softmax_backward writes (fp32) are
+    # alive together. (The forward moment is lower: logits in dt + fp32 upcast + log-softmax; with
+    # full logits on CPU the logits, their shifted copy and log-softmax: also 12.)
+    per_logit = 12
     if chunk > 0:
-        # One chunk of logits (dt) with its fp32 upcast (GPU) and log-softmax, recomputed in backward
-        # with its gradient; chunks cover the trained positions only (at most S - image tokens).
-        vocab_rows = min(chunk, B * max(S - shape.image_tokens, 1))
-        per_logit = 8 if dt == 4 else 2 + 4 + 4 + 4
-        logits = vocab_rows * V * per_logit + 2 * tokens * H * dt
+        # One chunk of logits, recomputed in backward; chunks cover the trained positions only, whose
+        # final hidden states (dt) and their gradient (dt, SliceBackward's zeros) are alive then.
+        vocab_rows = min(chunk, trained_rows)
+        logits = vocab_rows * V * per_logit + 2 * trained_rows * H * dt
     else:
-        # Full logits: logits (dt), the shifted copy (dt), its fp32 upcast (GPU) and log-softmax (4)
-        # live together at the end of the forward; the backward needs log-softmax + 2 fp32 gradients.
         vocab_rows = tokens
-        per_logit = max(2 * dt + (4 if dt == 2 else 0) + 4, 12 + (dt if dt == 2 else 0))
-        logits = vocab_rows * V * per_logit + tokens * H * dt
-    proj_act = B * shape.image_tokens * (shape.vision_hidden + 3 * H) * dt
+        logits = vocab_rows * V * per_logit
+    # Projector (trained, so its activations are kept): the vision features it reads (copied by the
+    # reshape of the non-contiguous [:, 1:] slice), linear_1's output (kept by GELU), GELU's output.
+    proj_act = B * shape.image_tokens * (shape.vision_hidden + 2 * H) * dt
     if recipe.model.gradient_checkpointing:
-        persistent = L * checkpoint + proj_act + tokens * (norm + H * dt)
+        persistent = L * checkpoint + proj_act + tokens * final_keep
         phases = {"logits + loss": logits, "one layer recomputed in backward": recompute}
         phases["optimizer step"] = grads + step_temp - persistent
         rows_act = [
             ("activations: layer inputs kept", L * checkpoint, f"{L} layers x B*S*H*{dt} B (checkpointing)"),
-            ("activations: one layer recomputed", recompute, "backward working set, incl. dequantized weight"),
+            ("activations: one layer recomputed", recompute, "its saved set + held tensors + gradients in"),
         ]
     else:
-        layer_tok += H * dt  # each layer's input, saved by its first norm
-        persistent = L * tokens * layer_tok + proj_act + tokens * (norm + H * dt)
-        phases = {"logits + loss": logits, "backward gradients": tokens * dt * 2 * H + dequant}
+        layer_tok = saved_tok + H * dt  # + each layer's input
+        persistent = L * tokens * layer_tok + proj_act + tokens * final_keep
+        # The last layer's backward: down_proj's (gradient out, LoRA-scaled copy, the product's
+        # gradient, dequantized weight) or gate*up's (as with checkpointing; its down branch freed).
+        last_layer = max(
+            tokens * dt * (2 * H + Ii) + dequant,
+            tokens * (dt * H + dt * 3 * Ii - lora_down - product * ("down_in" in lora_keeps)),
+        )
+        phases = {"logits + loss": logits, "backward gradients": last_layer - tokens * final_keep}
         phases["optimizer step"] = grads + step_temp - persistent
         rows_act = [("activations: every layer saved", L * tokens * layer_tok, "no checkpointing")]
     vt = B * (shape.vision_tokens * shape.vision_hidden * dt * (shape.vision_layers + 1 + 4))
@@ -288,7 +385,7 @@ def estimate(shape: Shape, recipe: Recipe, micro_batch: int, seq_len: int, devic
     rows += rows_act + [
         ("gradients (LoRA + projector)", grads, "fp32, all alive at the optimizer step"),
         ("optimizer step temporaries", step_temp, "torch AdamW foreach" if opt == "adamw" else "one tensor"),
-        ("activations: projector + final norm", proj_act + tokens * (norm + H * dt), "kept until backward"),
+        ("activations: projector + final norm", proj_act + tokens * final_keep, "kept until backward"),
         (
             "logits + loss",
             logits,

@@ -170,6 +170,12 @@ def load_for_training(recipe: Recipe, device: torch.device, *, fsdp: bool = Fals
     model.requires_grad_(False)
     if recipe.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # transformers (here) and peft for 16-bit bases (in get_peft_model) hook every sub-model's input
+    # embeddings to require grad, the vision tower's patch embedding included: its whole forward
+    # would then be kept for a backward pass that updates nothing. Non-reentrant checkpointing does
+    # not need the hooks. Each call forgets the handles of the previous one, so each set is removed
+    # right after it is made.
+    model.disable_input_require_grads()
     if recipe.lora.enabled:
         config = LoraConfig(
             r=recipe.lora.r,
@@ -183,10 +189,8 @@ def load_for_training(recipe: Recipe, device: torch.device, *, fsdp: bool = Fals
         model = get_peft_model(model, config)
     else:
         projector_of(model).requires_grad_(True)
-    # transformers (and peft for 16-bit bases) hook every sub-model's input embeddings to require
-    # grad, the vision tower's patch embedding included: its whole forward would then be recorded
-    # for a backward pass that updates nothing. Non-reentrant checkpointing does not need the hooks.
-    (model.base_model.model if recipe.lora.enabled else model).disable_input_require_grads()
+    if recipe.lora.enabled:
+        model.base_model.model.disable_input_require_grads()
     # Trainable weights stay fp32 for the optimizer; bf16 autocast does the compute on GPU.
     for param in model.parameters():
         if param.requires_grad:
