@@ -98,10 +98,12 @@ class DataSection:
 
     length_bucket: int | None = None
     """With group_by_modality_length: how many micro-batches (per process) are sorted by length
-    together. Unset: train.grad_accum, so one optimizer step's samples are sorted among its
-    micro-batches, which changes what is padded but not which samples a step trains on. Measured on
-    LLaVA-1.5-like lengths at micro-batch 8 (tools/padding_report.py): padding 32.8% with 1, 5.9%
-    with 16, 2.1% with 50."""
+    together. Unset: train.grad_accum, so each optimizer step is one bucket: a random
+    single-modality draw of samples, sorted among the step's micro-batches. A multiple of grad_accum
+    sorts across steps (less padding, but each step then holds samples of similar length); other
+    values let buckets straddle steps. Measured on LLaVA-1.5-like lengths at micro-batch 8
+    (tools/padding_report.py): padding 32.8% with 1, 5.9% with 16, 2.1% with 50. A resumed run
+    must keep the value its checkpoint was written with."""
 
     packing: bool = False
     """Padding-free micro-batches: the samples of a micro-batch are concatenated into one row (at most

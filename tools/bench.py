@@ -12,10 +12,11 @@ What it builds (in a temporary directory, nothing downloaded):
 - a LLaVA JSON with PNG images whose token lengths follow tools/padding_report.py's synthetic
   LLaVA-1.5-mix distribution (image samples: every image token + long-tailed text; 12% text-only),
   in random order, cut to --seq-len by qllava's Encoder. Every variant runs the same samples: the
-  warmup micro-batches in file order, then the timed ones as each tool would batch them. qllava:
-  in its sampler's order (modality groups, sorted by length within buckets of --length-bucket
-  micro-batches; by default the timed steps are one bucket, i.e. one optimizer step of grad_accum
-  --steps, which is what the shipped 7B recipe, micro-batch 8 x grad_accum 16, sorts over). The
+  warmup micro-batches in file order, then the timed ones as each tool would batch them, then one
+  memory step (below) on the data's last micro-batch. qllava: in its sampler's order with
+  data.length_bucket = --length-bucket; by default --steps, so all timed samples are sorted by
+  modality and length together, as an optimizer step of grad_accum --steps is (the shipped 7B
+  recipe: micro-batch 8 x grad_accum 16); one micro-batch may mix the two modalities. The
   baseline: in file order, as TRL's default random sampler would.
 
 How it times: the real step, driven directly rather than through `qllava.train.loop.train` (whose
@@ -27,8 +28,10 @@ autocast, `accelerator.backward`, gradient clipping, `optimizer.step()` and `zer
 What it reports (tokens are real tokens: the attention_mask sum, padding excluded):
 - padding: padded / all tokens of the timed micro-batches as run (0 when packed);
 - peak memory, as tools/peak_memory.py's PeakMemory reads it: CUDA: max allocated / reserved over
-  the timed steps; CPU: the peak of live tensor bytes (weights and optimizer states included) in one
-  extra, untimed, profiled step after them, on the same micro-batch (the data's last) for every row;
+  the timed steps and the memory step, plus bitsandbytes' paged optimizer states (outside torch's
+  allocator); CPU: the peak of live tensor bytes (weights and optimizer states included) in one
+  extra, untimed, profiled step after them (the memory step), on the same micro-batch (the data's
+  last) for every row, with the other micro-batches already dropped;
 - MFU: model FLOPs per second / the matmul rate measured in the same run (bf16 4096^3 on GPU, fp32
   512^3 on CPU, best of 5). Model FLOPs per step:
     4 x (LLM linear + lm_head parameters) per real token (forward 2P, backward to the inputs 2P; the
@@ -50,6 +53,7 @@ default): there the comparison checks that both paths run, not which is faster.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -323,13 +327,26 @@ def run_variant(
         if step >= args.warmup:
             step_times.append(elapsed)
             losses.append(loss.item())
+        # Keep only what measured_row reads, so that the memory step sees no other batch's tensors.
+        batches[step] = _summary(batch)
     row = measured_row(
         name, model, micro, batches[args.warmup : -1], step_times, losses, memory, peak_rate, packing, chunk
     )
-    del model, optimizer, batches
+    del model, optimizer, batches, batch
+    gc.collect()  # 4-bit weights reference their own layers (a cycle): free them before the next row
     if cuda:
         torch.cuda.empty_cache()
     return row
+
+
+def _summary(batch: dict) -> dict:
+    """The parts of a collated micro-batch that measured_row / step_flops read (one pixel per image)."""
+    pixels = batch["pixel_values"]
+    return {
+        "attention_mask": batch["attention_mask"],
+        "position_ids": batch.get("position_ids"),
+        "pixel_values": None if pixels is None else pixels[:, :1, :1, :1].clone(),
+    }
 
 
 def render(rows: list[dict], meta: dict) -> str:

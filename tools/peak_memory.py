@@ -9,7 +9,10 @@
   751 MiB (`PYTHONPATH=. python tools/loss_memory.py`). Slow: a profiled step takes several times as
   long as a plain one, so the bench profiles one extra, untimed step.
 - `PeakMemory` on CUDA: torch.cuda max allocated / reserved since `reset()`, the same quantity
-  (tensor bytes, allocator slack aside) measured by the allocator itself.
+  (tensor bytes, allocator slack aside) measured by the allocator itself, plus the paged optimizer
+  states bitsandbytes created since the PeakMemory was made: they live in CUDA managed memory that
+  torch's allocator never sees (a rank-128 7B LLaVA's 8-bit AdamW states: about 0.65 GB), counted
+  in full as `qllava plan` counts them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self._cpu_peak: int | None = None
+        self._paged_before = len(_paged_tensors())
 
     def reset(self) -> None:
         if self.cuda:
@@ -47,14 +51,24 @@ class PeakMemory:
     def read(self) -> tuple[float | None, float | None]:
         """(peak MiB, peak reserved MiB; None where not measured)."""
         if self.cuda:
-            return torch.cuda.max_memory_allocated() / MIB, torch.cuda.max_memory_reserved() / MIB
+            paged = sum(t.numel() * t.element_size() for t in _paged_tensors()[self._paged_before :])
+            return (torch.cuda.max_memory_allocated() + paged) / MIB, (torch.cuda.max_memory_reserved() + paged) / MIB
         return (None if self._cpu_peak is None else self._cpu_peak / MIB), None
 
     @property
     def method(self) -> str:
         if self.cuda:
-            return "torch.cuda max allocated / reserved over the timed steps"
+            return (
+                "torch.cuda max allocated / reserved over the timed steps and the memory step, + paged optimizer states"
+            )
         return "CPU tensor peak of one extra, untimed step on the same micro-batch for every row (tools/peak_memory.py)"
+
+
+def _paged_tensors() -> list:
+    """Every paged optimizer state bitsandbytes has made in this process (its global page manager)."""
+    from bitsandbytes.functional import GlobalPageManager
+
+    return GlobalPageManager.get_instance().paged_tensors
 
 
 def live_tensor_bytes() -> int:

@@ -21,19 +21,32 @@ Made equal to qllava so that the two rows compare the tools and not the settings
   its end (forward, backward, clipping, optimizer step, zero_grad), with a CUDA synchronize on both
   sides; the same warmup steps are left out; peak memory is read the same way.
 
+Left as TRL does them, because they are what its users get (each makes the baseline do more work
+or hold more memory than qllava; the table's ratios include them):
+- labels on every non-padding token, the image tokens included (no `{% generation %}` markers in
+  the template for assistant_only_loss), so lm_head and the loss run on almost every position, and
+  the `loss` column is not comparable with qllava's (answers only);
+- `model.enable_input_require_grads()` with gradient checkpointing, which hooks the vision tower's
+  patch embedding too: its forward is recorded and backpropagated (qllava removes those hooks);
+- its per-step metrics (entropy and token accuracy over the logits, `.item()` syncs) inside the step;
+- trainable weights cast to bf16, torch AdamW (fp32 states) instead of paged 8-bit AdamW;
+- random order, no length grouping (the qllava row closest in batching is `--compare`'s
+  "padded, chunked loss, file order").
+
 trl is not a qllava dependency: `pip install 'qllava[bench]'` (or carry a trl wheel to the GPU machine).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from pathlib import Path
 
 import torch
 
 from qllava.data.templates import chat_template
-from qllava.model.load import SKIP_QUANTIZATION, guard_cpu_repack, lora_targets, resolve_attention
+from qllava.model.load import SKIP_QUANTIZATION, lora_targets, resolve_attention
 from tools.peak_memory import PeakMemory
 
 TEMPLATE = "vicuna_v1"  # qllava's default data.template
@@ -73,6 +86,7 @@ def messages_dataset(records: list[dict], image_folder: Path):
 
 def run(base: Path, records: list[dict], image_folder: Path, out: Path, args, peak_rate: float, measured_row) -> dict:
     """Train the baseline for args.warmup + args.steps steps; one row of the bench table (bench.measured_row)."""
+    from accelerate.state import AcceleratorState
     from peft import LoraConfig
     from torch.utils.data import SequentialSampler
     from transformers import (
@@ -104,7 +118,6 @@ def run(base: Path, records: list[dict], image_folder: Path, out: Path, args, pe
             "vision_config": "sdpa" if attention == "flash_attention_2" else attention,
         },
     )
-    guard_cpu_repack(model)  # a no-op for training, kept so the two tools load identical layers
     processor = AutoProcessor.from_pretrained(base)
     processor.chat_template = chat_template(TEMPLATE)
     if processor.tokenizer.pad_token_id is None:
@@ -155,12 +168,19 @@ def run(base: Path, records: list[dict], image_folder: Path, out: Path, args, pe
         peft_config=lora,
         callbacks=[_callback(TrainerCallback, clock)],
     )
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        # Trainer leaves accelerate's process-wide state set to bf16 mixed precision; a qllava run
+        # later in the process (with its own setting) would be refused. transformers resets it the
+        # same way before it builds its own.
+        AcceleratorState._reset_state(reset_partial_state=True)
     model = trainer.model
     name = f"baseline: TRL {version()} SFTTrainer"
     timed = clock.batches[args.warmup : args.warmup + args.steps]
     row = measured_row(name, model, args.micro_batch, timed, clock.times, clock.losses, clock.memory, peak_rate)
     del trainer, model
+    gc.collect()  # 4-bit weights reference their own layers (a cycle)
     if cuda:
         torch.cuda.empty_cache()
     return row

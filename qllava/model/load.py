@@ -187,10 +187,9 @@ def load_for_training(recipe: Recipe, device: torch.device, *, fsdp: bool = Fals
         )
         torch.manual_seed(recipe.train.seed)
         model = get_peft_model(model, config)
+        model.base_model.model.disable_input_require_grads()
     else:
         projector_of(model).requires_grad_(True)
-    if recipe.lora.enabled:
-        model.base_model.model.disable_input_require_grads()
     # Trainable weights stay fp32 for the optimizer; bf16 autocast does the compute on GPU.
     for param in model.parameters():
         if param.requires_grad:

@@ -43,6 +43,11 @@ class TrainState:
     """Processes that trained; `consumed` and the RNG states are per process."""
     fsdp: bool = False
     """Trained under FSDP: optimizer.pt holds FSDP's full optimizer state dict."""
+    micro_batch: int = 0
+    """The sampler's micro-batch size (0: not recorded, checkpoints before it was)."""
+    length_bucket: int = 1
+    """The sampler's length bucket (1 in checkpoints written before it existed). With
+    world_size and micro_batch it fixes the epoch's order, which `consumed` counts into."""
 
 
 def _rng_state() -> dict:
@@ -136,7 +141,9 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
-def load_weights(path: Path, *, model, world_size: int = 1, fsdp: bool = False) -> TrainState:
+def load_weights(
+    path: Path, *, model, world_size: int = 1, fsdp: bool = False, micro_batch: int = 0, length_bucket: int = 1
+) -> TrainState:
     """Restore adapter + projector weights into the model before it is wrapped; return the trainer state.
 
     Loading before `accelerator.prepare` works alike for DDP (which broadcasts rank 0's weights)
@@ -147,6 +154,14 @@ def load_weights(path: Path, *, model, world_size: int = 1, fsdp: bool = False) 
         raise QllavaError(
             f"checkpoint {path} was written by a run of {state.world_size} process(es); resume it with the same "
             f"number (this run has {world_size}), since the data position and RNG states are per process"
+        )
+    recorded = (state.micro_batch or micro_batch, state.length_bucket)
+    if recorded != (micro_batch, length_bucket):
+        raise QllavaError(
+            f"checkpoint {path} was written by a run that drew micro-batches of {recorded[0]} with "
+            f"data.length_bucket {recorded[1]}, and this run uses {micro_batch} and {length_bucket}; the "
+            "epoch's sample order depends on both, so resuming would repeat some samples and skip others. "
+            f"Resume with train.micro_batch_size={recorded[0]} data.length_bucket={recorded[1]}"
         )
     if state.fsdp != fsdp:
         how = "written under FSDP and this run is not" if state.fsdp else "written without FSDP and this run uses it"

@@ -238,10 +238,11 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             f"qllava: warning: the base's chat template is qllava's `{built_for}`, but data.template is "
             f"`{recipe.data.template}`; set data.template={built_for} unless you mean to change it"
         )
-    state = TrainState(world_size=accelerator.num_processes, fsdp=sharded)
+    order = {"micro_batch": micro, "length_bucket": sampler.length_bucket}
+    state = TrainState(world_size=accelerator.num_processes, fsdp=sharded, **order)
     resume_from = find_resume(recipe.train.resume, out)
     if resume_from is not None:
-        state = load_weights(resume_from, model=model, world_size=accelerator.num_processes, fsdp=sharded)
+        state = load_weights(resume_from, model=model, world_size=accelerator.num_processes, fsdp=sharded, **order)
     replicated = []
     if sharded:
         # FSDP replaces the trainable parameters by flat ones: the optimizer is built on those.

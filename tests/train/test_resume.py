@@ -109,3 +109,17 @@ def test_auto_resume_without_a_checkpoint_starts_over(tiny_base, tiny_data, tmp_
         f.write('{"step": 3, "loss": 1.0')  # a line cut short by a killed run
     train(make_recipe(tiny_base, tiny_data, run, train={"max_steps": 2, "resume": "auto"}), progress=False)
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_with_another_data_order_is_refused(tiny_base, tiny_data, tmp_path):
+    """grad_accum sets data.length_bucket by default; the checkpoint's consumed count only means
+    something in the order it was drawn in."""
+    run = tmp_path / "run"
+    train(make_recipe(tiny_base, tiny_data, run, train={"max_steps": 2, "save_every": 1}), progress=False)
+    state = json.loads((run / "checkpoint-1" / "trainer_state.json").read_text())
+    assert (state["micro_batch"], state["length_bucket"]) == (2, 2)
+    resume = {"max_steps": 3, "save_every": 1, "grad_accum": 1, "resume": str(run / "checkpoint-1")}
+    with pytest.raises(QllavaError, match=r"train.micro_batch_size=2 data.length_bucket=2"):
+        train(make_recipe(tiny_base, tiny_data, run, train=resume), progress=False)
+    train(make_recipe(tiny_base, tiny_data, run, train=resume, data={"length_bucket": 2}), progress=False)
+    assert (run / "checkpoint-2").is_dir()
