@@ -357,6 +357,11 @@ def estimate(shape: Shape, recipe: Recipe, micro_batch: int, seq_len: int, devic
     else:
         vocab_rows = tokens
         logits = vocab_rows * V * per_logit
+    if dt == 2:
+        # The loss runs inside bf16 autocast, whose cache still holds a bf16 copy of every trained
+        # weight cast in the forward (2 B per trained parameter; from torch's autocast weight cache,
+        # not measured on a GPU). Below the recompute moment for the shipped 7B recipes.
+        logits += 2 * trained
     # Projector (trained, so its activations are kept): the vision features it reads (copied by the
     # reshape of the non-contiguous [:, 1:] slice), linear_1's output (kept by GELU), GELU's output.
     proj_act = B * shape.image_tokens * (shape.vision_hidden + 2 * H) * dt
