@@ -1,6 +1,6 @@
 """Benchmark qllava's training step: tokens/s, samples/s, padding, peak memory and MFU per variant.
 
-    PYTHONPATH=. python tools/bench.py [--tiny] [--steps N] [--micro-batch B] [--seq-len S] [--lora-r R]
+    PYTHONPATH=. python tools/bench.py [--tiny | --layers L] [--steps N] [--micro-batch B] [--seq-len S] [--lora-r R]
         [--out DIR] [--packing] [--loss-chunk-size C] [--length-bucket K] [--compare] [--no-baseline]
 
 What it builds (in a temporary directory, nothing downloaded):
@@ -99,8 +99,13 @@ NO_TRL = "baseline not run: trl is not installed (pip install 'qllava[bench]')"
 WORDS = ["What", "color", "is", "the", "shape", "red", "blue", "green", "Describe", "image", "a", "circle"]
 
 
-def build_base(out: Path, tiny: bool) -> Path:
-    """Save a random LLaVA (tiny, or LLaVA-1.5-7B-shaped in bf16 on the GPU) with its processor."""
+def build_base(out: Path, tiny: bool, layers: int = 0) -> Path:
+    """Save a random LLaVA (tiny, or LLaVA-1.5-7B-shaped in bf16) with its processor.
+
+    `layers` > 0 keeps only that many decoder and vision layers of the 7B shape (every width, the
+    vocabulary, the 336 px images and their 576 tokens stay): the 7B path then fits a CPU, to check
+    it end to end before a GPU is at hand; its speed says nothing about a GPU.
+    """
     if tiny:
         from qllava.model.tiny import build_tiny_llava
 
@@ -109,16 +114,23 @@ def build_base(out: Path, tiny: bool) -> Path:
 
     from qllava.model.tiny import LLAVA_1_5_7B, build_tokenizer, llava_config, llava_processor
 
-    if not torch.cuda.is_available():
-        raise SystemExit("bench: the 7B shape needs a CUDA GPU; use --tiny on the CPU")
+    cuda = torch.cuda.is_available()
+    if not cuda and not layers:
+        raise SystemExit(
+            "bench: the 7B shape needs a CUDA GPU; use --tiny, or --layers 1 to check its path, on the CPU"
+        )
     tokenizer = build_tokenizer([" ".join(WORDS)])
     tokenizer.model_max_length = 4096
-    config = llava_config(tokenizer, **LLAVA_1_5_7B)
+    shape = {part: dict(dims) for part, dims in LLAVA_1_5_7B.items()}
+    if layers:
+        shape["text"]["num_hidden_layers"] = layers
+        shape["vision"]["num_hidden_layers"] = layers + 1  # the features come from layer -2
+    config = llava_config(tokenizer, **shape)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
+        with torch.device("cuda" if cuda else "cpu"):
             model = LlavaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
@@ -126,7 +138,8 @@ def build_base(out: Path, tiny: bool) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     del model
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return out
 
 
@@ -393,6 +406,9 @@ def versus(rows: list[dict], baseline: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny random model (CPU); default: LLaVA-1.5-7B shape")
+    parser.add_argument(
+        "--layers", type=int, default=0, help="7B shape with only this many layers (a CPU check of the 7B path)"
+    )
     parser.add_argument("--steps", type=int, default=16, help="timed optimizer steps (after 2 warmup steps)")
     parser.add_argument("--micro-batch", type=int, default=None, help="default 4 (tiny) / 8 (7B)")
     parser.add_argument("--seq-len", type=int, default=None, help="data.max_length; default 512 (tiny) / 2048 (7B)")
@@ -431,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
     peak_rate = matmul_flops(device)
     with tempfile.TemporaryDirectory(prefix="qllava-bench-") as tmp:
         tmp = Path(tmp)
-        base = build_base(tmp / "model", args.tiny)
+        base = build_base(tmp / "model", args.tiny, args.layers)
         from transformers import AutoConfig
 
         vision = AutoConfig.from_pretrained(base).vision_config
@@ -449,7 +465,9 @@ def main(argv: list[str] | None = None) -> dict:
             )
             baseline_note = f"{baseline['variant']}, same model, samples and settings (tools/trl_baseline.py)"
     meta = {
-        "model": "tiny (qllava.model.tiny)" if args.tiny else "LLaVA-1.5-7B shape, random weights",
+        "model": "tiny (qllava.model.tiny)"
+        if args.tiny
+        else f"LLaVA-1.5-7B shape{f' cut to {args.layers} layer(s)' if args.layers else ''}, random weights",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
         "peak_tflops": peak_rate / 1e12,
         "matmul": "bf16 4096^3" if device.type == "cuda" else f"fp32 512^3, {torch.get_num_threads()} threads",
