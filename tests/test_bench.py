@@ -34,14 +34,13 @@ def test_bench_tiny(tmp_path, capsys):
 
 def test_baseline_tokenizes_the_samples_as_qllava(tmp_path):
     """TRL's collator on `messages_dataset` gives qllava's Encoder ids (minus BOS), image tokens included."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     from qllava.data.dataset import dataset_from_recipe
-    from qllava.data.templates import chat_template
     from qllava.model.load import load_processor
     from qllava.recipe import build_recipe
-    from tools.trl_baseline import TEMPLATE, messages_dataset
+    from tools.trl_baseline import TEMPLATE, baseline_processor, messages_dataset
 
     base = build_base(tmp_path / "model", tiny=True)
     config = AutoConfig.from_pretrained(base)
@@ -52,9 +51,7 @@ def test_baseline_tokenizes_the_samples_as_qllava(tmp_path):
     assert recipe.data.template == TEMPLATE
     processor = load_processor(base)
     ours = dataset_from_recipe(recipe, recipe.data.train, processor, config)
-    trl_processor = AutoProcessor.from_pretrained(base)
-    trl_processor.chat_template = chat_template(TEMPLATE)
-    collator = DataCollatorForVisionLanguageModeling(trl_processor, max_length=512)
+    collator = DataCollatorForVisionLanguageModeling(baseline_processor(base), max_length=512)
     records = json.loads((data / "train.json").read_text())
     theirs = messages_dataset(records, data / "images")
     kinds = set()

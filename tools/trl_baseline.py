@@ -8,9 +8,9 @@ need them equal: its optimizer (transformers' AdamW), bf16 mixed precision (also
 every token of the sequence.
 
 Made equal to qllava so that the two rows compare the tools and not the settings:
-- the same saved model, loaded with qllava's quantization settings (NF4, double quantization) and
-  the same modules left unquantized (vision tower, projector, lm_head: TRL's examples quantize the
-  vision tower too, which would make it a different model) and the same attention kernel;
+- the same saved model, loaded by qllava's own `load_base` (NF4 with double quantization, the
+  vision tower, projector and lm_head left unquantized: TRL's examples quantize the vision tower
+  too, which would make it a different model; the same attention kernel), in bf16;
 - LoRA on the same modules with the same rank, alpha and dropout; the projector trained fully
   (`modules_to_save`), as qllava trains it;
 - the same samples in file order (a sequential sampler: the synthetic file is in random order, as
@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from qllava.data.templates import chat_template
-from qllava.model.load import SKIP_QUANTIZATION, lora_targets, resolve_attention
+from qllava.model.load import load_base, load_processor, lora_targets
 from tools.peak_memory import PeakMemory
 
 TEMPLATE = "vicuna_v1"  # qllava's default data.template
@@ -84,44 +84,26 @@ def messages_dataset(records: list[dict], image_folder: Path):
     return Dataset.from_list(rows)
 
 
+def baseline_processor(base: Path):
+    """qllava's processor for `base` with qllava's template as its chat template, which TRL renders."""
+    processor = load_processor(base)
+    processor.chat_template = chat_template(TEMPLATE)
+    return processor
+
+
 def run(base: Path, records: list[dict], image_folder: Path, out: Path, args, peak_rate: float, measured_row) -> dict:
     """Train the baseline for args.warmup + args.steps steps; one row of the bench table (bench.measured_row)."""
     from accelerate.state import AcceleratorState
     from peft import LoraConfig
     from torch.utils.data import SequentialSampler
-    from transformers import (
-        AutoProcessor,
-        BitsAndBytesConfig,
-        LlavaForConditionalGeneration,
-        TrainerCallback,
-    )
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    attention = resolve_attention("auto", device)
     # bf16 also on the CPU: SFTTrainer casts the trainable weights of a 4-bit model to bf16, so
     # an fp32 model fails there ("expected m1 and m2 to have the same dtype") without bf16 autocast.
-    model = LlavaForConditionalGeneration.from_pretrained(
-        base,
-        dtype=torch.bfloat16,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            llm_int8_skip_modules=SKIP_QUANTIZATION,
-        ),
-        device_map={"": 0 if cuda else "cpu"},
-        attn_implementation={
-            "text_config": attention,
-            "vision_config": "sdpa" if attention == "flash_attention_2" else attention,
-        },
-    )
-    processor = AutoProcessor.from_pretrained(base)
-    processor.chat_template = chat_template(TEMPLATE)
-    if processor.tokenizer.pad_token_id is None:
-        processor.tokenizer.pad_token = processor.tokenizer.unk_token or processor.tokenizer.eos_token
+    model = load_base(base, bits=4, device=torch.device("cuda" if cuda else "cpu"), dtype=torch.bfloat16)
+    processor = baseline_processor(base)
     lora = LoraConfig(
         r=args.lora_r,
         lora_alpha=2 * args.lora_r,
