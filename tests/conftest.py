@@ -12,6 +12,7 @@ from qllava.model.tiny import build_tiny_llava
 from qllava.recipe import build_recipe
 
 CORPUS = ["What color is the shape?", "red blue green", "Describe the image.", "a red circle"]
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
 
 @pytest.fixture(scope="session")
@@ -23,30 +24,31 @@ def write_image(path: Path, color=(200, 30, 30), size=(40, 28)) -> None:
     Image.new("RGB", size, color).save(path)
 
 
-@pytest.fixture()
-def tiny_data(tmp_path) -> Path:
-    """12 samples: image ones (single and multi-turn) and text-only ones; images/ beside train.json."""
-    images = tmp_path / "images"
+def write_color_data(root: Path, n: int, sizes=((40, 28),)) -> Path:
+    """n color samples in root/train.json + root/images: every fourth text-only, the other odd ones two
+    turns; image i has sizes[i % len(sizes)]."""
+    images = root / "images"
     images.mkdir()
-    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
     records = []
-    for i in range(12):
-        name, rgb = list(colors.items())[i % 3]
+    for i in range(n):
+        name, rgb = list(COLORS.items())[i % 3]
         if i % 4 == 3:
-            records.append(
-                {
-                    "id": f"t{i}",
-                    "conversations": [{"from": "human", "value": "Say a color."}, {"from": "gpt", "value": name}],
-                }
-            )
+            convs = [{"from": "human", "value": "Say a color."}, {"from": "gpt", "value": name}]
+            records.append({"id": f"t{i}", "conversations": convs})
             continue
-        write_image(images / f"{i}.png", rgb)
+        write_image(images / f"{i}.png", rgb, size=sizes[i % len(sizes)])
         convs = [{"from": "human", "value": "What color is the shape?\n<image>"}, {"from": "gpt", "value": name}]
         if i % 2:
             convs += [{"from": "human", "value": "Describe the image."}, {"from": "gpt", "value": f"a {name} circle"}]
         records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": convs})
-    (tmp_path / "train.json").write_text(json.dumps(records))
-    return tmp_path
+    (root / "train.json").write_text(json.dumps(records))
+    return root
+
+
+@pytest.fixture()
+def tiny_data(tmp_path) -> Path:
+    """12 samples: image ones (single and multi-turn) and text-only ones; images/ beside train.json."""
+    return write_color_data(tmp_path, 12)
 
 
 def make_recipe(base: Path, data_dir: Path, out: Path, **sections):
@@ -79,9 +81,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
-
-
 @pytest.fixture(scope="session")
 def trained_adapter(tiny_base, tmp_path_factory):
     """(base, adapter dir, data dir): the tiny base after 80 QLoRA steps that teach it the color of square images.
@@ -112,22 +111,8 @@ def trained_adapter(tiny_base, tmp_path_factory):
 @pytest.fixture(scope="session")
 def mixed_data(tmp_path_factory):
     """24 samples, every fourth text-only; images of two sizes so that batches pad differently (DDP, FSDP)."""
-    root = tmp_path_factory.mktemp("ddp-data")
-    (root / "images").mkdir()
-    records = []
-    for i in range(24):
-        name, rgb = list(COLORS.items())[i % 3]
-        if i % 4 == 3:
-            convs = [{"from": "human", "value": "Say a color."}, {"from": "gpt", "value": name}]
-            records.append({"id": f"t{i}", "conversations": convs})
-            continue
-        write_image(root / "images" / f"{i}.png", rgb, size=(40, 28) if i % 2 else (32, 32))
-        convs = [{"from": "human", "value": "What color is the shape?\n<image>"}, {"from": "gpt", "value": name}]
-        if i % 2:
-            convs += [{"from": "human", "value": "Describe the image."}, {"from": "gpt", "value": f"a {name} circle"}]
-        records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": convs})
-    (root / "train.json").write_text(json.dumps(records))
-    return root
+    # Image sizes alternate so that batches pad differently.
+    return write_color_data(tmp_path_factory.mktemp("ddp-data"), 24, sizes=((32, 32), (40, 28)))
 
 
 def lora_model_with_random_b(recipe, device: str = "cpu"):

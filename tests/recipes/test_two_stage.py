@@ -13,11 +13,10 @@ from qllava.model.compose import compose_llava
 from qllava.model.projector import PROJECTOR_FILE
 from qllava.model.tiny import build_tiny_llm, build_tiny_vision
 from qllava.train.loop import train
-from tests.conftest import make_recipe, write_image
+from tests.conftest import COLORS, make_recipe, write_image
 
 pytestmark = pytest.mark.recipe
 
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 CORPUS = ["What color is the shape?", "a red square", "a green square", "a blue square", "red green blue"]
 
 

@@ -14,9 +14,7 @@ from qllava.model.load import load_for_training
 from qllava.model.projector import PROJECTOR_FILE, load_projector, projector_of, save_projector
 from qllava.model.tiny import build_tiny_llava
 from qllava.train.loop import train
-from tests.conftest import CORPUS, make_recipe, write_image
-
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+from tests.conftest import COLORS, CORPUS, make_recipe, write_image
 
 
 @pytest.fixture(scope="module")
