@@ -342,7 +342,7 @@ def estimate(shape: Shape, recipe: Recipe, micro_batch: int, seq_len: int, devic
         + max(0, (L - 1) * (lora_layer_grads - checkpoint))
         - tokens * final_keep
     )
-    chunk = getattr(recipe.train, "loss_chunk_size", 0)
+    chunk = recipe.train.loss_chunk_size
     # Bytes per logit at the loss's worst moment, 12 on CPU and GPU (the loss is fp32 either way,
     # measured on CPU in fp32 and in bf16): the backward of log-softmax, when its saved fp32 output,
     # the gradient nll_loss_backward wrote (fp32) and the one log_softmax_backward writes (fp32) are
