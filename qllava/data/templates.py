@@ -78,13 +78,15 @@ def _vicuna(turns, system, b: _Builder) -> None:
             b.add(f" {answer}</s>", target=True)
 
 
-def _llama_2(default_system: str):
+def _llama_2(default_system: str, round_sep: str):
+    """LLaVA's LLAMA_2 separator style; `round_sep` opens every round after the first (its `sep`)."""
+
     def render(turns, system, b: _Builder) -> None:
         system = default_system if system is None else system
         for i, (user, answer) in enumerate(_pairs(turns)):
             if i == 0 and system:
                 user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
-            b.add(("" if i == 0 else "<s>") + f"[INST] {user} [/INST]")
+            b.add(("" if i == 0 else round_sep) + f"[INST] {user} [/INST]")
             if answer is not None:
                 b.add(f" {answer} </s>", target=True)
 
@@ -112,8 +114,10 @@ def _plain(turns, system, b: _Builder) -> None:
 
 _RENDERERS = {
     "vicuna_v1": _vicuna,
-    "llava_llama_2": _llama_2(LLAMA_2_SYSTEM),
-    "mistral_instruct": _llama_2(""),
+    # LLaVA's conv_llava_llama_2 repeats <s> before each later round; conv_mistral_instruct does not
+    # (sep ""), as Mistral's own format keeps one BOS for the whole chat.
+    "llava_llama_2": _llama_2(LLAMA_2_SYSTEM, "<s>"),
+    "mistral_instruct": _llama_2("", ""),
     "chatml": _chatml,
     "plain": _plain,
 }
@@ -200,6 +204,23 @@ _JINJA_CONTENT = (
     "{%- set ns = namespace(system=default_system, turn=0) -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}{%- set ns.system = content(messages[0]) -%}{%- endif -%}"
 )
+
+
+def _llama_2_jinja(round_sep: str) -> str:
+    opener = f"('' if ns.turn == 0 else '{round_sep}') ~ " if round_sep else ""
+    return (
+        "{%- for m in messages if m['role'] != 'system' -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{%- set text = content(m) -%}"
+        "{%- if ns.turn == 0 and ns.system -%}"
+        "{%- set text = '<<SYS>>\\n' ~ ns.system ~ '\\n<</SYS>>\\n\\n' ~ text -%}{%- endif -%}"
+        f"{{{{ {opener}'[INST] ' ~ text ~ ' [/INST]' }}}}"
+        "{%- set ns.turn = ns.turn + 1 -%}"
+        "{%- else -%}{{ ' ' ~ content(m) ~ ' </s>' }}{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
 _JINJA_BODIES = {
     "vicuna_v1": (
         "{{ ns.system ~ ' ' }}"
@@ -208,17 +229,8 @@ _JINJA_BODIES = {
         "{%- else -%}{{ ' ' ~ content(m) ~ '</s>' }}{%- endif -%}"
         "{%- endfor -%}"
     ),
-    "llava_llama_2": (
-        "{%- for m in messages if m['role'] != 'system' -%}"
-        "{%- if m['role'] == 'user' -%}"
-        "{%- set text = content(m) -%}"
-        "{%- if ns.turn == 0 and ns.system -%}"
-        "{%- set text = '<<SYS>>\\n' ~ ns.system ~ '\\n<</SYS>>\\n\\n' ~ text -%}{%- endif -%}"
-        "{{ ('' if ns.turn == 0 else '<s>') ~ '[INST] ' ~ text ~ ' [/INST]' }}"
-        "{%- set ns.turn = ns.turn + 1 -%}"
-        "{%- else -%}{{ ' ' ~ content(m) ~ ' </s>' }}{%- endif -%}"
-        "{%- endfor -%}"
-    ),
+    "llava_llama_2": _llama_2_jinja("<s>"),
+    "mistral_instruct": _llama_2_jinja(""),
     "chatml": (
         "{{ '<|im_start|>system\\n' ~ ns.system ~ '<|im_end|>\\n' }}"
         "{%- for m in messages if m['role'] != 'system' -%}"
@@ -231,7 +243,6 @@ _JINJA_BODIES = {
         "{{ '<image>' }}{%- for m in messages if m['role'] == 'assistant' -%}{{ content(m) ~ '\\n' }}{%- endfor -%}"
     ),
 }
-_JINJA_BODIES["mistral_instruct"] = _JINJA_BODIES["llava_llama_2"]
 _DEFAULT_SYSTEMS = {
     "vicuna_v1": VICUNA_SYSTEM,
     "llava_llama_2": LLAMA_2_SYSTEM,

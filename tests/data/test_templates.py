@@ -18,7 +18,8 @@ GOLDEN = {
     "the visual content that the user provides, and assist the user with a variety of tasks using "
     "natural language.\n<</SYS>>\n\n<image>\nWhat is it? [/INST][[ A cat. </s>]]<s>[INST] Color? "
     "[/INST][[ Black. </s>]]",
-    "mistral_instruct": "[INST] <image>\nWhat is it? [/INST][[ A cat. </s>]]<s>[INST] Color? [/INST][[ Black. </s>]]",
+    # LLaVA's conv_mistral_instruct joins rounds with sep "" (llava_llama_2's sep is "<s>").
+    "mistral_instruct": "[INST] <image>\nWhat is it? [/INST][[ A cat. </s>]][INST] Color? [/INST][[ Black. </s>]]",
     "chatml": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat is it?"
     "<|im_end|>\n<|im_start|>assistant\n[[A cat.<|im_end|>]]\n<|im_start|>user\nColor?<|im_end|>\n"
     "<|im_start|>assistant\n[[Black.<|im_end|>]]\n",
@@ -60,6 +61,49 @@ def test_tokenizer_template_spans_from_its_own_chat_template(tiny_base):
 def test_generation_prompt_ends_where_the_reply_begins():
     assert render(TURNS[:1], "vicuna_v1", add_generation_prompt=True).text.endswith("What is it? ASSISTANT:")
     assert render(TURNS[:1], "chatml", add_generation_prompt=True).text.endswith("<|im_start|>assistant\n")
+
+
+# Three rounds in haotian-liu/LLaVA's conv_mistral_instruct (llava/conversation.py, SeparatorStyle.LLAMA_2 with
+# sep "", sep2 "</s>", system ""): each user turn is "[INST] {text} [/INST]" preceded by sep, each reply
+# " {text} </s>", an empty system adds no <<SYS>> block. Only llava_llama_2 (sep "<s>") opens later rounds
+# with <s>. Mistral's own v1 tokenizer (mistral-common) agrees: one BOS for the whole chat.
+MISTRAL_THREE_ROUNDS = (
+    "[INST] <image>\nWhat is it? [/INST] A cat. </s>[INST] Color? [/INST] Black. </s>[INST] Size? [/INST]"
+)
+
+
+def test_mistral_instruct_opens_no_later_round_with_bos(tiny_base):
+    """Training text, generation prompt, exported chat template and token ids all keep one BOS."""
+    turns = [*TURNS, ("user", "Size?")]
+    assert render(turns, "mistral_instruct", add_generation_prompt=True).text == MISTRAL_THREE_ROUNDS
+    processor = load_processor(tiny_base)
+    processor.chat_template = chat_template("mistral_instruct")
+    messages = [{"role": role, "content": text} for role, text in turns]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == MISTRAL_THREE_ROUNDS
+
+    config = AutoConfig.from_pretrained(tiny_base)
+    tokenizer = processor.tokenizer
+    sample = parse_sample(
+        {
+            "id": "m",
+            "image": "a.png",
+            "conversations": [
+                {"from": "human" if role == "user" else "gpt", "value": text}
+                for role, text in [*turns, ("assistant", "Small.")]
+            ],
+        },
+        0,
+        "mem",
+    )
+    bos_counts = {}
+    for template in ("mistral_instruct", "llava_llama_2"):
+        encoder = Encoder(tokenizer, template, image_token_id=config.image_token_id, image_tokens=4, max_length=512)
+        item = encoder.encode(sample)
+        bos_counts[template] = item["input_ids"].count(tokenizer.bos_token_id)
+        assert encoder.prompt_ids(turns, has_image=True).count(tokenizer.bos_token_id) == bos_counts[template]
+        trained = [t for t, lab in zip(item["input_ids"], item["labels"]) if lab != -100]
+        assert tokenizer.decode(trained) == " A cat. </s> Black. </s> Small. </s>"
+    assert bos_counts == {"mistral_instruct": 1, "llava_llama_2": 3}
 
 
 @pytest.fixture()
@@ -165,7 +209,10 @@ def test_exported_chat_template_reproduces_the_training_prompt(tiny_base, templa
     """The Jinja written into merged exports renders through transformers exactly as `render` does."""
     processor = load_processor(tiny_base)
     processor.chat_template = chat_template(template, system)
-    conversations = [TURNS[:2], TURNS, TURNS[:3]] if template != "plain" else [TURNS[:2], TURNS[:1]]
+    three_rounds = [*TURNS, ("user", "Size?"), ("assistant", "Small.")]
+    conversations = [TURNS[:2], TURNS, TURNS[:3], three_rounds, three_rounds[:5]]
+    if template == "plain":
+        conversations = [TURNS[:2], TURNS[:1]]
     for turns in conversations:
         generation = len(turns) % 2 == 1
         expected = render(turns, template, system=system, add_generation_prompt=generation).text
