@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from qllava.errors import QllavaError
 from qllava.recipe import RECIPES_DIR, all_keys, build_recipe, field_docs, load_recipe, parse_overrides
@@ -65,3 +66,68 @@ def test_required_keys_and_bad_override_form():
 def test_missing_recipe_file_names_shipped_ones():
     with pytest.raises(QllavaError, match="not found.*demo"):
         load_recipe("no-such-recipe.yaml")
+
+
+# Keys with an unset state: a string whose empty value means "not set", or a key whose type admits None.
+OPTIONAL = {
+    "model.projector_from": "",
+    "data.eval": "",
+    "data.image_folder": "",
+    "data.system_prompt": None,
+    "data.length_bucket": None,
+    "train.resume": "",
+}
+
+
+@pytest.mark.parametrize("null", ["null", "~"])
+@pytest.mark.parametrize("key", sorted(OPTIONAL))
+def test_optional_keys_are_unset_by_null_in_overrides(key, null, tmp_path):
+    # The issue: `data.eval=null` was refused with "expected a string, got None".
+    section, name = key.split(".")
+    value = "7" if key == "data.length_bucket" else "something"
+    raw = {"model": {"base": "m"}, "data": {"train": "t"}}
+    raw.setdefault(section, {})[name] = value  # set in the recipe file, unset on the command line
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(path, [f"{key}={null}"])
+    assert getattr(getattr(recipe, section), name) == OPTIONAL[key]
+
+
+def test_empty_override_still_unsets_a_string_key():
+    assert load_recipe("demo", ["data.eval="]).data.eval == ""
+    assert load_recipe("demo", ["data.eval=null"]).data.eval == ""
+
+
+def test_optional_keys_are_unset_by_null_in_a_recipe_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "model:\n  base: m\n  projector_from: ~\n"
+        "data:\n  train: t\n  eval:\n  image_folder: null\n  system_prompt: ~\n  length_bucket: null\n"
+        "train:\n  resume: null\n"
+    )
+    recipe = load_recipe(path)
+    assert {k: getattr(getattr(recipe, k.split(".")[0]), k.split(".")[1]) for k in OPTIONAL} == OPTIONAL
+
+
+def test_schema_optional_keys_are_exactly_these():
+    # A new key with an unset state must be added here on purpose; every other key refuses null.
+    from qllava.recipe import optional_keys
+
+    assert set(optional_keys()) == set(OPTIONAL)
+
+
+@pytest.mark.parametrize("key", sorted(set(all_keys()) - set(OPTIONAL) - {"model.base", "data.train"}))
+def test_keys_without_an_unset_state_refuse_null_naming_the_key(key):
+    with pytest.raises(QllavaError) as info:
+        load_recipe("demo", [f"{key}=null"])
+    text = str(info.value)
+    assert "1 problem(s)" in text
+    assert f"`{key}` cannot be null" in text and "default" in text
+
+
+@pytest.mark.parametrize("key", ["model.base", "data.train"])
+def test_required_keys_refuse_null_as_required(key):
+    with pytest.raises(QllavaError) as info:
+        load_recipe("demo", [f"{key}=~"])
+    text = str(info.value)
+    assert "1 problem(s)" in text and f"`{key}` is required" in text

@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
+
 from qllava.data.check import check_dataset, show_sample
 from tests.conftest import make_recipe, write_image
-from tests.test_cli import qllava
+from tests.test_cli import qllava, qllava_here
 
 PLANTED = [
     (
@@ -64,7 +66,7 @@ def test_check_finds_every_planted_problem(tiny_base, tiny_data, tmp_path):
     for _, message in PLANTED:
         assert message in text
     assert len(report.errors) == len(PLANTED)
-    assert "19 samples (9 with an image, 3 text-only)" in text
+    assert "19 samples: 12 valid (9 with an image, 3 text-only), 7 broken" in text
 
     result = qllava(
         "data",
@@ -110,3 +112,61 @@ def test_check_reports_samples_whose_image_block_the_limit_would_cut(tiny_base, 
     # Training stops with this error at the sample; the check must name it beforehand.
     report = check_dataset(make_recipe(tiny_base, tiny_data, tmp_path / "run", data={"max_length": 20}))
     assert any("data.max_length=20 cuts the image tokens of sample 's0'" in e for e in report.errors)
+    # A sample that parses but cannot be encoded is broken, not counted among those with an image.
+    assert "12 samples: 3 valid (0 with an image, 3 text-only), 9 broken" in report.render()
+
+
+def test_percentile_lies_within_the_data_and_matches_inclusive_quantiles():
+    import random
+    import statistics
+
+    from qllava.data.check import percentile
+
+    assert percentile([10, 20, 30, 40, 50], 95) == 48
+    assert percentile([10, 20, 30, 40, 50], 50) == 30
+    assert (percentile([10, 20, 30, 40, 50], 0), percentile([10, 20, 30, 40, 50], 100)) == (10, 50)
+    # The reported case: the "exclusive" quantiles extrapolated p95 past the largest of 5 lengths.
+    assert percentile([100, 100, 100, 110, 115], 95) == 114
+    assert [percentile([7], p) for p in (0, 50, 95, 100)] == [7, 7, 7, 7]
+    rng = random.Random(0)
+    for n in range(1, 30):
+        values = [rng.randint(1, 500) for _ in range(n)]
+        assert min(values) <= percentile(values, 95) <= max(values)
+        if n > 1:
+            assert percentile(values, 95) == pytest.approx(statistics.quantiles(values, n=20, method="inclusive")[18])
+
+
+def _stat(text: str, name: str) -> int:
+    return int(text.split(f" {name} ")[1].split(",")[0].split()[0])
+
+
+def test_check_header_counts_valid_and_broken_samples_and_p95_is_within_min_max(tiny_base, tiny_data, tmp_path):
+    # The case: 5 valid samples (4 with an image, 1 text-only) and 5 broken ones.
+    valid = json.loads((tiny_data / "train.json").read_text())[:5]
+    broken = [r for r, _ in PLANTED[:5]]
+    data_file = tiny_data / "train.json"
+    data_file.write_text(json.dumps(valid + broken))
+    (tiny_data / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    result = qllava_here(
+        "data",
+        "check",
+        "demo",
+        f"model.base={tiny_base}",
+        f"data.train={data_file}",
+        f"data.image_folder={tiny_data / 'images'}",
+        "data.eval=null",
+    )
+    text = result.stdout
+    assert "10 samples: 5 valid (4 with an image, 1 text-only), 5 broken" in text, text
+    assert "5 error(s)" in text and result.exit_code == 1, text
+    lengths = text.split("tokens per sample")[1]
+    assert _stat(lengths, "min") <= _stat(lengths, "p95") <= _stat(lengths, "max"), lengths
+
+
+def test_check_header_on_a_single_sample(tiny_base, tiny_data, tmp_path):
+    data_file = tiny_data / "train.json"
+    data_file.write_text(json.dumps(json.loads(data_file.read_text())[:1]))
+    text = check_dataset(make_recipe(tiny_base, tiny_data, tmp_path / "run")).render()
+    assert "1 sample: 1 valid (1 with an image, 0 text-only), 0 broken" in text, text
+    lengths = text.split("tokens per sample")[1]
+    assert _stat(lengths, "min") == _stat(lengths, "p95") == _stat(lengths, "max"), lengths
