@@ -3,6 +3,7 @@
 A recipe is a YAML file with the sections below; any key can be overridden on the command line
 as ``section.key=value`` (the value is parsed as YAML, so ``train.max_steps=20`` is an int and
 ``lora.target_modules=[q_proj,v_proj]`` a list). Every problem is reported at once, naming the key.
+An optional key (``data.eval``, ``train.resume``, ...) is unset by null, in a file or as ``data.eval=null``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import difflib
 import functools
 import inspect
 import textwrap
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,7 +174,8 @@ class TrainSection:
     """Resume from a checkpoint: `auto` (the latest in output.dir), a checkpoint directory, or empty."""
 
     mixed_precision: str = "auto"
-    """auto (bf16 on CUDA, none on CPU), bf16, fp16 or no."""
+    """auto (bf16 on CUDA, fp16 on GPUs without bf16, none on CPU), bf16, fp16 or no. On a GPU the base's
+    unquantized weights and the 4-bit compute take the autocast dtype; `no` loads them in fp32."""
 
     log_every: int = 10
     """Optimizer steps between metrics.jsonl lines."""
@@ -277,12 +280,38 @@ def _closest(key: str, candidates: list[str]) -> str:
     return f" (did you mean `{match[0]}`?)" if match else ""
 
 
+def _admits_none(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+@functools.cache
+def optional_keys() -> dict[str, Any]:
+    """`section.key` -> its unset value, for every key that has one: null (`~`, or nothing after the
+    colon in YAML) sets such a key back to it. A key is optional when its type admits None, or when it
+    is a string whose empty default means "not set" (data.eval, train.resume, ...) and it is not
+    REQUIRED. Every other key refuses null, naming the key."""
+    out = {}
+    for section, cls in _sections().items():
+        hints = _field_types(cls)
+        for f in dataclasses.fields(cls):
+            dotted = f"{section}.{f.name}"
+            if _admits_none(hints[f.name]) or (hints[f.name] is str and f.default == "" and dotted not in REQUIRED):
+                out[dotted] = f.default
+    return out
+
+
+def _null_problem(dotted: str, hint: Any, default: Any) -> str:
+    """Why `dotted` cannot be null: it has no unset state, so say what it takes and its default."""
+    expected = _coerce(None, hint)[1] or "expected a value"
+    return f"`{dotted}` cannot be null: {expected} (the default is {default!r})"
+
+
 def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
     """Return the value converted to the field's type, or an error text."""
     if hint is Any:
         return value, None
     origin = typing.get_origin(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None, None
@@ -355,13 +384,22 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         if not isinstance(body, dict):
             problems.append(f"`{name}` must be a mapping of keys, got {type(body).__name__}")
             continue
-        types = _field_types(sections[name])
+        hints = _field_types(sections[name])
         for key, value in body.items():
             dotted = f"{name}.{key}"
-            if key not in types:
+            if key not in hints:
                 problems.append(f"unknown key `{dotted}`{_closest(dotted, all_keys())}")
                 continue
-            coerced, err = _coerce(value, types[key])
+            if value is None:
+                # null unsets an optional key; a required one is then reported missing by
+                # _check_values (one problem, not two); any other key has no unset state.
+                if dotted in optional_keys():
+                    values[name][key] = optional_keys()[dotted]
+                elif dotted not in REQUIRED:
+                    default = getattr(sections[name](), key)
+                    problems.append(_null_problem(dotted, hints[key], default))
+                continue
+            coerced, err = _coerce(value, hints[key])
             if err:
                 problems.append(f"`{dotted}`: {err}, got {value!r}")
             else:
