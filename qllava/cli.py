@@ -209,7 +209,10 @@ def compose(
 
 MODEL = typer.Argument(..., help="A merged export, or a base LLaVA directory (with --adapter for a trained one)")
 ADAPTER = typer.Option(None, help="checkpoint-STEP/ or final/ directory of a qllava run, applied to MODEL")
-BITS = typer.Option(None, help="Load MODEL in 4, 8 or 16 bit (default: 16 for a merged export, 4 for a base)")
+BITS = typer.Option(
+    None,
+    help="Load MODEL in 4, 8 or 16 bit (default: the bits --adapter was trained on, 16 for a merged export, else 4)",
+)
 TEMPLATE = typer.Option(None, help="Override the conversation template (default: the one the model was trained with)")
 
 

@@ -6,7 +6,6 @@ else the recipe a merge wrote beside the export, else the tokenizer's chat templ
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +17,9 @@ from qllava.data.images import load_image
 from qllava.data.templates import end_of_turn
 from qllava.errors import QllavaError
 from qllava.model.load import load_base, load_processor
+from qllava.model.precision import default_device, precision_for
 from qllava.model.projector import PROJECTOR_FILE, load_projector
-from qllava.recipe import Recipe, build_recipe, load_recipe
+from qllava.recipe import CHOICES, Recipe, build_recipe, load_recipe
 
 MERGED_RECIPE = "qllava_recipe.yaml"
 """Written by `qllava merge` beside the export: how prompts were rendered in training."""
@@ -44,10 +44,8 @@ class Sampling:
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on GPU, where the adapter's fp32 weights meet bf16 activations; nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The training autocast (bf16 on GPU), where the adapter's fp32 weights meet 16-bit activations."""
+    return precision_for(device).autocast()
 
 
 def attach_adapter(model, adapter: str | Path):
@@ -79,6 +77,12 @@ def is_merged_export(model_path: str | Path) -> bool:
     return (Path(model_path) / MERGED_RECIPE).is_file()
 
 
+def _trained_bits(adapter: str | Path) -> int:
+    """The base width an adapter was trained on; 4 (the default) for a checkpoint without its recipe."""
+    recipe = Path(adapter) / "recipe.yaml"
+    return load_recipe(recipe).model.bits if recipe.is_file() else 4
+
+
 def load_for_inference(
     model_path: str | Path,
     adapter: str | Path | None = None,
@@ -88,12 +92,18 @@ def load_for_inference(
 ):
     """(model in eval mode, processor).
 
-    `bits` defaults to 16 for a merged export (re-quantizing it would undo the exact merge) and to
-    4 for a base, as it was trained.
+    `bits` defaults to the `model.bits` the adapter was trained with (its checkpoint's recipe), as an
+    adapter only reproduces its training on the same base; without an adapter to 16 for a merged export
+    (re-quantizing it would undo the exact merge); else to 4.
     """
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     if bits is None:
-        bits = 16 if is_merged_export(model_path) and adapter is None else 4
+        if adapter is not None:
+            bits = _trained_bits(adapter)
+        else:
+            bits = 16 if is_merged_export(model_path) else 4
+    if bits not in CHOICES["model.bits"]:
+        raise QllavaError(f"bits {bits}: choose 4, 8 or 16")
     model = load_base(model_path, bits=bits, device=device)
     if adapter is not None:  # peft wraps the guarded Linear4bit layers of load_base, adds none
         model = attach_adapter(model, adapter)

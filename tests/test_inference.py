@@ -7,8 +7,17 @@ import subprocess
 import sys
 import time
 
+import bitsandbytes as bnb
 import pytest
+import torch
+from peft import set_peft_model_state_dict
+from PIL import Image
+from safetensors.torch import load_file
 
+from qllava.errors import QllavaError
+from qllava.generate import load_for_inference
+from qllava.model.load import load_for_training, load_processor
+from tests.conftest import make_recipe
 from tests.test_cli import qllava_here
 
 QUESTIONS = [
@@ -156,3 +165,34 @@ def test_score_reports_both_accuracies(tmp_path):
     assert "exact match  0.333 (1/3)" in result.stdout and "normalized   1.000" in result.stdout
     rows = [json.loads(line) for line in (tmp_path / "p").read_text().splitlines()]
     assert [r["exact"] for r in rows] == [0, 0, 1] and [r["normalized"] for r in rows] == [1.0, 1.0, 1.0]
+
+
+def _quantized_layers(model) -> list:
+    return [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+
+
+def test_adapter_runs_on_the_base_it_was_trained_on(tiny_base, tiny_data, tmp_path):
+    """An adapter trained on a 16-bit base loads on that base (its recipe's model.bits), not a 4-bit one."""
+    from qllava.train.loop import train
+
+    recipe = make_recipe(
+        tiny_base, tiny_data, tmp_path / "run", model={"bits": 16}, train={"max_steps": 2, "grad_accum": 1}
+    )
+    final = train(recipe, progress=False)
+    cpu = torch.device("cpu")
+    model, _ = load_for_inference(tiny_base, final, device=cpu)
+    assert not _quantized_layers(model)
+
+    # The model as trained: the training loader's base and LoRA layers holding the saved weights.
+    trained, _ = load_for_training(recipe, cpu)
+    set_peft_model_state_dict(trained, load_file(final / "adapter_model.safetensors"))
+    trained.eval()
+    image = Image.open(tiny_data / "images" / "0.png").convert("RGB")
+    inputs = load_processor(tiny_base)(images=image, text="<image>\nWhat color is the shape?", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, trained(**inputs).logits)
+
+    # An explicit choice wins over the recipe's; a width bitsandbytes has not is one message.
+    assert _quantized_layers(load_for_inference(tiny_base, final, bits=4, device=cpu)[0])
+    with pytest.raises(QllavaError, match="bits 3: choose 4, 8 or 16"):
+        load_for_inference(tiny_base, final, bits=3, device=cpu)

@@ -70,7 +70,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qllava.data.dataset import collate, dataset_from_recipe  # noqa: E402
 from qllava.data.packing import collate_packed  # noqa: E402
 from qllava.data.sampler import GroupedSampler  # noqa: E402
-from qllava.model.load import compute_dtype, load_for_training, parameter_groups, set_train_mode  # noqa: E402
+from qllava.model.load import load_for_training, parameter_groups, set_train_mode  # noqa: E402
+from qllava.model.precision import precision_for  # noqa: E402
 from qllava.recipe import build_recipe  # noqa: E402
 from qllava.train.loop import _forward_loss, make_accelerator  # noqa: E402
 from qllava.train.loss import trained_tokens  # noqa: E402
@@ -269,8 +270,8 @@ def micro_batch_order(modality_lengths: list[int], micro: int, warmup: int, buck
 def _train_step(model, optimizer, accelerator, batch, device, dtype, chunk, max_grad_norm) -> torch.Tensor:
     """qllava's optimizer step on one micro-batch (grad_accum 1); returns the mean loss per trained token."""
     tokens = trained_tokens(batch["labels"]).to(device).clamp(min=1)
-    with accelerator.autocast():
-        loss = _forward_loss(model, batch, device, dtype, chunk) / tokens
+    # As in the training loop: autocast comes from accelerator.prepare's wrapper of the forward alone.
+    loss = _forward_loss(model, batch, device, dtype, chunk) / tokens
     accelerator.backward(loss)
     accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
@@ -311,7 +312,7 @@ def run_variant(
     device = accelerator.device
     torch.manual_seed(0)
     model, processor = load_for_training(recipe, device)
-    dtype = compute_dtype(device)
+    dtype = precision_for(device, recipe.train.mixed_precision).dtype
     dataset = dataset_from_recipe(recipe, recipe.data.train, processor, model.config)
     gather = partial(collate_packed if packing else collate, pad_token_id=processor.tokenizer.pad_token_id)
     micro = args.micro_batch

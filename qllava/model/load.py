@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
 
 from qllava.errors import QllavaError
+from qllava.model.precision import precision_for
 from qllava.model.projector import load_projector, projector_of
 from qllava.recipe import Recipe
 
@@ -28,10 +29,6 @@ from qllava.recipe import Recipe
 SKIP_QUANTIZATION = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 LLM_PREFIX = "model.language_model."
 PROJECTOR = "multi_modal_projector"
-
-
-def compute_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def resolve_attention(choice: str, device: torch.device) -> str:
@@ -108,12 +105,13 @@ def load_base(
 ):
     """The LLaVA base as trained: quantized LLM, 16/32-bit vision tower, projector and lm_head.
 
-    `dtype` (default: bf16 on GPU, fp32 on CPU) is the compute dtype and that of unquantized weights.
+    `dtype` (default: `precision_for(device)`'s, bf16 on GPU, fp32 on CPU) is the compute dtype and
+    that of unquantized weights.
     `fsdp`: store the packed 4-bit weights as `dtype` instead of uint8, because FSDP cannot flatten
     integer tensors and needs one dtype per flat parameter; the 4-bit values are the same.
     """
     path = check_base(base)
-    dtype = dtype or compute_dtype(device)
+    dtype = dtype or precision_for(device).dtype
     attn = resolve_attention(attention, device)
     device_map = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
     model = LlavaForConditionalGeneration.from_pretrained(
@@ -162,7 +160,12 @@ def load_for_training(recipe: Recipe, device: torch.device, *, fsdp: bool = Fals
     `fsdp`: load the 4-bit weights in an FSDP-shardable storage dtype (see `load_base`).
     """
     model = load_base(
-        recipe.model.base, bits=recipe.model.bits, device=device, attention=recipe.model.attention, fsdp=fsdp
+        recipe.model.base,
+        bits=recipe.model.bits,
+        device=device,
+        attention=recipe.model.attention,
+        dtype=precision_for(device, recipe.train.mixed_precision).dtype,
+        fsdp=fsdp,
     )
     processor = load_processor(recipe.model.base)
     if recipe.model.projector_from:
@@ -190,7 +193,7 @@ def load_for_training(recipe: Recipe, device: torch.device, *, fsdp: bool = Fals
         model.base_model.model.disable_input_require_grads()
     else:
         projector_of(model).requires_grad_(True)
-    # Trainable weights stay fp32 for the optimizer; bf16 autocast does the compute on GPU.
+    # Trainable weights stay fp32 for the optimizer; autocast joins them to the 16-bit base on GPU.
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()

@@ -13,11 +13,13 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState
 from accelerate.utils import GradientAccumulationPlugin, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -27,7 +29,8 @@ from qllava.data.packing import collate_packed
 from qllava.data.sampler import GroupedSampler
 from qllava.data.templates import template_named_by
 from qllava.errors import QllavaError
-from qllava.model.load import compute_dtype, describe, load_for_training, resolve_attention, set_train_mode
+from qllava.model.load import describe, load_for_training, resolve_attention, set_train_mode
+from qllava.model.precision import default_device, gpu_layout, precision_for
 from qllava.recipe import Recipe, dump_recipe
 from qllava.train import fsdp
 from qllava.train.checkpoint import (
@@ -41,12 +44,6 @@ from qllava.train.checkpoint import (
 )
 from qllava.train.loss import forward_loss_sum, trained_tokens
 from qllava.train.optim import build_optimizer, build_scheduler, resolve_optimizer
-
-
-def _mixed_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def _loader(dataset, sampler, recipe: Recipe, pad_token_id: int, device: torch.device) -> DataLoader:
@@ -64,9 +61,32 @@ def _loader(dataset, sampler, recipe: Recipe, pad_token_id: int, device: torch.d
     )
 
 
-def _new_interval() -> dict:
-    """Sums over the steps since the last metrics line."""
-    return {"loss": 0.0, "grad_norm": 0.0, "steps": 0, "tokens": 0, "truncated": 0, "start": time.perf_counter()}
+@dataclass
+class _Interval:
+    """Sums over the optimizer steps since the last metrics line."""
+
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    steps: int = 0
+    empty_steps: int = 0
+    """Steps without a trained token in the whole global batch: skipped, no update."""
+    tokens: int = 0
+    truncated: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def record(self, step: int, lrs: tuple[float | None, float | None], epoch: int) -> dict:
+        updated = self.steps - self.empty_steps
+        return {
+            "step": step,
+            "loss": self.loss / updated if updated else None,
+            "grad_norm": self.grad_norm / updated if updated else None,
+            "lr": lrs[0],
+            "projector_lr": lrs[1],
+            "tokens_per_s": self.tokens / (time.perf_counter() - self.start),
+            "truncated": self.truncated,
+            "empty_steps": self.empty_steps,
+            "epoch": epoch,
+        }
 
 
 def _step_of(line: str) -> float:
@@ -77,9 +97,12 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
-def _group_lr(optimizer, kind: str) -> float | None:
-    """Current lr of the `lora` or `projector` parameter groups (None when there is none)."""
-    return next((g["lr"] for g in optimizer.param_groups if g["name"].startswith(kind)), None)
+def _group_lrs(optimizer) -> tuple[float | None, float | None]:
+    """Current lr of the `lora` and of the `projector` parameter groups (None when there is none)."""
+    return tuple(
+        next((g["lr"] for g in optimizer.param_groups if g["name"].startswith(kind)), None)
+        for kind in ("lora", "projector")
+    )
 
 
 def _forward_loss(model, batch: dict, device: torch.device, dtype: torch.dtype, chunk_size: int = 0) -> torch.Tensor:
@@ -161,11 +184,16 @@ class _StopRequest:
 
 def make_accelerator(recipe: Recipe, out: Path, trackers: str | None = None) -> Accelerator:
     fsdp.refuse_deepspeed()
+    mixed_precision = precision_for(default_device(), recipe.train.mixed_precision).mixed_precision
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        # accelerate keeps the first run's precision process-wide and refuses another one, so a notebook
+        # (or a test) that trains twice in one process could not change it. The process group stays.
+        AcceleratorState._reset_state()
     accelerator = Accelerator(
         # Without a GPU, processes started by a launcher (`qllava train --num-processes N`) join a
         # gloo process group on the CPU; accelerate otherwise treats each as a lone process.
         cpu=not torch.cuda.is_available(),
-        mixed_precision=_mixed_precision(recipe.train.mixed_precision),
+        mixed_precision=mixed_precision,
         log_with=trackers,
         project_dir=str(out),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -194,15 +222,15 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     if sharded:
         fsdp.check(accelerator.state.fsdp_plugin, recipe)
     optimizer_name = resolve_optimizer(recipe.optim.name, device, sharded)
-    if sharded and recipe.optim.name == "auto" and device.type == "cuda":
+    if sharded and recipe.optim.name == "auto" and gpu_layout(device):
         optimizer_name += " (auto under FSDP: 8-bit optimizer states do not shard)"
     model, processor = load_for_training(recipe, device, fsdp=sharded)
-    dtype = compute_dtype(device)
+    dtype = precision_for(device, recipe.train.mixed_precision).dtype
     say(
         f"qllava: {recipe.model.base} on {device}, LLM in {recipe.model.bits}-bit, "
         f"attention {resolve_attention(recipe.model.attention, device)}, "
         f"optimizer {optimizer_name}, "
-        f"mixed precision {accelerator.mixed_precision}\n{describe(model)}"
+        f"{str(dtype).replace('torch.', '')} base, mixed precision {accelerator.mixed_precision}\n{describe(model)}"
     )
     train_set = dataset_from_recipe(recipe, recipe.data.train, processor, model.config)
     eval_set = dataset_from_recipe(recipe, recipe.data.eval, processor, model.config) if recipe.data.eval else None
@@ -338,28 +366,44 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     # --- train ---
     set_train_mode(model)
     bar = tqdm(total=total_steps, initial=state.step, disable=not (main and progress), desc="train", unit="step")
-    interval = _new_interval()
+    interval = _Interval()
     stream = windows()
+    warned_empty = False
     with _StopRequest() as stop:
         while state.step < total_steps:
             window = next(stream)
             local_tokens = sum(trained_tokens(b["labels"]) for b in window).to(device)
-            global_tokens = accelerator.reduce(local_tokens.clone(), "sum").clamp(min=1)
-            # DDP averages gradients over ranks, so each rank scales by world_size / global tokens.
-            scale = accelerator.num_processes / global_tokens
+            global_tokens = accelerator.reduce(local_tokens.clone(), "sum")
             step_loss = torch.zeros((), device=device)
-            for i, batch in enumerate(window):
-                sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model)
-                with sync:
-                    micro_loss = _forward_loss(model, batch, device, dtype, chunk_size)
-                    accelerator.backward(micro_loss * scale)
-                step_loss += micro_loss.detach()
-            fsdp.average_replicated_grads(replicated, accelerator.num_processes)  # FSDP: the projector
-            # The norm before clipping (the same on every rank: gradients are already reduced).
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm or math.inf)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = torch.zeros((), device=device)
+            lrs = _group_lrs(optimizer)  # the rates this step uses: the scheduler moves them after it
+            empty = global_tokens.item() == 0  # the same on every rank, so all skip together
+            if empty:
+                # Nothing to learn from (every reply cut by data.max_length): a zero-gradient step would
+                # still move the weights through Adam's momentum and advance the schedule.
+                interval.empty_steps += 1
+                if not warned_empty:
+                    say(
+                        f"\nqllava: warning: step {state.step + 1} has no trained token in its batch (replies cut "
+                        f"by data.max_length={recipe.data.max_length}?); such steps are skipped without an "
+                        "update and counted as empty_steps in metrics.jsonl"
+                    )
+                    warned_empty = True
+            else:
+                # DDP averages gradients over ranks, so each rank scales by world_size / global tokens.
+                scale = accelerator.num_processes / global_tokens
+                for i, batch in enumerate(window):
+                    sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model)
+                    with sync:
+                        micro_loss = _forward_loss(model, batch, device, dtype, chunk_size)
+                        accelerator.backward(micro_loss * scale)
+                    step_loss += micro_loss.detach()
+                fsdp.average_replicated_grads(replicated, accelerator.num_processes)  # FSDP: the projector
+                # The norm before clipping (the same on every rank: gradients are already reduced).
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm or math.inf)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.consumed += micro * accum
 
@@ -375,28 +419,19 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             summed = accelerator.reduce(
                 torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device) for x in local]), "sum"
             ).tolist()
-            interval["loss"] += summed[0] / global_tokens.item()
-            interval["steps"] += 1
-            interval["tokens"] += int(summed[1])
-            interval["truncated"] += int(summed[2])
+            interval.loss += summed[0] / max(global_tokens.item(), 1)
+            interval.steps += 1
+            interval.tokens += int(summed[1])
+            interval.truncated += int(summed[2])
             stopping = summed[3] > 0
-            interval["grad_norm"] += summed[4]
+            interval.grad_norm += summed[4]
             if state.step % recipe.train.log_every == 0 or state.step == total_steps:
-                elapsed = time.perf_counter() - interval["start"]
-                record = {
-                    "step": state.step,
-                    "loss": interval["loss"] / interval["steps"],
-                    "grad_norm": interval["grad_norm"] / interval["steps"],
-                    "lr": _group_lr(optimizer, "lora"),
-                    "projector_lr": _group_lr(optimizer, "projector"),
-                    "tokens_per_s": interval["tokens"] / elapsed,
-                    "truncated": interval["truncated"],
-                    "epoch": state.epoch,
-                }
+                record = interval.record(state.step, lrs, state.epoch)
                 log(record)
                 lr = record["lr"] if record["lr"] is not None else record["projector_lr"]  # stage 1: no LoRA
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                interval = _new_interval()
+                loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"
+                bar.set_postfix(loss=loss, lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                interval = _Interval()
             bar.update(1)
             if eval_loader is not None and recipe.train.eval_every and state.step % recipe.train.eval_every == 0:
                 log_eval()

@@ -40,8 +40,10 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
-    # F.linear in the hidden states' dtype (as lm_head would run, autocast included), then fp32 CE.
-    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+    # The logits in lm_head's dtype, as the head runs inside the forward's autocast, then fp32 CE. The
+    # cast is needed: on GPU accelerate's autocast wrapper hands back the hidden states in fp32, while
+    # lm_head stays bf16, and this runs outside that autocast (every GPU run crashed on it).
+    return F.cross_entropy(F.linear(hidden.to(weight.dtype), weight, bias).float(), targets, reduction="sum")
 
 
 def chunked_loss_sum(

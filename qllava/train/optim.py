@@ -9,6 +9,7 @@ from transformers import get_scheduler
 
 from qllava.errors import QllavaError
 from qllava.model.load import PROJECTOR
+from qllava.model.precision import gpu_layout
 from qllava.recipe import Recipe
 
 
@@ -44,9 +45,13 @@ def param_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict]:
 
 
 def resolve_optimizer(name: str, device: torch.device, fsdp: bool = False) -> str:
-    """`auto` -> paged 8-bit AdamW on CUDA, AdamW on CPU and under FSDP (8-bit states do not shard)."""
+    """`auto` -> paged 8-bit AdamW on CUDA, AdamW on CPU and under FSDP (8-bit states do not shard).
+
+    The GPU layout on a CPU (`qllava.model.precision`) takes the CUDA choice: bitsandbytes then runs
+    its 8-bit AdamW without paging, which the GPU-layout tests exercise.
+    """
     if name == "auto":
-        return "paged_adamw_8bit" if device.type == "cuda" and not fsdp else "adamw"
+        return "paged_adamw_8bit" if gpu_layout(device) and not fsdp else "adamw"
     if fsdp and name != "adamw":
         raise QllavaError(
             f"optim.name={name} does not work under FSDP: FSDP's optimizer state dict drops its 8-bit "
