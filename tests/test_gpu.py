@@ -1,5 +1,5 @@
 """CUDA-only paths: bf16 compute, paged 8-bit AdamW, autocast in evaluation, packing on flash-attention.
-Skipped without a GPU."""
+Skipped without a GPU; tests/test_gpu_layout.py runs the same dtypes on a CPU."""
 
 import importlib.util
 import json
@@ -11,6 +11,7 @@ import torch
 from qllava.data.dataset import collate
 from qllava.data.packing import collate_packed
 from qllava.model.load import load_for_training, resolve_attention
+from qllava.model.precision import precision_for
 from qllava.train.loop import _forward_loss, train
 from tests.conftest import lora_model_with_random_b, make_recipe
 
@@ -56,6 +57,7 @@ def test_gpu_packed_loss_equals_padded(tiny_base, tiny_data, tmp_path, attention
     pad_id = processor.tokenizer.pad_token_id
     losses = {}
     for name, batch in (("packed", collate_packed(items, pad_id)), ("padded", collate(items, pad_id))):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        # The autocast the training forward gets from accelerate, chosen by the same decision.
+        with precision_for(torch.device("cuda")).autocast():
             losses[name] = _forward_loss(model, batch, torch.device("cuda"), torch.bfloat16, 1024).float()
     torch.testing.assert_close(losses["packed"], losses["padded"], rtol=2e-2, atol=0)

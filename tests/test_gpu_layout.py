@@ -13,6 +13,7 @@ bitsandbytes and fp16 autocast (accelerate refuses fp16 on a CPU): tests/test_gp
 from __future__ import annotations
 
 import json
+import shutil
 
 import bitsandbytes as bnb
 import pytest
@@ -22,9 +23,11 @@ from qllava.export import merge_checkpoint
 from qllava.generate import generate_answers, inference_recipe, load_for_inference
 from qllava.model.load import load_for_training
 from qllava.model.precision import GPU_LAYOUT_ENV, precision_for
+from qllava.recipe import dump_recipe
 from qllava.train.loop import train
 from qllava.train.optim import resolve_optimizer
 from tests.conftest import make_recipe, run_launcher, run_metrics
+from tests.train.test_fsdp import FSDP_CONFIG
 
 CPU = torch.device("cpu")
 
@@ -121,16 +124,40 @@ def test_mixed_precision_no_trains_on_an_fp32_base_in_the_gpu_layout(gpu_layout,
     assert all(torch.isfinite(torch.tensor(_losses(tmp_path / "run"))))
 
 
-def test_ddp_two_processes_in_the_gpu_layout(tiny_base, mixed_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_in_the_gpu_layout(parallel, tiny_base, mixed_data, tmp_path, monkeypatch):
     monkeypatch.setenv(GPU_LAYOUT_ENV, "1")
-    recipe = make_recipe(tiny_base, mixed_data, tmp_path / "run", optim={"name": "auto"}, train={"max_steps": 3})
-    from qllava.recipe import dump_recipe
-
+    records = json.loads((mixed_data / "train.json").read_text())
+    (tmp_path / "eval.json").write_text(json.dumps(records[:5]))  # a text-only sample among them
+    recipe = make_recipe(
+        tiny_base,
+        mixed_data,
+        tmp_path / "run",
+        optim={"name": "auto"},
+        data={"eval": str(tmp_path / "eval.json")},
+        train={"max_steps": 3, "eval_every": 3},
+    )
     dump_recipe(recipe, tmp_path / "recipe.yaml")
-    done = run_launcher(["qllava", "train", str(tmp_path / "recipe.yaml"), "--num-processes", "2"])
+    config = ["--accelerate-config", str(FSDP_CONFIG)] if parallel == "fsdp" else []
+    done = run_launcher(["qllava", "train", str(tmp_path / "recipe.yaml"), "--num-processes", "2", *config])
     assert "bfloat16 base, mixed precision bf16" in done.stdout + done.stderr
-    losses = _losses(tmp_path / "run")
-    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    losses = _losses(tmp_path / "run") + run_metrics(tmp_path / "run", "eval_loss")
+    assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_resume_is_exact_with_8bit_optimizer_states(gpu_layout, tiny_base, tiny_data, tmp_path):
+    """The 8-bit AdamW a GPU run uses saves and restores its states (quantized moments, absmax)."""
+
+    def recipe(out, **train_keys):
+        return make_recipe(
+            tiny_base, tiny_data, out, optim={"name": "auto"}, train={"max_steps": 4, "save_every": 2, **train_keys}
+        )
+
+    train(recipe(tmp_path / "straight"), progress=False)
+    # Another run directory holding only the straight run's step-2 checkpoint, resumed to the end.
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    train(recipe(tmp_path / "resumed", resume="auto"), progress=False)
+    assert _losses(tmp_path / "resumed") == pytest.approx(_losses(tmp_path / "straight")[2:], rel=1e-5)
 
 
 def test_merge_and_generation_in_the_gpu_layout(gpu_layout, trained_adapter, tmp_path):
