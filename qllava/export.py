@@ -39,8 +39,9 @@ from qllava.data.dataset import IGNORE_INDEX, encoder_from_recipe, parse_sample,
 from qllava.data.images import load_image, pixel_values
 from qllava.data.templates import chat_template, end_of_turn
 from qllava.errors import QllavaError
-from qllava.generate import MERGED_RECIPE, attach_adapter, autocast
+from qllava.generate import MERGED_RECIPE, attach_adapter
 from qllava.model.load import load_base, load_processor
+from qllava.model.precision import autocast_for, precision_for
 from qllava.model.projector import PROJECTOR_FILE
 from qllava.recipe import Recipe, dump_recipe, load_recipe
 
@@ -273,7 +274,7 @@ def _text_logits(model, inputs: list[dict], image_token_id: int) -> torch.Tensor
     for item in inputs:
         ids = torch.tensor([item["input_ids"]], device=device)
         pixels = None if item["pixel_values"] is None else item["pixel_values"][None].to(device, dtype)
-        with autocast(device):
+        with autocast_for(model):
             logits = model(input_ids=ids, pixel_values=pixels, use_cache=False).logits[0]
         result.append(logits[ids[0] != image_token_id].float().cpu())
     return torch.cat(result)
@@ -339,7 +340,10 @@ def merge_checkpoint(
         max_mean_kl=max_mean_kl,
     )
 
-    model = attach_adapter(load_base(recipe.model.base, bits=recipe.model.bits, device=torch_device), checkpoint)
+    trained_dtype = precision_for(torch_device, recipe.train.mixed_precision).dtype  # the base as trained
+    model = attach_adapter(
+        load_base(recipe.model.base, bits=recipe.model.bits, device=torch_device, dtype=trained_dtype), checkpoint
+    )
     model.eval()
     processor = load_processor(checkpoint)
     config = model.get_base_model().config

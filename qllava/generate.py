@@ -17,7 +17,7 @@ from qllava.data.images import load_image
 from qllava.data.templates import end_of_turn
 from qllava.errors import QllavaError
 from qllava.model.load import load_base, load_processor
-from qllava.model.precision import default_device, precision_for
+from qllava.model.precision import autocast_for, default_device, precision_for
 from qllava.model.projector import PROJECTOR_FILE, load_projector
 from qllava.recipe import CHOICES, Recipe, build_recipe, load_recipe
 
@@ -41,11 +41,6 @@ class Sampling:
             "temperature": self.temperature,
             "top_p": self.top_p,
         }
-
-
-def autocast(device: torch.device):
-    """The training autocast (bf16 on GPU), where the adapter's fp32 weights meet 16-bit activations."""
-    return precision_for(device).autocast()
 
 
 def attach_adapter(model, adapter: str | Path):
@@ -77,10 +72,10 @@ def is_merged_export(model_path: str | Path) -> bool:
     return (Path(model_path) / MERGED_RECIPE).is_file()
 
 
-def _trained_bits(adapter: str | Path) -> int:
-    """The base width an adapter was trained on; 4 (the default) for a checkpoint without its recipe."""
-    recipe = Path(adapter) / "recipe.yaml"
-    return load_recipe(recipe).model.bits if recipe.is_file() else 4
+def _trained_recipe(adapter: str | Path | None) -> Recipe | None:
+    """The recipe an adapter checkpoint was trained with (None without an adapter or its recipe)."""
+    recipe = Path(adapter) / "recipe.yaml" if adapter is not None else None
+    return load_recipe(recipe) if recipe is not None and recipe.is_file() else None
 
 
 def load_for_inference(
@@ -93,18 +88,20 @@ def load_for_inference(
     """(model in eval mode, processor).
 
     `bits` defaults to the `model.bits` the adapter was trained with (its checkpoint's recipe), as an
-    adapter only reproduces its training on the same base; without an adapter to 16 for a merged export
-    (re-quantizing it would undo the exact merge); else to 4.
+    adapter only reproduces its training on the same base (and dtype: `train.mixed_precision`); without
+    an adapter to 16 for a merged export (re-quantizing it would undo the exact merge); else to 4.
     """
     device = device or default_device()
+    trained = _trained_recipe(adapter)
     if bits is None:
-        if adapter is not None:
-            bits = _trained_bits(adapter)
+        if trained is not None:
+            bits = trained.model.bits
         else:
-            bits = 16 if is_merged_export(model_path) else 4
+            bits = 16 if is_merged_export(model_path) and adapter is None else 4
     if bits not in CHOICES["model.bits"]:
         raise QllavaError(f"bits {bits}: choose 4, 8 or 16")
-    model = load_base(model_path, bits=bits, device=device)
+    dtype = precision_for(device, trained.train.mixed_precision if trained else "auto").dtype
+    model = load_base(model_path, bits=bits, device=device, dtype=dtype)
     if adapter is not None:  # peft wraps the guarded Linear4bit layers of load_base, adds none
         model = attach_adapter(model, adapter)
     model.eval()
@@ -165,7 +162,7 @@ def generate_batch(
     ]
     # transformers 5 runs the vision tower for any `pixel_values` key in generate's kwargs, None included.
     vision = {"pixel_values": torch.stack(images).to(device, vision_dtype)} if images else {}
-    with autocast(device):
+    with autocast_for(model):
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),

@@ -470,5 +470,11 @@ def plan(recipe: Recipe, gpu_memory: float | None = None, seq_len: int | None = 
             gpu_memory = torch.cuda.get_device_properties(0).total_memory / 1e9
     if gpu_memory is not None and gpu_memory <= 0:
         raise QllavaError(f"--gpu-memory must be > 0 GB, got {gpu_memory}")
+    if recipe.train.mixed_precision == "no":
+        # The arithmetic is that of the 16-bit GPU layout (2-byte base and activations, autocast copies).
+        raise QllavaError(
+            "qllava plan models the 16-bit GPU layout; train.mixed_precision=no loads the base in fp32, "
+            "which about doubles its 16-bit rows: plan with train.mixed_precision=auto"
+        )
     shape = read_shape(recipe.model.base)
     return render(shape, recipe, seq_len or recipe.data.max_length, gpu_memory)

@@ -399,6 +399,8 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
                     default = getattr(sections[name](), key)
                     problems.append(_null_problem(dotted, hints[key], default))
                 continue
+            if value is False and "no" in CHOICES.get(dotted, ()):
+                value = "no"  # YAML 1.1 reads an unquoted `no` (train.mixed_precision: no) as false
             coerced, err = _coerce(value, hints[key])
             if err:
                 problems.append(f"`{dotted}`: {err}, got {value!r}")

@@ -11,7 +11,7 @@ import torch
 from qllava.data.dataset import collate
 from qllava.data.packing import collate_packed
 from qllava.model.load import load_for_training, resolve_attention
-from qllava.model.precision import precision_for
+from qllava.model.precision import autocast_for
 from qllava.train.loop import _forward_loss, train
 from tests.conftest import lora_model_with_random_b, make_recipe
 
@@ -57,7 +57,18 @@ def test_gpu_packed_loss_equals_padded(tiny_base, tiny_data, tmp_path, attention
     pad_id = processor.tokenizer.pad_token_id
     losses = {}
     for name, batch in (("packed", collate_packed(items, pad_id)), ("padded", collate(items, pad_id))):
-        # The autocast the training forward gets from accelerate, chosen by the same decision.
-        with precision_for(torch.device("cuda")).autocast():
+        # The autocast the training forward gets from accelerate: that of the bf16 base.
+        with autocast_for(model):
             losses[name] = _forward_loss(model, batch, torch.device("cuda"), torch.bfloat16, 1024).float()
     torch.testing.assert_close(losses["packed"], losses["padded"], rtol=2e-2, atol=0)
+
+
+def test_gpu_fp16_trains_and_resumes_with_its_loss_scale(tiny_base, tiny_data, tmp_path):
+    """fp16 (GPUs without bf16): fp16 base, fp16 autocast and accelerate's loss scaler, saved in checkpoints."""
+    recipe = make_recipe(
+        tiny_base, tiny_data, tmp_path / "run", train={"max_steps": 4, "save_every": 2, "mixed_precision": "fp16"}
+    )
+    train(recipe, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(x["loss"] is not None and torch.isfinite(torch.tensor(x["loss"])) for x in lines)
+    assert (tmp_path / "run" / "checkpoint-2" / "scaler.json").is_file()

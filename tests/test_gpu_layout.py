@@ -7,7 +7,7 @@ mismatch that would crash every GPU run fails here first; the default training r
 (the chunked loss's fp32 hidden states met the bf16 lm_head).
 
 Not covered on a CPU: paging of the 8-bit optimizer states, flash-attention, CUDA kernels of
-bitsandbytes and fp16 autocast (accelerate refuses fp16 on a CPU): tests/test_gpu.py.
+bitsandbytes and fp16 (accelerate ignores fp16 on a CPU: no autocast, no loss scaler): tests/test_gpu.py.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _losses(run) -> list[float]:
 
 def test_the_layout_is_the_cuda_decision(gpu_layout, tiny_base, tiny_data, tmp_path):
     assert precision_for(CPU).dtype == torch.bfloat16 and precision_for(CPU).mixed_precision == "bf16"
-    assert precision_for(CPU, "no").dtype == torch.float32 and precision_for(CPU, "no").autocast_dtype is None
+    assert precision_for(CPU, "no").dtype == torch.float32 and precision_for(CPU, "no").mixed_precision == "no"
     assert resolve_optimizer("auto", CPU) == "paged_adamw_8bit"
     model, _ = load_for_training(make_recipe(tiny_base, tiny_data, tmp_path / "o"), CPU)
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -120,8 +120,11 @@ def test_mixed_precision_no_trains_on_an_fp32_base_in_the_gpu_layout(gpu_layout,
     model, _ = load_for_training(recipe, CPU)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.dtype.is_floating_point)
     del model
-    train(recipe, progress=False)
+    final = train(recipe, progress=False)
     assert all(torch.isfinite(torch.tensor(_losses(tmp_path / "run"))))
+    # chat/answer/merge run the adapter on the base as it was trained: fp32, no autocast
+    model, _ = load_for_inference(tiny_base, final)
+    assert model.get_input_embeddings().weight.dtype == torch.float32
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])

@@ -242,3 +242,13 @@ if __name__ == "__main__":
         print("| shape | micro-batch | seq | predicted MiB | measured MiB | ratio |\n|---|---|---|---|---|---|")
         for name, mb, seq, pred, meas, ratio in validation_table(Path(d)):
             print(f"| {name} | {mb} | {seq} | {pred / 2**20:.1f} | {meas / 2**20:.1f} | {ratio:.3f} |", flush=True)
+
+
+def test_plan_refuses_the_fp32_base_it_does_not_model():
+    """train.mixed_precision=no loads the base in fp32 on a GPU; the plan's rows are 16-bit."""
+    from qllava.errors import QllavaError
+    from qllava.plan import plan
+
+    recipe = build_recipe({"model": {"base": "unused"}, "data": {"train": "t"}, "train": {"mixed_precision": "no"}})
+    with pytest.raises(QllavaError, match="mixed_precision=no"):
+        plan(recipe, gpu_memory=24)

@@ -131,3 +131,13 @@ def test_required_keys_refuse_null_as_required(key):
         load_recipe("demo", [f"{key}=~"])
     text = str(info.value)
     assert "1 problem(s)" in text and f"`{key}` is required" in text
+
+
+def test_an_unquoted_no_is_the_choice_no(tmp_path):
+    """YAML 1.1 reads `no` as false; for a key whose choices include "no" it means that choice."""
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  base: m\ndata:\n  train: t\ntrain:\n  mixed_precision: no\n")
+    assert load_recipe(path).train.mixed_precision == "no"
+    assert load_recipe("demo", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(QllavaError, match="data.packing"):  # a bool key keeps its bool
+        load_recipe("demo", ["data.packing=maybe"])

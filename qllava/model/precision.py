@@ -27,17 +27,16 @@ class Precision:
     """The base's unquantized weights and the 4-bit layers' compute dtype."""
     mixed_precision: str
     """accelerate's setting: bf16 or fp16 autocast around the forward, or no."""
-    device_type: str
 
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return _AUTOCAST.get(self.mixed_precision)
 
-    def autocast(self):
-        """The autocast the training forward runs under, for forwards outside accelerate's wrapper."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+def autocast_for(model: torch.nn.Module):
+    """The autocast a loaded model's forward needs outside training: that of its 16-bit base, where the base
+    meets fp32 trained weights (LoRA, projector) as in training (`precision_for` loads the base in the autocast
+    dtype); none for an fp32 base."""
+    weight = model.get_input_embeddings().weight
+    if weight.dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(weight.device.type, dtype=weight.dtype)
 
 
 def gpu_layout(device: torch.device) -> bool:
@@ -58,9 +57,10 @@ def precision_for(device: torch.device, mixed_precision: str = "auto") -> Precis
     CPU: fp32 weights; an explicit bf16 autocasts over them.
     """
     if not gpu_layout(device):
-        return Precision(torch.float32, "no" if mixed_precision == "auto" else mixed_precision, device.type)
+        return Precision(torch.float32, "no" if mixed_precision == "auto" else mixed_precision)
     if mixed_precision == "auto":
-        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+        # Native bf16 only: torch's default also says yes where bf16 is emulated (T4, V100, RTX 20xx), slowly.
+        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
         mixed_precision = "bf16" if bf16 else "fp16"
     dtype = _AUTOCAST.get(mixed_precision, torch.float32)
-    return Precision(dtype, mixed_precision, device.type)
+    return Precision(dtype, mixed_precision)

@@ -29,6 +29,7 @@ from qllava.train.fsdp import strip_wrapper_names
 
 ADAPTER_FILE = "adapter_model.safetensors"
 STATE_FILE = "trainer_state.json"
+SCALER_FILE = "scaler.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -84,6 +85,7 @@ def save_checkpoint(
     rng_states: list[dict] | None = None,
     weights: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict | None = None,
+    scaler=None,
 ) -> Path:
     """Write a complete checkpoint at `path` (replacing an older one of the same name).
 
@@ -107,6 +109,8 @@ def save_checkpoint(
         torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_states or [_rng_state()], tmp / "rng.pt")
+        if scaler is not None:  # fp16: the loss scale and its growth counter (plain numbers)
+            (tmp / SCALER_FILE).write_text(json.dumps(scaler.state_dict()))
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
@@ -178,8 +182,8 @@ def load_weights(
     return state
 
 
-def load_training_state(path: Path, *, optimizer, scheduler, rank: int = 0, load_optimizer=None) -> None:
-    """Restore optimizer, scheduler and this rank's RNG state (after `load_weights` and prepare).
+def load_training_state(path: Path, *, optimizer, scheduler, rank: int = 0, load_optimizer=None, scaler=None) -> None:
+    """Restore optimizer, scheduler, fp16 loss scaler and this rank's RNG state (after `load_weights` and prepare).
 
     `load_optimizer(state)` replaces `optimizer.load_state_dict` (FSDP shards a full state).
     """
@@ -187,6 +191,8 @@ def load_training_state(path: Path, *, optimizer, scheduler, rank: int = 0, load
     optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
     (load_optimizer or optimizer.load_state_dict)(optimizer_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+    if scaler is not None and (path / SCALER_FILE).is_file():
+        scaler.load_state_dict(json.loads((path / SCALER_FILE).read_text()))
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
     _set_rng_state(rng[rank] if isinstance(rng, list) else rng)  # a dict: written before per-process states
 

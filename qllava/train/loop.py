@@ -70,15 +70,18 @@ class _Interval:
     steps: int = 0
     empty_steps: int = 0
     """Steps without a trained token in the whole global batch: skipped, no update."""
+    overflow_steps: int = 0
+    """fp16 only: steps whose loss-scaled gradients overflowed; the scaler skipped the update."""
     tokens: int = 0
     truncated: int = 0
     start: float = field(default_factory=time.perf_counter)
 
     def record(self, step: int, lrs: tuple[float | None, float | None], epoch: int) -> dict:
-        updated = self.steps - self.empty_steps
-        return {
+        with_loss = self.steps - self.empty_steps
+        updated = with_loss - self.overflow_steps
+        record = {
             "step": step,
-            "loss": self.loss / updated if updated else None,
+            "loss": self.loss / with_loss if with_loss else None,
             "grad_norm": self.grad_norm / updated if updated else None,
             "lr": lrs[0],
             "projector_lr": lrs[1],
@@ -87,6 +90,9 @@ class _Interval:
             "empty_steps": self.empty_steps,
             "epoch": epoch,
         }
+        if self.overflow_steps:
+            record["overflow_steps"] = self.overflow_steps
+        return record
 
 
 def _step_of(line: str) -> float:
@@ -290,6 +296,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             scheduler=scheduler,
             rank=accelerator.process_index,
             load_optimizer=partial(fsdp.load_optimizer_state, model, optimizer.optimizer) if sharded else None,
+            scaler=accelerator.scaler,
         )
         say(f"qllava: resumed from {resume_from} at step {state.step}")
     eval_loader = None
@@ -332,6 +339,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                 rng_states=rng_states,
                 weights=weights,
                 optimizer_state=optimizer_state,
+                scaler=accelerator.scaler if with_optimizer else None,
             )
         accelerator.wait_for_everyone()  # no rank exits (and takes the others down) mid-write
 
@@ -386,7 +394,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                     say(
                         f"\nqllava: warning: step {state.step + 1} has no trained token in its batch (replies cut "
                         f"by data.max_length={recipe.data.max_length}?); such steps are skipped without an "
-                        "update and counted as empty_steps in metrics.jsonl"
+                        "update and counted as empty_steps in metrics.jsonl (the schedule waits for them)"
                     )
                     warned_empty = True
             else:
@@ -402,7 +410,13 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                 # The norm before clipping (the same on every rank: gradients are already reduced).
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm or math.inf)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.optimizer_step_was_skipped:
+                    # fp16: the loss scaler found inf/nan gradients (on every rank alike, after the
+                    # all-reduce), skipped the update and lowered the scale; the schedule waits too.
+                    interval.overflow_steps += 1
+                    grad_norm = torch.zeros((), device=device)
+                else:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.consumed += micro * accum
@@ -411,7 +425,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             # every rank must take the same branch below, whichever of them saw the Ctrl-C.
             local = [
                 step_loss,
-                sum(b["attention_mask"].sum() for b in window),
+                0 if empty else sum(b["attention_mask"].sum() for b in window),  # tokens that ran
                 sum(b["truncated"] for b in window),
                 int(stop.requested),
                 grad_norm / accelerator.num_processes,

@@ -40,9 +40,10 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
-    # The logits in lm_head's dtype, as the head runs inside the forward's autocast, then fp32 CE. The
-    # cast is needed: on GPU accelerate's autocast wrapper hands back the hidden states in fp32, while
-    # lm_head stays bf16, and this runs outside that autocast (every GPU run crashed on it).
+    # The logits in lm_head's dtype, as the head runs inside the forward's autocast on a GPU (bf16 base,
+    # bf16 autocast), then fp32 CE. The cast is needed: accelerate's autocast wrapper hands back the hidden
+    # states in fp32, and this runs outside it (every GPU run crashed on it). Only an explicit bf16
+    # autocast over an fp32 base (a CPU) differs: fp32 logits here, bf16 ones in the full-logits path.
     return F.cross_entropy(F.linear(hidden.to(weight.dtype), weight, bias).float(), targets, reduction="sum")
 
 

@@ -47,6 +47,7 @@ def test_a_step_without_trained_tokens_does_not_update(tiny_base, tmp_path, caps
     assert run_metrics(tmp_path / "run", "empty_steps") == [1, 1, 1]
     assert run_metrics(tmp_path / "run", "loss") == [None, None, None]
     assert run_metrics(tmp_path / "run", "lr") == pytest.approx([1e-3] * 3)  # the schedule did not move
+    assert run_metrics(tmp_path / "run", "tokens_per_s") == [0, 0, 0]  # no token went through the model
     assert capsys.readouterr().out.count("no trained token") == 1
     adapter = load_file(final / "adapter_model.safetensors")
     lora_b = [t for k, t in adapter.items() if "lora_B" in k]
