@@ -19,7 +19,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from qllava.export import merge_checkpoint
+from qllava.export import _reply_mask, _text_logits, _verification_inputs, compare_logits, merge_checkpoint
 from qllava.generate import generate_answers, inference_recipe, load_for_inference
 from qllava.model.load import load_for_training
 from qllava.model.precision import GPU_LAYOUT_ENV, precision_for
@@ -163,18 +163,32 @@ def test_resume_is_exact_with_8bit_optimizer_states(gpu_layout, tiny_base, tiny_
     assert _losses(tmp_path / "resumed") == pytest.approx(_losses(tmp_path / "straight")[2:], rel=1e-5)
 
 
-def test_merge_and_generation_in_the_gpu_layout(gpu_layout, trained_adapter, tmp_path):
-    """The adapter trained in fp32 (conftest) merges and answers on the bf16 base as it does in fp32."""
+def test_merge_and_generation_in_the_gpu_layout(trained_adapter, tmp_path, monkeypatch):
+    """The adapter trained in fp32 (conftest) computes on the bf16 base what it computes in fp32, merges with a
+    passing verification, and generates.
+
+    Compared as distributions over the training prompts, not as answers: this CPU-trained model has near-ties
+    (on some CPUs "red" and "</s>" within 0.02) that bf16 rounding flips, while a dtype bug moves everything.
+    """
     base, adapter, data = trained_adapter
+    monkeypatch.delenv(GPU_LAYOUT_ENV, raising=False)
+    model, processor = load_for_inference(base, adapter)
+    recipe = inference_recipe(base, adapter, processor)
+    _, prompts = _verification_inputs(recipe, processor, model.config, 12)
+    image_token = model.config.image_token_id
+    fp32 = _text_logits(model, prompts, image_token)
+
+    monkeypatch.setenv(GPU_LAYOUT_ENV, "1")
+    model, processor = load_for_inference(base, adapter)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    stats = compare_logits(fp32, _text_logits(model, prompts, image_token), _reply_mask(prompts, image_token))
+    assert stats["mean_kl"] < 1e-3, stats  # measured 1.2e-6 (bf16 rounding), max |logit diff| 0.04
+
     report = merge_checkpoint(adapter, tmp_path / "merged", dtype="bf16")
     assert report.verified and report.passed, report
-
-    questions = [(f"{i}.png", "What color is the shape?") for i in range(6)]
-    expected = ["red", "green", "blue"] * 2
-    model, processor = load_for_inference(base, adapter)
-    assert next(p for n, p in model.named_parameters() if "vision_tower" in n).dtype == torch.bfloat16
-    recipe = inference_recipe(base, adapter, processor)
-    assert generate_answers(model, processor, recipe, questions, image_folder=data / "images") == expected
-    merged, processor = load_for_inference(tmp_path / "merged")
-    recipe = inference_recipe(tmp_path / "merged", None, processor)
-    assert generate_answers(merged, processor, recipe, questions, image_folder=data / "images") == expected
+    questions = [(f"{i}.png", "What color is the shape?") for i in range(12)]
+    for path, adapter_dir in ((base, adapter), (tmp_path / "merged", None)):
+        model, processor = load_for_inference(path, adapter_dir)
+        recipe = inference_recipe(path, adapter_dir, processor)
+        answers = generate_answers(model, processor, recipe, questions, image_folder=data / "images")
+        assert len(answers) == 12 and set(answers) <= {"red", "green", "blue", ""}, answers
