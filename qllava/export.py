@@ -81,10 +81,14 @@ class MergeReport:
         if not self.verified:
             return f"merged ({self.method}, {self.dtype}); not verified (--no-verify)"
         verdict = "PASSED" if self.passed else "FAILED"
-        return (
-            f"verification {verdict} on {self.positions} text positions ({self.prompts}): "
+        top1 = (
             f"top-1 agreement on {self.reply_positions} reply tokens {self.top1_agreement:.4f} "
-            f"(>= {self.min_top1_agreement}), "
+            f"(>= {self.min_top1_agreement})"
+            if self.top1_agreement is not None
+            else "no reply token in the prompts to judge top-1 agreement on (all cut by data.max_length?)"
+        )
+        return (
+            f"verification {verdict} on {self.positions} text positions ({self.prompts}): {top1}, "
             f"mean KL {self.mean_kl:.2e} (<= {self.max_mean_kl}), max |logit diff| {self.max_abs_logit_diff:.2e}"
         )
 
@@ -302,7 +306,8 @@ def compare_logits(reference: torch.Tensor, merged: torch.Tensor, replies: torch
         "reply_positions": int(replies.sum()),
         "max_abs_logit_diff": (ref - new).abs().max().item(),
         "mean_kl": kl.mean().item(),
-        "top1_agreement": agree[replies].float().mean().item(),
+        # None (JSON null) when no prompt kept a reply token, e.g. every reply cut by data.max_length
+        "top1_agreement": agree[replies].float().mean().item() if replies.any() else None,
     }
 
 
@@ -398,7 +403,8 @@ def merge_checkpoint(
         report.verified = True
         for key, value in stats.items():
             setattr(report, key, value)
-        report.passed = stats["top1_agreement"] >= min_top1_agreement and stats["mean_kl"] <= max_mean_kl
+        top1 = stats["top1_agreement"]
+        report.passed = (top1 is None or top1 >= min_top1_agreement) and stats["mean_kl"] <= max_mean_kl
         if not report.passed:
             (out / FAILED_MARKER).write_text(
                 "This merged model does not reproduce the trained base + adapter within tolerance; "

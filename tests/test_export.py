@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -12,7 +13,15 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from qllava.export import FAILED_MARKER, MIN_TOP1_AGREEMENT, REPORT_FILE, merge_checkpoint, merged_tensors
+from qllava.export import (
+    FAILED_MARKER,
+    MIN_TOP1_AGREEMENT,
+    REPORT_FILE,
+    MergeReport,
+    compare_logits,
+    merge_checkpoint,
+    merged_tensors,
+)
 from qllava.generate import Sampling, generate_answers, inference_recipe, load_for_inference
 from qllava.model.tiny import build_tiny_llava
 from tests.test_cli import qllava_here
@@ -262,3 +271,15 @@ def test_verification_uses_synthetic_prompts_when_the_data_is_gone(trained_adapt
     report = merge_checkpoint(checkpoint, tmp_path / "out", dtype="fp32", verify_samples=3)
     assert "synthetic" in report.prompts
     assert report.passed and report.top1_agreement == 1.0 and report.positions > 30
+
+
+def test_verification_without_reply_tokens_judges_on_kl_and_writes_valid_json():
+    """Prompts whose replies were all cut by data.max_length leave no position to judge top-1 on: the report
+    says so and holds null, not NaN (which json.dumps writes and JSON readers refuse)."""
+    torch.manual_seed(0)
+    reference = torch.randn(6, 10)
+    stats = compare_logits(reference, reference + 1e-4, torch.zeros(6, dtype=torch.bool))
+    assert stats["top1_agreement"] is None and stats["reply_positions"] == 0
+    report = MergeReport("ckpt", "base", "dequantized", "bf16", verified=True, passed=True, **stats)
+    assert "no reply token in the prompts" in report.summary()
+    assert json.loads(json.dumps(asdict(report), allow_nan=False))["top1_agreement"] is None

@@ -19,6 +19,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
+from qllava.errors import QllavaError
 from qllava.export import _reply_mask, _text_logits, _verification_inputs, compare_logits, merge_checkpoint
 from qllava.generate import generate_answers, inference_recipe, load_for_inference
 from qllava.model.load import load_for_training
@@ -192,3 +193,11 @@ def test_merge_and_generation_in_the_gpu_layout(trained_adapter, tmp_path, monke
         recipe = inference_recipe(path, adapter_dir, processor)
         answers = generate_answers(model, processor, recipe, questions, image_folder=data / "images")
         assert len(answers) == 12 and set(answers) <= {"red", "green", "blue", ""}, answers
+
+
+def test_fp16_is_refused_off_cuda(monkeypatch):
+    """accelerate runs no fp16 autocast or loss scaling on a CPU: fp16 would silently train in fp32."""
+    for layout in ("0", "1"):
+        monkeypatch.setenv(GPU_LAYOUT_ENV, layout)
+        with pytest.raises(QllavaError, match="fp16 needs a CUDA GPU"):
+            precision_for(CPU, "fp16")

@@ -141,8 +141,8 @@ def evaluate(
     batches: int = 0,
     filler=None,
     chunk_size: int = 0,
-) -> float:
-    """Token-weighted mean loss over the whole loader.
+) -> float | None:
+    """Token-weighted mean loss over the whole loader (None when no eval token carries loss).
 
     Under FSDP every forward gathers parameters together with the other ranks, so a rank with fewer
     batches runs `filler` (its loss discarded) until it has run `batches` forwards like the others.
@@ -161,7 +161,7 @@ def evaluate(
             _forward_loss(model, filler, accelerator.device, dtype, chunk_size)
     set_train_mode(model)
     total, tokens = accelerator.reduce(total, "sum"), accelerator.reduce(tokens, "sum")
-    return (total / tokens.clamp(min=1)).item()
+    return (total / tokens).item() if tokens.item() else None  # None: every eval reply cut by data.max_length
 
 
 class _StopRequest:
@@ -357,6 +357,11 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             loss = evaluate(model, eval_loader, accelerator, dtype, batches=eval_batches, filler=eval_filler)
         else:
             loss = evaluate(accelerator.unwrap_model(model), eval_loader, accelerator, dtype, chunk_size=chunk_size)
+        if loss is None:
+            say(
+                "\nqllava: warning: no eval sample kept a trained token within "
+                f"data.max_length={recipe.data.max_length}: eval_loss is null"
+            )
         log({"step": state.step, "eval_loss": loss})
 
     def windows():
@@ -376,7 +381,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     bar = tqdm(total=total_steps, initial=state.step, disable=not (main and progress), desc="train", unit="step")
     interval = _Interval()
     stream = windows()
-    warned_empty = False
+    first_step, empty_total = state.step, 0
     with _StopRequest() as stop:
         while state.step < total_steps:
             window = next(stream)
@@ -390,13 +395,13 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                 # Nothing to learn from (every reply cut by data.max_length): a zero-gradient step would
                 # still move the weights through Adam's momentum and advance the schedule.
                 interval.empty_steps += 1
-                if not warned_empty:
+                empty_total += 1
+                if empty_total == 1:
                     say(
                         f"\nqllava: warning: step {state.step + 1} has no trained token in its batch (replies cut "
                         f"by data.max_length={recipe.data.max_length}?); such steps are skipped without an "
                         "update and counted as empty_steps in metrics.jsonl (the schedule waits for them)"
                     )
-                    warned_empty = True
             else:
                 # DDP averages gradients over ranks, so each rank scales by world_size / global tokens.
                 scale = accelerator.num_processes / global_tokens
@@ -462,6 +467,12 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                     "continue with train.resume=auto"
                 )
     bar.close()
+    if empty_total == state.step - first_step:
+        raise QllavaError(
+            f"none of the {empty_total} steps had a token that carries loss: every reply was cut by "
+            f"data.max_length={recipe.data.max_length}; raise it (`qllava data check` shows the sample lengths). "
+            "Nothing was written to final/"
+        )
 
     # --- save ---
     if eval_loader is not None:
