@@ -467,7 +467,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                     "continue with train.resume=auto"
                 )
     bar.close()
-    if empty_total == state.step - first_step:
+    if empty_total and empty_total == state.step - first_step:  # 0 == 0: resumed at the last step
         raise QllavaError(
             f"none of the {empty_total} steps had a token that carries loss: every reply was cut by "
             f"data.max_length={recipe.data.max_length}; raise it (`qllava data check` shows the sample lengths). "
