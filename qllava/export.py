@@ -36,7 +36,7 @@ from transformers import GenerationConfig, LlavaForConditionalGeneration
 from transformers.core_model_loading import revert_weight_conversion
 
 from qllava.data.dataset import IGNORE_INDEX, encoder_from_recipe, parse_sample, read_records
-from qllava.data.images import load_image, pixel_values
+from qllava.data.images import load_image, pixel_values, processor_to_save
 from qllava.data.templates import chat_template, end_of_turn
 from qllava.errors import QllavaError
 from qllava.generate import MERGED_RECIPE, attach_adapter
@@ -221,7 +221,7 @@ def _save_processor(processor, recipe: Recipe, out: Path) -> None:
     if template is not None:
         processor.chat_template = template
         processor.tokenizer.chat_template = template
-    processor.save_pretrained(out)
+    processor_to_save(processor, recipe.data.image_aspect).save_pretrained(out)
     tokenizer = processor.tokenizer
     GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

@@ -8,11 +8,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import bitsandbytes as bnb
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors import safe_open
+from transformers import AutoProcessor
 
+from qllava.data.images import pixel_values, processor_to_save
 from qllava.export import (
     FAILED_MARKER,
     MIN_TOP1_AGREEMENT,
@@ -23,7 +27,9 @@ from qllava.export import (
     merged_tensors,
 )
 from qllava.generate import Sampling, generate_answers, inference_recipe, load_for_inference
+from qllava.model.load import load_processor
 from qllava.model.tiny import build_tiny_llava
+from tests.conftest import COLORS
 from tests.test_cli import qllava_here
 
 QUESTION = "What color is the shape?"
@@ -103,48 +109,96 @@ def test_sharded_export_loads_and_verifies(trained_adapter, tmp_path):
     assert report.passed and report.top1_agreement == 1.0
 
 
-PLAIN_TRANSFORMERS = """
-import json, sys
-import torch
-from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-model_dir, images, question = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
-processor = AutoProcessor.from_pretrained(model_dir)
-model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
-messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-answers = []
-for path in images:
-    inputs = processor(images=Image.open(path).convert("RGB"), text=prompt, return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    answers.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
-print(json.dumps({"prompt": prompt, "answers": answers, "imported_qllava": "qllava" in sys.modules}))
-"""
+def readme_snippet(marker: str) -> str:
+    """The ```python block that follows `<!-- snippet: MARKER -->` in README.md."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    after = text.split(f"<!-- snippet: {marker} -->", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def test_plain_transformers_generates_what_base_plus_adapter_generates(trained_adapter, merged_fp32):
-    base, adapter, data = trained_adapter
-    images = [data / "images" / f"{i}.png" for i in range(6)]
-    result = subprocess.run(
-        [sys.executable, "-c", PLAIN_TRANSFORMERS, str(merged_fp32[1]), *map(str, images), QUESTION],
-        capture_output=True,
-        text=True,
-        cwd="/",
-    )
+# (size, centered square): wide and tall, the square as high or as wide as the image.
+SIDED = [
+    ((96, 32), (32, 0, 64, 32)),
+    ((32, 96), (0, 32, 32, 64)),
+    ((80, 40), (20, 0, 60, 40)),
+    ((40, 100), (0, 30, 40, 70)),
+]
+
+
+def write_sided_images(folder: Path) -> list[Path]:
+    """Non-square images whose sides are one training color and whose centered square is another: a center crop
+    shows the center color, LLaVA's padding the whole image."""
+    colors = list(COLORS.values())
+    paths = []
+    for i, (size, box) in enumerate(SIDED):
+        image = Image.new("RGB", size, colors[i % 3])
+        image.paste(colors[(i + 1) % 3], box)
+        paths.append(folder / f"sided-{i}.png")
+        image.save(paths[-1])
+    return paths
+
+
+def test_readme_snippet_answers_as_qllava_answer_does(trained_adapter, merged_fp32, tmp_path):
+    """The README's plain-transformers block, run on the export in a process without qllava, answers exactly as
+    `qllava answer` on the export: on the square training images and on non-square ones (padding, not cropping)."""
+    _, _, data = trained_adapter
+    export = merged_fp32[1]
+    square = [data / "images" / f"{i}.png" for i in range(6)]
+    images = square + write_sided_images(tmp_path)
+    snippet = readme_snippet("plain-transformers")
+    for old, new in [
+        ('"my-llava"', repr(str(export))),
+        ('["cat.jpg", "street.png"]', repr(list(map(str, images)))),
+        ('"What is in the picture?"', repr(QUESTION)),
+    ]:
+        assert snippet.count(old) >= 1, old
+        snippet = snippet.replace(old, new)
+    snippet += "\nimport json, sys\nprint(json.dumps({'prompt': prompt, 'imported_qllava': 'qllava' in sys.modules}))\n"
+    result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd="/")
     assert result.returncode == 0, result.stderr[-2000:]
-    plain = json.loads(result.stdout.strip().splitlines()[-1])
+    *answers, last = result.stdout.strip().splitlines()
+    plain = json.loads(last)
     assert plain["imported_qllava"] is False
+    assert plain["prompt"].endswith(f"USER: <image>\n{QUESTION} ASSISTANT:")
 
-    model, processor = load_for_inference(base, adapter)
-    recipe = inference_recipe(base, adapter, processor)
+    model, processor = load_for_inference(export)
+    recipe = inference_recipe(export, None, processor)
+    assert recipe.data.image_aspect == "pad"
     expected = generate_answers(
-        model, processor, recipe, [(str(p), QUESTION) for p in images], sampling=Sampling(max_new_tokens=8)
+        model, processor, recipe, [(str(p), QUESTION) for p in images], sampling=Sampling(max_new_tokens=64)
     )
-    assert plain["answers"] == expected
+    assert answers == expected
     truth = ["red", "green", "blue"] * 2
     assert sum(a == t for a, t in zip(expected, truth)) >= 3, expected  # answers depend on the image: it learned
-    assert plain["prompt"].endswith(f"USER: <image>\n{QUESTION} ASSISTANT:")
+
+
+# (width, height): wide, tall, tiny, odd splits of the padding, already square, far from the tower's size.
+PIXEL_SIZES = [(40, 28), (28, 40), (1, 1), (3, 7), (7, 3), (32, 32), (33, 32), (335, 337), (641, 480), (20, 1000)]
+
+
+def test_saved_processors_reproduce_the_training_pixels(trained_adapter, merged_fp32):
+    """AutoProcessor on a checkpoint or an export gives exactly the pixels training computed (LLaVA padding), where the
+    base's CLIP processor center-crops non-square images."""
+    base, adapter, _ = trained_adapter
+    training = load_processor(base).image_processor
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in PIXEL_SIZES]
+    for folder in (adapter, merged_fp32[1]):
+        saved = AutoProcessor.from_pretrained(folder).image_processor
+        assert saved.do_pad
+        for image in images:
+            pixels = saved(images=image, return_tensors="pt")["pixel_values"][0]
+            assert torch.equal(pixels, pixel_values(image, "pad", training)), (folder.name, image.size)
+    cropped = training(images=images[0], return_tensors="pt")["pixel_values"][0]
+    assert not torch.equal(cropped, pixel_values(images[0], "pad", training))  # the test can fail
+
+
+def test_processor_to_save_keeps_the_base_processor_without_padding(tiny_base):
+    processor = load_processor(tiny_base)
+    assert processor_to_save(processor, "resize") is processor
+    padded = processor_to_save(processor, "pad")
+    assert padded.image_processor.do_pad and not getattr(processor.image_processor, "do_pad", False)
+    assert padded.tokenizer is processor.tokenizer  # only the image processor differs; the original is untouched
 
 
 def _eval_forward(model) -> torch.Tensor:

@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 from PIL import Image
+from transformers.image_processing_backends import PilBackend
+from transformers.models.llava import LlavaImageProcessorPil
+
+# What a padding image processor copies from the base's, so that resizing and normalization stay the same.
+_COPIED_SETTINGS = (
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+)
 
 
 def input_size(image_processor) -> tuple[int, int]:
@@ -43,3 +61,31 @@ def load_image(path: str | Path, aspect: str, image_processor) -> torch.Tensor:
     with Image.open(path) as img:
         image = img.convert("RGB")
     return pixel_values(image, aspect, image_processor)
+
+
+def processor_to_save(processor, aspect: str):
+    """The processor to save beside trained weights (checkpoints, merged exports): one that, loaded with plain
+    `AutoProcessor.from_pretrained`, computes the pixels training computed.
+
+    With `pad`, the base's image processor (CLIP's center-crops) becomes a `LlavaImageProcessor` with `do_pad=True`
+    and the base's resize, crop and normalization settings: it pastes the image centered on a square of the mean
+    color truncated to integers, as `square` does, and gives the same pixels. Other aspects keep the processor.
+    The given processor is left unchanged.
+    """
+    image_processor = processor.image_processor
+    if aspect != "pad" or getattr(image_processor, "do_pad", False):
+        return processor
+    settings = {
+        key: getattr(image_processor, key)
+        for key in _COPIED_SETTINGS
+        if getattr(image_processor, key, None) is not None
+    }
+    # SigLIP's resizes to the square input size and has no crop; LlavaImageProcessor would crop by default.
+    settings["do_center_crop"] = bool(settings.get("do_center_crop"))
+    if isinstance(image_processor, PilBackend):
+        padding_class = LlavaImageProcessorPil
+    else:  # the torchvision backend; importing it without torchvision warns, so only here
+        from transformers.models.llava import LlavaImageProcessor as padding_class
+    processor = copy.copy(processor)
+    processor.image_processor = padding_class(do_pad=True, **settings)
+    return processor

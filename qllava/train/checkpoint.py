@@ -22,6 +22,7 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from qllava.data.images import processor_to_save
 from qllava.errors import QllavaError
 from qllava.model.projector import PROJECTOR_FILE, load_projector, save_projector
 from qllava.recipe import Recipe, dump_recipe
@@ -102,7 +103,7 @@ def save_checkpoint(
             strip_wrapper_names(tmp / ADAPTER_FILE)
     else:  # stage 1: only the projector trained
         save_projector(model, tmp)
-    processor.save_pretrained(tmp)
+    processor_to_save(processor, recipe.data.image_aspect).save_pretrained(tmp)
     dump_recipe(recipe, tmp / "recipe.yaml")
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     if optimizer is not None:
