@@ -25,7 +25,7 @@ from qllava.generate import generate_answers, inference_recipe, load_for_inferen
 from qllava.model.load import load_for_training
 from qllava.model.precision import GPU_LAYOUT_ENV, precision_for
 from qllava.recipe import dump_recipe
-from qllava.train.loop import train
+from qllava.train.loop import make_accelerator, train
 from qllava.train.optim import resolve_optimizer
 from tests.conftest import make_recipe, run_launcher, run_metrics
 from tests.train.test_fsdp import FSDP_CONFIG
@@ -195,9 +195,13 @@ def test_merge_and_generation_in_the_gpu_layout(trained_adapter, tmp_path, monke
         assert len(answers) == 12 and set(answers) <= {"red", "green", "blue", ""}, answers
 
 
-def test_fp16_is_refused_off_cuda(monkeypatch):
-    """accelerate runs no fp16 autocast or loss scaling on a CPU: fp16 would silently train in fp32."""
+def test_fp16_is_refused_off_cuda(tiny_base, tiny_data, tmp_path, monkeypatch):
+    """accelerate runs no fp16 autocast or loss scaling on a CPU: fp16 would silently train in fp32. An adapter
+    trained in fp16 on a GPU still loads on a CPU (chat, answer, merge), on fp32 weights."""
+    recipe = make_recipe(tiny_base, tiny_data, tmp_path / "run", train={"mixed_precision": "fp16"})
     for layout in ("0", "1"):
         monkeypatch.setenv(GPU_LAYOUT_ENV, layout)
         with pytest.raises(QllavaError, match="fp16 needs a CUDA GPU"):
-            precision_for(CPU, "fp16")
+            make_accelerator(recipe, tmp_path / "run")
+    monkeypatch.setenv(GPU_LAYOUT_ENV, "0")
+    assert precision_for(CPU, "fp16").dtype == torch.float32

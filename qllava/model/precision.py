@@ -17,8 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from qllava.errors import QllavaError
-
 GPU_LAYOUT_ENV = "QLLAVA_GPU_LAYOUT"
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,14 +54,9 @@ def precision_for(device: torch.device, mixed_precision: str = "auto") -> Precis
     GPU layout: `auto` is bf16 where the GPU has it, else fp16; the base is loaded in the autocast
     dtype, so the frozen weights and the autocast agree. `no` loads the base in fp32 (4-bit compute
     too): without autocast, bf16 frozen weights would meet the fp32 trained projector and fail.
-    CPU: fp32 weights; an explicit bf16 autocasts over them. fp16 is refused off CUDA: accelerate runs
-    neither fp16 autocast nor loss scaling on a CPU, so it would silently train in fp32.
+    CPU: fp32 weights; an explicit bf16 autocasts over them (training refuses fp16 off CUDA, see
+    `qllava.train.loop.make_accelerator`; an fp16-trained adapter still loads here, on fp32 weights).
     """
-    if mixed_precision == "fp16" and device.type != "cuda":
-        raise QllavaError(
-            "train.mixed_precision=fp16 needs a CUDA GPU (on a CPU accelerate runs no fp16 autocast or loss "
-            "scaling); use train.mixed_precision=bf16 or no"
-        )
     if not gpu_layout(device):
         return Precision(torch.float32, "no" if mixed_precision == "auto" else mixed_precision)
     if mixed_precision == "auto":

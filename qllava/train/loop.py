@@ -190,7 +190,14 @@ class _StopRequest:
 
 def make_accelerator(recipe: Recipe, out: Path, trackers: str | None = None) -> Accelerator:
     fsdp.refuse_deepspeed()
-    mixed_precision = precision_for(default_device(), recipe.train.mixed_precision).mixed_precision
+    device = default_device()
+    mixed_precision = precision_for(device, recipe.train.mixed_precision).mixed_precision
+    if mixed_precision == "fp16" and device.type != "cuda":
+        # accelerate accepts it and then runs neither fp16 autocast nor loss scaling: it would train in fp32.
+        raise QllavaError(
+            "train.mixed_precision=fp16 needs a CUDA GPU (on a CPU accelerate runs no fp16 autocast or loss "
+            "scaling); use train.mixed_precision=bf16 or no"
+        )
     if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
         # accelerate keeps the first run's precision process-wide and refuses another one, so a notebook
         # (or a test) that trains twice in one process could not change it. The process group stays.
