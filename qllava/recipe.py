@@ -312,10 +312,7 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
         return value, None
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None, None
-        hint = args[0]
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))  # null is handled by build_recipe
     if hint is list or origin is list:
         return (value, None) if isinstance(value, list) else (value, "expected a list")
     if hint is bool:
