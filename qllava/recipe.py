@@ -280,6 +280,19 @@ def _closest(key: str, candidates: list[str]) -> str:
     return f" (did you mean `{match[0]}`?)" if match else ""
 
 
+def _closest_section(name: str) -> str:
+    """A suggestion for an unknown section: a key written without its section (`max_steps=20`)
+    means that key, otherwise the closest section name, otherwise the closest key."""
+    by_leaf = {key.split(".")[1]: key for key in all_keys()}
+    if name in by_leaf:
+        return f" (did you mean `{by_leaf[name]}`?)"
+    match = difflib.get_close_matches(name, list(_sections()), n=1, cutoff=0.5)
+    if match:
+        return f" (did you mean `{match[0]}`?)"
+    match = difflib.get_close_matches(name, list(by_leaf), n=1, cutoff=0.6)
+    return f" (did you mean `{by_leaf[match[0]]}`?)" if match else ""
+
+
 def _admits_none(hint: Any) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
 
@@ -365,27 +378,41 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
-    """Validate a nested dict against the schema; raise one QllavaError listing every problem."""
-    problems: list[str] = []
+def _origins(overrides: list[str]) -> dict[str, str]:
+    """`section.key`, and its `section`, -> the override that set it, to name it in problems."""
+    origins = {}
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        origins[key] = item
+        origins.setdefault(key.split(".")[0], item)  # an unknown section is reported by its name
+    return origins
+
+
+def build_recipe(raw: dict, source: str = "recipe", overrides: list[str] | None = None) -> Recipe:
+    """Validate a nested dict against the schema; raise one QllavaError listing every problem.
+
+    `overrides`: the `key=value` strings merged into `raw`; a problem with one of their keys names the
+    override rather than blaming `source`.
+    """
+    problems: list[tuple[str, str]] = []  # (the key or section it is about, what is wrong)
     sections = _sections()
     values: dict[str, dict] = {name: {} for name in sections}
     if not isinstance(raw, dict):
         raise QllavaError(f"{source}: expected a mapping of sections ({', '.join(sections)})")
     for name, body in raw.items():
         if name not in sections:
-            problems.append(f"unknown section `{name}`{_closest(str(name), list(sections))}")
+            problems.append((str(name), f"unknown section `{name}`{_closest_section(str(name))}"))
             continue
         if body is None:
             continue
         if not isinstance(body, dict):
-            problems.append(f"`{name}` must be a mapping of keys, got {type(body).__name__}")
+            problems.append((name, f"`{name}` must be a mapping of keys, got {type(body).__name__}"))
             continue
         hints = _field_types(sections[name])
         for key, value in body.items():
             dotted = f"{name}.{key}"
             if key not in hints:
-                problems.append(f"unknown key `{dotted}`{_closest(dotted, all_keys())}")
+                problems.append((dotted, f"unknown key `{dotted}`{_closest(dotted, all_keys())}"))
                 continue
             if value is None:
                 # null unsets an optional key; a required one is then reported missing by
@@ -394,20 +421,25 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
                     values[name][key] = optional_keys()[dotted]
                 elif dotted not in REQUIRED:
                     default = getattr(sections[name](), key)
-                    problems.append(_null_problem(dotted, hints[key], default))
+                    problems.append((dotted, _null_problem(dotted, hints[key], default)))
                 continue
             if value is False and "no" in CHOICES.get(dotted, ()):
                 value = "no"  # YAML 1.1 reads an unquoted `no` (train.mixed_precision: no) as false
             coerced, err = _coerce(value, hints[key])
             if err:
-                problems.append(f"`{dotted}`: {err}, got {value!r}")
+                problems.append((dotted, f"`{dotted}`: {err}, got {value!r}"))
             else:
                 values[name][key] = coerced
     recipe = Recipe(**{name: cls(**values[name]) for name, cls in sections.items()})
     problems += _check_values(recipe)
     if problems:
-        listing = "\n".join(f"  - {p}" for p in problems)
-        raise QllavaError(f"{source} has {len(problems)} problem(s):\n{listing}")
+        origins = _origins(overrides or [])
+        listing = "\n".join(
+            f"  - {text}" + (f" (from the override `{origins[key]}`)" if key in origins else "")
+            for key, text in problems
+        )
+        where = f"{source} with {len(overrides)} override(s)" if overrides else source
+        raise QllavaError(f"{where} has {len(problems)} problem(s):\n{listing}")
     return recipe
 
 
@@ -416,39 +448,50 @@ def get(recipe: Recipe, dotted: str) -> Any:
     return getattr(getattr(recipe, section), key)
 
 
-def _check_values(recipe: Recipe) -> list[str]:
+def _check_values(recipe: Recipe) -> list[tuple[str, str]]:
+    """(key, problem) for every value the schema's types admit but the recipe cannot use."""
     problems = []
     for key, allowed in CHOICES.items():
         value = get(recipe, key)
         if value not in allowed:
             problems.append(
-                f"`{key}` is {value!r}; choose one of {', '.join(map(str, allowed))}"
-                f"{_closest(str(value), [str(a) for a in allowed])}"
+                (
+                    key,
+                    f"`{key}` is {value!r}; choose one of {', '.join(map(str, allowed))}"
+                    f"{_closest(str(value), [str(a) for a in allowed])}",
+                )
             )
     for key in POSITIVE:
         if isinstance(get(recipe, key), (int, float)) and get(recipe, key) <= 0:
-            problems.append(f"`{key}` must be > 0, got {get(recipe, key)}")
+            problems.append((key, f"`{key}` must be > 0, got {get(recipe, key)}"))
     for key in NON_NEGATIVE:
         if isinstance(get(recipe, key), (int, float)) and get(recipe, key) < 0:
-            problems.append(f"`{key}` must be >= 0, got {get(recipe, key)}")
+            problems.append((key, f"`{key}` must be >= 0, got {get(recipe, key)}"))
     for key in REQUIRED:
         if not get(recipe, key):
-            problems.append(f"`{key}` is required (set it in the recipe or as {key}=...)")
+            problems.append((key, f"`{key}` is required (set it in the recipe or as {key}=...)"))
     targets = recipe.lora.target_modules
     if not (
         targets == "all-linear" or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
     ):
-        problems.append(f"`lora.target_modules` must be `all-linear` or a list of module names, got {targets!r}")
+        problems.append(
+            (
+                "lora.target_modules",
+                f"`lora.target_modules` must be `all-linear` or a list of module names, got {targets!r}",
+            )
+        )
     if recipe.train.max_steps == 0 and recipe.train.epochs == 0:
-        problems.append("set `train.max_steps` or `train.epochs` above 0")
+        problems.append(("train.max_steps", "set `train.max_steps` or `train.epochs` above 0"))
     if not 0 <= recipe.optim.warmup_ratio < 1:
-        problems.append(f"`optim.warmup_ratio` must be in [0, 1), got {recipe.optim.warmup_ratio}")
+        problems.append(
+            ("optim.warmup_ratio", f"`optim.warmup_ratio` must be in [0, 1), got {recipe.optim.warmup_ratio}")
+        )
     if not (isinstance(recipe.optim.betas, list) and len(recipe.optim.betas) == 2):
-        problems.append(f"`optim.betas` must be a list of two numbers, got {recipe.optim.betas!r}")
+        problems.append(("optim.betas", f"`optim.betas` must be a list of two numbers, got {recipe.optim.betas!r}"))
     if not recipe.lora.enabled and recipe.optim.projector_lr == 0:
-        problems.append("`lora.enabled` is false and `optim.projector_lr` is 0: nothing would train")
+        problems.append(("lora.enabled", "`lora.enabled` is false and `optim.projector_lr` is 0: nothing would train"))
     if recipe.lora.dropout >= 1:
-        problems.append(f"`lora.dropout` must be below 1, got {recipe.lora.dropout}")
+        problems.append(("lora.dropout", f"`lora.dropout` must be below 1, got {recipe.lora.dropout}"))
     return problems
 
 
@@ -474,7 +517,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(raw, dict):
         raise QllavaError(f"{p}: expected a mapping of sections at the top level")
     raw = _merge(raw, parse_overrides(overrides or []))
-    return build_recipe(raw, source=str(p))
+    return build_recipe(raw, source=str(p), overrides=overrides)
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:

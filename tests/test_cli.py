@@ -27,6 +27,8 @@ def qllava_here(*args, input=None):
         (["train", "demo", "train.max_stepz=3"], "did you mean `train.max_steps`?"),
         (["train", "demo", "train.max_steps=abc"], "expected an integer"),
         (["train", "demo", "model.base=/nonexistent"], "is not a model directory"),
+        # qllava never downloads: a hub id gets the command that fetches it once.
+        (["chat", "llava-hf/llava-1.5-7b-hf", "--prompt", "hi"], "hf download llava-hf/llava-1.5-7b-hf --local-dir"),
         (
             ["data", "check", "demo", "data.train=/nonexistent.json", "model.base=/nonexistent"],
             "is not a model directory",

@@ -141,3 +141,30 @@ def test_an_unquoted_no_is_the_choice_no(tmp_path):
     assert load_recipe("demo", ["train.mixed_precision=no"]).train.mixed_precision == "no"
     with pytest.raises(QllavaError, match="data.packing"):  # a bool key keeps its bool
         load_recipe("demo", ["data.packing=maybe"])
+
+
+@pytest.mark.parametrize(
+    "override, problem",
+    [
+        # A key without its section means that key, not the closest section name.
+        ("max_steps=20", "unknown section `max_steps` (did you mean `train.max_steps`?)"),
+        ("optimm.lr=1", "unknown section `optimm` (did you mean `optim`?)"),
+        ("train.max_step=20", "unknown key `train.max_step` (did you mean `train.max_steps`?)"),
+        ("train.mixed_precision=fp8", "`train.mixed_precision` is 'fp8'"),
+        ("model.base=", "`model.base` is required"),
+    ],
+)
+def test_a_bad_override_is_named_as_the_override_not_blamed_on_the_file(override, problem):
+    with pytest.raises(QllavaError) as info:
+        load_recipe("demo", ["train.max_steps=3", override])
+    text = str(info.value)
+    assert "demo.yaml with 2 override(s) has 1 problem(s)" in text
+    assert f"{problem}" in text and f"(from the override `{override}`)" in text
+
+
+def test_a_problem_in_the_file_is_not_blamed_on_an_override(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {base: m}\ndata: {train: t}\ntrain: {max_step: 3}\n")
+    with pytest.raises(QllavaError) as info:
+        load_recipe(recipe, ["train.epochs=2"])
+    assert "unknown key `train.max_step`" in str(info.value) and "from the override" not in str(info.value)

@@ -48,9 +48,22 @@ def resolve_attention(choice: str, device: torch.device) -> str:
     return choice
 
 
+def _looks_like_hub_id(name: str) -> bool:
+    """`org/name` with the Hub's characters, as `llava-hf/llava-1.5-7b-hf`."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
+
+
 def check_base(base: str | Path) -> Path:
     path = Path(base)
     if not (path / "config.json").is_file():
+        if not path.exists() and _looks_like_hub_id(str(base)):
+            # qllava never downloads (offline by design): say how to fetch it once.
+            local = f"checkpoints/{str(base).split('/')[-1]}"
+            raise QllavaError(
+                f"model.base `{base}` looks like a Hugging Face Hub id, but qllava loads local directories only; "
+                f"download it once with `hf download {base} --local-dir {local}` (from huggingface_hub, installed "
+                f"with transformers), then pass model.base={local}"
+            )
         raise QllavaError(
             f"model.base `{base}` is not a model directory (no config.json); "
             "download the checkpoint once and pass its local path"
