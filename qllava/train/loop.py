@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -178,6 +179,11 @@ def evaluate(
     return (total / tokens).item() if tokens.item() else None  # None: every eval reply cut by data.max_length
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """The user's Ctrl-C stopped the run after it wrote a checkpoint: an interrupt, not an error
+    (the CLI prints the message, which says how to continue, and exits 130 like any interrupt)."""
+
+
 class _StopRequest:
     """First Ctrl-C asks the loop to checkpoint and stop at the next step boundary; a second one aborts."""
 
@@ -186,10 +192,15 @@ class _StopRequest:
         self.requested_at = 0.0
 
     def __enter__(self):
+        self._pid = os.getpid()
         self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
+        # Dataloader workers are forked with this handler and get the terminal's Ctrl-C too: they go on
+        # serving batches, and the training process alone stops (and says so once).
+        if os.getpid() != self._pid:
+            return
         # Launchers forward the terminal's Ctrl-C, so one press can arrive twice within a moment.
         if self.requested and time.monotonic() - self.requested_at > 1.0:
             raise KeyboardInterrupt
@@ -506,7 +517,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                     rotate(out, recipe.train.keep_last)
             if stopping:
                 bar.close()
-                raise QllavaError(
+                raise TrainingStopped(
                     f"interrupted at step {state.step}: wrote {out / f'checkpoint-{state.step}'}; "
                     "continue with train.resume=auto"
                 )

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from qllava.errors import QllavaError
 from qllava.model.load import load_for_training
 from qllava.train import checkpoint as ckpt
-from qllava.train.loop import train
+from qllava.train.loop import TrainingStopped, train
 from tests.conftest import make_recipe
 
 
@@ -97,7 +97,7 @@ def test_ctrl_c_writes_a_checkpoint_and_auto_resume_finishes(tiny_base, tiny_dat
     timer = threading.Timer(6.0, lambda: os.kill(os.getpid(), signal.SIGINT))
     timer.start()
     try:
-        with pytest.raises(QllavaError, match="interrupted at step") as info:
+        with pytest.raises(TrainingStopped, match="interrupted at step") as info:
             train(recipe, progress=False)
     finally:
         timer.cancel()
