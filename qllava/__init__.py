@@ -5,6 +5,10 @@ from qllava._bnb_notice import silence_missing_kernels_notice
 
 silence_missing_kernels_notice()
 
+from qllava._peft_notice import silence_is_gradient_checkpointing_notice  # noqa: E402
+
+silence_is_gradient_checkpointing_notice()
+
 from qllava.errors import QllavaError  # noqa: E402
 from qllava.recipe import Recipe, load_recipe  # noqa: E402
 

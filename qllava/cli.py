@@ -31,8 +31,9 @@ def _run(fn, *args, **kwargs):
             message = message.rstrip().splitlines()[-1].split("QllavaError: ", 1)[-1]
         typer.echo(f"qllava: error: {message}", err=True)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        typer.echo("qllava: interrupted", err=True)
+    except KeyboardInterrupt as exc:
+        # A training run stopped by Ctrl-C says where it stopped and how to continue (TrainingStopped).
+        typer.echo(f"qllava: {str(exc) or 'interrupted'}", err=True)
         raise typer.Exit(130) from None
 
 

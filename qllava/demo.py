@@ -338,20 +338,21 @@ def materialize_two_stage() -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "COMPLETE").is_file():
             return target
-        tmp = root / "two-stage.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        _split_base(root / "tiny-llava", tmp / "vision", tmp / "llm")
-        compose_llava(tmp / "vision", tmp / "llm", tmp / "composed", projector="mlp2x_gelu", template="vicuna_v1")
+        # Built in place (what compose prints is where the model stays); COMPLETE, written last, marks a
+        # whole build, and the lock keeps readers out until then.
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir()
+        _split_base(root / "tiny-llava", target / "vision", target / "llm")
+        compose_llava(
+            target / "vision", target / "llm", target / "composed", projector="mlp2x_gelu", template="vicuna_v1"
+        )
         captions = [
             {"id": r["id"], "image": r["image"], "conversations": _turns([("", _caption(r["scene"]))], True)}
             for r in json.loads((root / "pretrain.json").read_text())
             if "scene" in r
         ]
-        (tmp / "captions.json").write_text(json.dumps(captions, indent=1))
-        (tmp / "COMPLETE").write_text("ok\n")
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        (target / "captions.json").write_text(json.dumps(captions, indent=1))
+        (target / "COMPLETE").write_text("ok\n")
     return target
 
 

@@ -14,7 +14,7 @@ import json
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,9 @@ class TrainState:
     length_bucket: int = 1
     """The sampler's length bucket (1 in checkpoints written before it existed). With
     world_size and micro_batch it fixes the epoch's order, which `consumed` counts into."""
+    log_window: dict = field(default_factory=dict)
+    """The sums of the metrics line in progress (steps since the last logged line), so that the
+    resumed run's next line averages the same steps as the uninterrupted run's."""
 
 
 def _rng_state() -> dict:
@@ -131,13 +134,48 @@ def rotate(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old)
 
 
+def _holds_run(run_dir: Path) -> bool:
+    return (run_dir / "metrics.jsonl").is_file() or (run_dir / "final").is_dir() or bool(list_checkpoints(run_dir))
+
+
+def _finished_run(run_dir: Path) -> str:
+    final = run_dir / "final"
+    step = json.loads((final / STATE_FILE).read_text())["step"] if (final / STATE_FILE).is_file() else "?"
+    return (
+        f"output.dir `{run_dir}` holds a finished run (final/ at step {step}); choose another output.dir or delete it"
+    )
+
+
 def find_resume(resume: str, run_dir: Path) -> Path | None:
-    """`auto` -> the latest checkpoint in the run directory (None when there is none yet)."""
-    if not resume:
-        return None
+    """The checkpoint a run resumes from (None: it starts at step 0), refusing to train over a run.
+
+    - "" (none): `run_dir` must not hold a run (metrics.jsonl, a checkpoint or final/).
+    - `auto`: the latest checkpoint; a new or empty `run_dir` starts. A finished run (final/) is never
+      trained over, even when it kept checkpoints (raising train.max_steps would recompute from one of them
+      and replace final/ and metrics); neither is a run that wrote metrics but no checkpoint.
+    - PATH: that checkpoint, whatever `run_dir` holds (its metrics lines after the checkpoint are dropped).
+    """
     if resume == "auto":
         found = list_checkpoints(run_dir)
+        if (run_dir / "final").is_dir():
+            keep = f"; to train on from {found[-1]}, set train.resume to it and a new output.dir" if found else ""
+            raise QllavaError(_finished_run(run_dir) + keep)
+        if not found and _holds_run(run_dir):
+            raise QllavaError(
+                f"output.dir `{run_dir}` holds a run that wrote no checkpoint (metrics.jsonl, no checkpoint-STEP/), "
+                "so train.resume=auto has nothing to resume from; choose another output.dir or delete it "
+                "(train.save_every sets how often checkpoints are written)"
+            )
         return found[-1] if found else None
+    if not resume:
+        if (run_dir / "final").is_dir():
+            raise QllavaError(_finished_run(run_dir))
+        if _holds_run(run_dir):
+            raise QllavaError(
+                f"output.dir `{run_dir}` already holds a run; continue it with train.resume=auto or choose another "
+                "output.dir"
+            )
+        return None
     path = Path(resume)
     weights = PROJECTOR_FILE if (path / PROJECTOR_FILE).is_file() else ADAPTER_FILE
     missing = [f for f in (weights, STATE_FILE, "optimizer.pt") if not (path / f).is_file()]
@@ -146,14 +184,10 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
-def load_weights(
-    path: Path, *, model, world_size: int = 1, fsdp: bool = False, micro_batch: int = 0, length_bucket: int = 1
+def resumable_state(
+    path: Path, *, world_size: int = 1, fsdp: bool = False, micro_batch: int = 0, length_bucket: int = 1
 ) -> TrainState:
-    """Restore adapter + projector weights into the model before it is wrapped; return the trainer state.
-
-    Loading before `accelerator.prepare` works alike for DDP (which broadcasts rank 0's weights)
-    and FSDP (which shards what the model holds).
-    """
+    """The trainer state of checkpoint `path`, if this run can continue it exactly (read before any model loads)."""
     state = TrainState(**json.loads((path / STATE_FILE).read_text()))
     if state.world_size != world_size:
         raise QllavaError(
@@ -174,13 +208,21 @@ def load_weights(
             f"checkpoint {path} was {how}; its optimizer state only resumes the way it was written: "
             "launch with the same accelerate config"
         )
+    return state
+
+
+def load_weights(path: Path, model) -> None:
+    """Restore adapter + projector weights into the model before it is wrapped.
+
+    Loading before `accelerator.prepare` works alike for DDP (which broadcasts rank 0's weights)
+    and FSDP (which shards what the model holds).
+    """
     if not isinstance(model, PeftModel):
         if not (path / PROJECTOR_FILE).is_file():
             raise QllavaError(f"checkpoint {path} holds a LoRA adapter, but this recipe trains no LoRA (lora.enabled)")
         load_projector(model, path)
     else:
         _load_adapter(path, model)
-    return state
 
 
 def load_training_state(path: Path, *, optimizer, scheduler, rank: int = 0, load_optimizer=None, scaler=None) -> None:

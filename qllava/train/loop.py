@@ -10,10 +10,11 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from qllava.train.checkpoint import (
     gather_rng_states,
     load_training_state,
     load_weights,
+    resumable_state,
     rotate,
     save_checkpoint,
 )
@@ -94,6 +96,18 @@ class _Interval:
             record["overflow_steps"] = self.overflow_steps
         return record
 
+    def sums(self) -> dict:
+        """The window so far, as a checkpoint keeps it: the sums and the seconds it has run."""
+        sums = {name: value for name, value in asdict(self).items() if name != "start"}
+        return sums | {"seconds": time.perf_counter() - self.start}
+
+    @classmethod
+    def resumed(cls, sums: dict) -> _Interval:
+        """The window a checkpoint kept (`sums`), continued; empty for checkpoints written before they kept it."""
+        sums = dict(sums)
+        seconds = sums.pop("seconds", 0.0)
+        return cls(**sums, start=time.perf_counter() - seconds)
+
 
 def _step_of(line: str) -> float:
     """Step of a metrics.jsonl line; a line cut short by a killed run counts as after any checkpoint."""
@@ -141,6 +155,7 @@ def evaluate(
     batches: int = 0,
     filler=None,
     chunk_size: int = 0,
+    progress: bool = False,
 ) -> float | None:
     """Token-weighted mean loss over the whole loader (None when no eval token carries loss).
 
@@ -151,7 +166,7 @@ def evaluate(
     total = torch.zeros((), device=accelerator.device)
     tokens = torch.zeros((), device=accelerator.device)
     done = 0
-    for batch in loader:
+    for batch in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not progress):
         with accelerator.autocast():  # the unwrapped model has no autocast of its own (fp32 projector, bf16 base)
             total += _forward_loss(model, batch, accelerator.device, dtype, chunk_size)
         tokens += trained_tokens(batch["labels"]).to(accelerator.device)
@@ -164,6 +179,11 @@ def evaluate(
     return (total / tokens).item() if tokens.item() else None  # None: every eval reply cut by data.max_length
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """The user's Ctrl-C stopped the run after it wrote a checkpoint: an interrupt, not an error
+    (the CLI prints the message, which says how to continue, and exits 130 like any interrupt)."""
+
+
 class _StopRequest:
     """First Ctrl-C asks the loop to checkpoint and stop at the next step boundary; a second one aborts."""
 
@@ -172,10 +192,15 @@ class _StopRequest:
         self.requested_at = 0.0
 
     def __enter__(self):
+        self._pid = os.getpid()
         self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
+        # Dataloader workers are forked with this handler and get the terminal's Ctrl-C too: they go on
+        # serving batches, and the training process alone stops (and says so once).
+        if os.getpid() != self._pid:
+            return
         # Launchers forward the terminal's Ctrl-C, so one press can arrive twice within a moment.
         if self.requested and time.monotonic() - self.requested_at > 1.0:
             raise KeyboardInterrupt
@@ -234,6 +259,16 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     sharded = fsdp.enabled(accelerator)
     if sharded:
         fsdp.check(accelerator.state.fsdp_plugin, recipe)
+    # What output.dir holds and whether its checkpoint fits this launch need no model: checked before
+    # the minutes a large base takes to load.
+    order = {
+        "micro_batch": recipe.train.micro_batch_size,
+        "length_bucket": recipe.data.length_bucket or recipe.train.grad_accum,
+    }
+    state = TrainState(world_size=accelerator.num_processes, fsdp=sharded, **order)
+    resume_from = find_resume(recipe.train.resume, out)
+    if resume_from is not None:
+        state = resumable_state(resume_from, world_size=accelerator.num_processes, fsdp=sharded, **order)
     optimizer_name = resolve_optimizer(recipe.optim.name, device, sharded)
     if sharded and recipe.optim.name == "auto" and gpu_layout(device):
         optimizer_name += " (auto under FSDP: 8-bit optimizer states do not shard)"
@@ -279,11 +314,8 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             f"qllava: warning: the base's chat template is qllava's `{built_for}`, but data.template is "
             f"`{recipe.data.template}`; set data.template={built_for} unless you mean to change it"
         )
-    order = {"micro_batch": micro, "length_bucket": sampler.length_bucket}
-    state = TrainState(world_size=accelerator.num_processes, fsdp=sharded, **order)
-    resume_from = find_resume(recipe.train.resume, out)
     if resume_from is not None:
-        state = load_weights(resume_from, model=model, world_size=accelerator.num_processes, fsdp=sharded, **order)
+        load_weights(resume_from, model)
     replicated = []
     if sharded:
         # FSDP replaces the trainable parameters by flat ones: the optimizer is built on those.
@@ -314,10 +346,6 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
         eval_batches = math.ceil(math.ceil(len(eval_set) / accelerator.num_processes) / micro) if sharded else 0
         eval_filler = (collate_packed if recipe.data.packing else collate)([eval_set[0]], pad_token_id=pad_id)
     metrics = out / "metrics.jsonl"
-    if resume_from is None and metrics.exists() and recipe.train.resume != "auto":
-        raise QllavaError(
-            f"output.dir `{out}` already holds a run; continue it with train.resume=auto or choose another output.dir"
-        )
     if main:
         out.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, out / "recipe.yaml")
@@ -331,6 +359,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     def save(path: Path, with_optimizer: bool = True) -> None:
         # Collectives first, on every rank: RNG states, and under FSDP the sharded weights and optimizer.
         rng_states = gather_rng_states(accelerator) if with_optimizer else None
+        state.log_window = interval.sums()
         weights = fsdp.gather_trainable(model) if sharded else None
         optimizer_state = fsdp.optimizer_state(model, optimizer.optimizer) if sharded and with_optimizer else None
         accelerator.wait_for_everyone()
@@ -360,16 +389,29 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     def log_eval() -> None:
         # DDP: the unwrapped model, since DDP's forward would expect every rank to run the same batches.
         # FSDP: the wrapped one (the unwrapped one holds only shards), with every rank running as many.
+        shown = main and progress
         if sharded:
-            loss = evaluate(model, eval_loader, accelerator, dtype, batches=eval_batches, filler=eval_filler)
+            loss = evaluate(
+                model, eval_loader, accelerator, dtype, batches=eval_batches, filler=eval_filler, progress=shown
+            )
         else:
-            loss = evaluate(accelerator.unwrap_model(model), eval_loader, accelerator, dtype, chunk_size=chunk_size)
+            loss = evaluate(
+                accelerator.unwrap_model(model), eval_loader, accelerator, dtype, chunk_size=chunk_size, progress=shown
+            )
         if loss is None:
             say(
                 "\nqllava: warning: no eval sample kept a trained token within "
                 f"data.max_length={recipe.data.max_length}: eval_loss is null"
             )
+        else:
+            postfix["eval_loss"] = f"{loss:.4f}"
+            bar.set_postfix(postfix)
+            if main:
+                tqdm.write(f"qllava: step {state.step}: eval_loss {loss:.4f}")
         log({"step": state.step, "eval_loss": loss})
+
+    def eval_due() -> bool:
+        return eval_loader is not None and bool(recipe.train.eval_every) and state.step % recipe.train.eval_every == 0
 
     def windows():
         """Accumulation windows of micro-batches; a window never spans two epochs."""
@@ -386,7 +428,8 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     # --- train ---
     set_train_mode(model)
     bar = tqdm(total=total_steps, initial=state.step, disable=not (main and progress), desc="train", unit="step")
-    interval = _Interval()
+    postfix: dict[str, str] = {}
+    interval = _Interval.resumed(state.log_window)
     stream = windows()
     first_step, empty_total = state.step, 0
     with _StopRequest() as stop:
@@ -456,10 +499,15 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                 log(record)
                 lr = record["lr"] if record["lr"] is not None else record["projector_lr"]  # stage 1: no LoRA
                 loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"
-                bar.set_postfix(loss=loss, lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                postfix.update(loss=loss, lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                # Samples cut by data.max_length in this line's steps: shown while they happen.
+                postfix.pop("trunc", None)
+                if record["truncated"]:
+                    postfix["trunc"] = str(record["truncated"])
+                bar.set_postfix(postfix)
                 interval = _Interval()
             bar.update(1)
-            if eval_loader is not None and recipe.train.eval_every and state.step % recipe.train.eval_every == 0:
+            if eval_due():
                 log_eval()
             if stopping or (
                 recipe.train.save_every and state.step % recipe.train.save_every == 0 and state.step < total_steps
@@ -469,7 +517,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
                     rotate(out, recipe.train.keep_last)
             if stopping:
                 bar.close()
-                raise QllavaError(
+                raise TrainingStopped(
                     f"interrupted at step {state.step}: wrote {out / f'checkpoint-{state.step}'}; "
                     "continue with train.resume=auto"
                 )
@@ -482,7 +530,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
         )
 
     # --- save ---
-    if eval_loader is not None:
+    if eval_loader is not None and not eval_due():  # the last step's evaluation, unless it just ran
         log_eval()
     save(out / "final", with_optimizer=False)
     accelerator.end_training()

@@ -95,3 +95,20 @@ def test_composed_model_trains_in_two_stages_and_merges(tmp_path, capsys):
         add_generation_prompt=True,
     )
     assert text.count("<image>") == 1 and "<|im_start|>assistant\n" in text
+
+
+def test_the_two_stage_demo_prints_where_its_composed_model_stays(tmp_path, monkeypatch, capsys):
+    """`qllava demo --two-stage` builds its composed model once; compose's summary names the directory it stays in."""
+    from qllava.demo import cache_dir, materialize, materialize_two_stage
+
+    demo = materialize()
+    monkeypatch.setenv("QLLAVA_CACHE", str(tmp_path))
+    fresh = cache_dir()  # the demo's data and base, without the two-stage assets
+    fresh.mkdir()
+    for name in ("COMPLETE", "tiny-llava", "pretrain.json", "images"):
+        (fresh / name).symlink_to(demo / name)
+    capsys.readouterr()
+    target = materialize_two_stage()
+    out = capsys.readouterr().out
+    assert f"written to {target / 'composed'}\n" in out and ".tmp" not in out
+    assert (target / "COMPLETE").is_file() and (target / "composed" / "config.json").is_file()

@@ -24,7 +24,7 @@ from accelerate.utils import FullyShardedDataParallelPlugin
 from qllava.errors import QllavaError
 from qllava.generate import load_for_inference
 from qllava.model.load import load_base, parameter_groups
-from qllava.train.checkpoint import load_weights
+from qllava.train.checkpoint import resumable_state
 from qllava.train.fsdp import DEEPSPEED_UNSUPPORTED, check
 from qllava.train.launch import launch_command
 from qllava.train.loop import make_accelerator, train
@@ -124,7 +124,7 @@ def test_fsdp_resume_continues_the_run_exactly(runs):
 def test_a_checkpoint_resumes_only_the_way_it_was_written(tmp_path):
     (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 3, "world_size": 2, "fsdp": True}))
     with pytest.raises(QllavaError, match="written under FSDP and this run is not"):
-        load_weights(tmp_path, model=None, world_size=2, fsdp=False)
+        resumable_state(tmp_path, world_size=2, fsdp=False)
 
 
 def test_fsdp_storage_holds_the_same_4bit_weights(tiny_base):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import threading
 
@@ -12,22 +13,26 @@ from safetensors.torch import load_file
 from qllava.errors import QllavaError
 from qllava.model.load import load_for_training
 from qllava.train import checkpoint as ckpt
-from qllava.train.loop import train
+from qllava.train.loop import TrainingStopped, train
 from tests.conftest import make_recipe
 
 
 def resumable(data_dir, resume=""):
-    """Dropout on (RNG matters) and an evaluation every 2 steps, checkpoint at step 3 of 6."""
+    """Dropout on (RNG matters), a metrics line and an evaluation every 2 steps, checkpoint at step 3 of 6:
+    mid-way through a metrics line."""
     return {
         "lora": {"dropout": 0.1},
         "data": {"eval": str(data_dir / "train.json")},
-        "train": {"max_steps": 6, "save_every": 3, "keep_last": 5, "eval_every": 2, "resume": resume},
+        "train": {"max_steps": 6, "save_every": 3, "keep_last": 5, "log_every": 2, "eval_every": 2, "resume": resume},
     }
 
 
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run, key="loss"):
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [line[key] for line in lines if key in line]
+    return [line[key] for line in records(run) if key in line]
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_base, tiny_data, tmp_path):
@@ -47,10 +52,15 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_base, tiny_data, tmp_path)
     resumed = tmp_path / "resumed"
     train(make_recipe(tiny_base, tiny_data, resumed, **resumable(tiny_data, resume=str(half))), progress=False)
 
-    assert len(losses(straight)) == 6 and len(losses(resumed)) == 3
-    assert losses(resumed) == pytest.approx(losses(straight)[3:], abs=1e-5)
-    # Evaluations at steps 2, 4, 6 (and the final one); the resumed run repeats those after step 3.
-    assert losses(resumed, "eval_loss") == pytest.approx(losses(straight, "eval_loss")[1:], abs=1e-5)
+    # Lines at steps 2, 4, 6, evaluations at the same steps (the last step's once); the resumed run writes those
+    # after step 3, and its step-4 line averages steps 3 and 4 as the uninterrupted one does: the checkpoint
+    # kept step 3's share of it.
+    assert [line["step"] for line in records(straight)] == [2, 2, 4, 4, 6, 6]
+    untimed = [{k: v for k, v in line.items() if k != "tokens_per_s"} for line in records(resumed)]
+    expected = [{k: v for k, v in line.items() if k != "tokens_per_s"} for line in records(straight)[2:]]
+    assert len(untimed) == len(expected) == 4
+    for got, want in zip(untimed, expected):
+        assert got == pytest.approx(want, abs=1e-5)
     a = load_file(straight / "final" / "adapter_model.safetensors")
     b = load_file(resumed / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any("multi_modal_projector" in k for k in a)
@@ -78,7 +88,7 @@ def test_a_crash_mid_write_leaves_no_checkpoint(tiny_base, tiny_data, tmp_path, 
             run / "checkpoint-9", model=model, processor=processor, recipe=recipe, state=ckpt.TrainState()
         )
     assert not (run / "checkpoint-9").exists()
-    assert ckpt.find_resume("auto", run) == run / "checkpoint-1"
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint-1"]
 
 
 def test_ctrl_c_writes_a_checkpoint_and_auto_resume_finishes(tiny_base, tiny_data, tmp_path):
@@ -87,7 +97,7 @@ def test_ctrl_c_writes_a_checkpoint_and_auto_resume_finishes(tiny_base, tiny_dat
     timer = threading.Timer(6.0, lambda: os.kill(os.getpid(), signal.SIGINT))
     timer.start()
     try:
-        with pytest.raises(QllavaError, match="interrupted at step") as info:
+        with pytest.raises(TrainingStopped, match="interrupted at step") as info:
             train(recipe, progress=False)
     finally:
         timer.cancel()
@@ -102,13 +112,15 @@ def test_ctrl_c_writes_a_checkpoint_and_auto_resume_finishes(tiny_base, tiny_dat
     assert len(losses(run)) == step + 2 and (run / "final" / "adapter_model.safetensors").is_file()
 
 
-def test_auto_resume_without_a_checkpoint_starts_over(tiny_base, tiny_data, tmp_path):
+def test_auto_resume_drops_metrics_lines_after_the_checkpoint(tiny_base, tiny_data, tmp_path):
+    """A run killed after its checkpoint logged lines that the resumed run logs again."""
     run = tmp_path / "run"
-    train(make_recipe(tiny_base, tiny_data, run, train={"max_steps": 2}), progress=False)
+    train(make_recipe(tiny_base, tiny_data, run, train={"max_steps": 3, "save_every": 2}), progress=False)
+    shutil.rmtree(run / "final")  # killed before its end: the checkpoint at step 2 and lines up to step 3
     with open(run / "metrics.jsonl", "a") as f:
-        f.write('{"step": 3, "loss": 1.0')  # a line cut short by a killed run
-    train(make_recipe(tiny_base, tiny_data, run, train={"max_steps": 2, "resume": "auto"}), progress=False)
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+        f.write('{"step": 4, "loss": 1.0')  # a line cut short by the kill
+    train(make_recipe(tiny_base, tiny_data, run, train={"max_steps": 3, "resume": "auto"}), progress=False)
+    assert [line["step"] for line in records(run)] == [1, 2, 3]
 
 
 def test_resume_with_another_data_order_is_refused(tiny_base, tiny_data, tmp_path):
