@@ -154,8 +154,9 @@ class Encoder:
         ids, labels = [], []
         images_seen = 0
         image_end = 0
-        targets = rendered.targets  # in text order, not overlapping: one sweep marks every token
-        t = 0
+        # Reply spans are in text order and do not overlap, so one sweep marks every token. This loop runs over
+        # every token of the dataset in train's start-up check: it keeps to cheap operations.
+        targets, t, last = rendered.targets, 0, len(rendered.targets)
         for tok, (start, end) in zip(token_ids, offsets):
             if tok == self.image_token_id:
                 images_seen += 1
@@ -163,11 +164,10 @@ class Encoder:
                 labels += [IGNORE_INDEX] * self.image_tokens
                 image_end = len(ids)
                 continue
-            while t < len(targets) and targets[t][1] <= start:
+            while t < last and targets[t][1] <= start:
                 t += 1
-            target = end > start and t < len(targets) and targets[t][0] < end
             ids.append(tok)
-            labels.append(tok if target else IGNORE_INDEX)
+            labels.append(tok if end > start and t < last and targets[t][0] < end else IGNORE_INDEX)
         if images_seen != images:
             raise QllavaError(
                 f"{label}: the prompt holds {images_seen} image token(s) for {images} image(s); "
