@@ -204,3 +204,11 @@ def test_merge_verification_reads_eval_images_from_the_eval_folder(tiny_base, ti
     source, inputs = _verification_inputs(recipe, load_processor(tiny_base), AutoConfig.from_pretrained(tiny_base), 4)
     assert source == f"1 samples of {tmp_path / 'eval.json'}", source
     assert inputs[0]["pixel_values"] is not None
+
+
+def test_demo_paths_resolve_in_eval_image_folder():
+    from qllava.demo import resolve_demo_paths
+    from qllava.recipe import load_recipe
+
+    recipe = resolve_demo_paths(load_recipe("demo", ["data.eval_image_folder=demo:images"]))
+    assert recipe.data.eval_image_folder == recipe.data.image_folder != "demo:images"
