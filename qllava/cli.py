@@ -123,7 +123,9 @@ def data_check(
 @data_app.command("show")
 def data_show(
     recipe: str = typer.Argument(..., help="Recipe YAML path or shipped recipe name"),
-    index: int = typer.Option(0, "--index", "-i", help="Sample position in data.train"),
+    index: int = typer.Option(
+        0, "--index", "-i", help="Sample position in data.train; negative counts from the end (-1: the last)"
+    ),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Render one sample with the tokens that carry loss marked [[like this]]: the label audit."""

@@ -228,7 +228,8 @@ def pretrain_base(model_dir: Path, data_root: Path, *, steps: int = 500, seed: i
     from torch.utils.data import DataLoader
     from transformers import LlavaForConditionalGeneration, get_scheduler
 
-    from qllava.data.dataset import collate, dataset_from_recipe
+    from qllava.data.dataset import collate
+    from qllava.data.validate import dataset_from_recipe
     from qllava.model.load import load_processor
     from qllava.train.loss import loss_sum, trained_tokens
 
@@ -364,6 +365,7 @@ def resolve_demo_paths(recipe: Recipe) -> Recipe:
         ("data", "train"),
         ("data", "eval"),
         ("data", "image_folder"),
+        ("data", "eval_image_folder"),
     ]
     values = [str(getattr(getattr(recipe, s), k)) for s, k in fields]
     if not any(v.startswith("demo:") for v in values):
@@ -393,13 +395,22 @@ def resolve_demo_paths(recipe: Recipe) -> Recipe:
 
 def held_out_accuracy(recipe: Recipe, adapter: Path | None) -> float:
     """Greedy exact-match accuracy on the demo's held-out split, base (4-bit) with or without adapter."""
+    from qllava.data.validate import eval_image_folder
     from qllava.generate import Sampling, generate_answers, load_for_inference
 
     records = json.loads(Path(recipe.data.eval).read_text())
     questions = [(r.get("image"), r["conversations"][0]["value"].replace("<image>\n", "")) for r in records]
     truth = [r["conversations"][1]["value"] for r in records]
     model, processor = load_for_inference(recipe.model.base, adapter, bits=recipe.model.bits)
-    answers = generate_answers(model, processor, recipe, questions, sampling=Sampling(max_new_tokens=8), batch_size=50)
+    answers = generate_answers(
+        model,
+        processor,
+        recipe,
+        questions,
+        image_folder=eval_image_folder(recipe),
+        sampling=Sampling(max_new_tokens=8),
+        batch_size=50,
+    )
     return sum(a == t for a, t in zip(answers, truth)) / len(truth)
 
 

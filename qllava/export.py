@@ -38,6 +38,7 @@ from transformers.core_model_loading import revert_weight_conversion
 from qllava.data.dataset import IGNORE_INDEX, encoder_from_recipe, parse_sample, read_records
 from qllava.data.images import load_image, pixel_values, processor_to_save
 from qllava.data.templates import chat_template, end_of_turn
+from qllava.data.validate import eval_image_folder
 from qllava.errors import QllavaError
 from qllava.generate import MERGED_RECIPE, attach_adapter
 from qllava.model.load import load_base, load_processor
@@ -234,10 +235,13 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
     """Up to `count` fixed prompts: the recipe's eval (or train) samples, else seeded synthetic ones."""
     encoder = encoder_from_recipe(recipe, processor, config)
     inputs = []
-    for source in (recipe.data.eval, recipe.data.train):
+    for source, image_folder in (
+        (recipe.data.eval, eval_image_folder(recipe)),
+        (recipe.data.train, recipe.data.image_folder),
+    ):
         if not source or not Path(source).is_file():
             continue
-        folder = Path(recipe.data.image_folder) if recipe.data.image_folder else None
+        folder = Path(image_folder) if image_folder else None
         for i, record in enumerate(read_records(source)):
             if len(inputs) == count:
                 break

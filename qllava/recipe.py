@@ -80,6 +80,9 @@ class DataSection:
     image_folder: str = ""
     """Folder that the samples' `image` paths are relative to."""
 
+    eval_image_folder: str = ""
+    """Folder that data.eval's `image` paths are relative to; unset: data.image_folder."""
+
     template: str = "vicuna_v1"
     """Conversation template: vicuna_v1, llava_llama_2, mistral_instruct, chatml, plain (stage 1
     alignment) or tokenizer (the tokenizer's own chat_template)."""

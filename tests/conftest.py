@@ -120,7 +120,7 @@ def lora_model_with_random_b(recipe, device: str = "cpu"):
     zero) so that every LoRA weight gets a gradient in equivalence tests."""
     import torch
 
-    from qllava.data.dataset import dataset_from_recipe
+    from qllava.data.validate import dataset_from_recipe
     from qllava.model.load import load_for_training, set_train_mode
 
     model, processor = load_for_training(recipe, torch.device(device))

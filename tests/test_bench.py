@@ -37,7 +37,7 @@ def test_baseline_tokenizes_the_samples_as_qllava(tmp_path):
     from transformers import AutoConfig
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    from qllava.data.dataset import dataset_from_recipe
+    from qllava.data.validate import dataset_from_recipe
     from qllava.model.load import load_processor
     from qllava.recipe import build_recipe
     from tools.trl_baseline import TEMPLATE, baseline_processor, messages_dataset

@@ -73,6 +73,7 @@ OPTIONAL = {
     "model.projector_from": "",
     "data.eval": "",
     "data.image_folder": "",
+    "data.eval_image_folder": "",
     "data.system_prompt": None,
     "data.length_bucket": None,
     "train.resume": "",
@@ -102,7 +103,8 @@ def test_optional_keys_are_unset_by_null_in_a_recipe_file(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(
         "model:\n  base: m\n  projector_from: ~\n"
-        "data:\n  train: t\n  eval:\n  image_folder: null\n  system_prompt: ~\n  length_bucket: null\n"
+        "data:\n  train: t\n  eval:\n  image_folder: null\n  eval_image_folder: ~\n"
+        "  system_prompt: ~\n  length_bucket: null\n"
         "train:\n  resume: null\n"
     )
     recipe = load_recipe(path)

@@ -67,9 +67,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qllava.data.dataset import collate, dataset_from_recipe  # noqa: E402
+from qllava.data.dataset import collate  # noqa: E402
 from qllava.data.packing import collate_packed  # noqa: E402
 from qllava.data.sampler import GroupedSampler  # noqa: E402
+from qllava.data.validate import dataset_from_recipe  # noqa: E402
 from qllava.model.load import load_for_training, parameter_groups, set_train_mode  # noqa: E402
 from qllava.model.precision import precision_for  # noqa: E402
 from qllava.recipe import build_recipe  # noqa: E402

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
-from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from qllava.data.dataset import IGNORE_INDEX, encoder_from_recipe, parse_sample, read_records
-from qllava.errors import QllavaError
+from qllava.data.validate import Scan, data_files, scan_file
+from qllava.errors import QllavaError, problem_list
 from qllava.model.load import check_base, load_processor
 from qllava.recipe import Recipe
 
@@ -25,7 +25,7 @@ class Report:
         out = list(self.lines)
         if self.errors:
             out.append(f"{len(self.errors)} error(s):")
-            out += [f"  - {e}" for e in self.errors]
+            out.append(problem_list(self.errors))
         else:
             out.append("no errors")
         return "\n".join(out)
@@ -65,66 +65,40 @@ def percentile(values: list[float], p: float) -> float:
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
-def _scan(path: str, recipe: Recipe, encoder, report: Report) -> None:
-    records = read_records(path)
-    folder = Path(recipe.data.image_folder) if recipe.data.image_folder else None
-    lengths, images, text_only, over, lost, tokens, trained = [], 0, 0, 0, 0, 0, 0
-    for i, record in enumerate(tqdm(records, desc=f"check {Path(path).name}", unit="sample")):
-        try:
-            sample = parse_sample(record, i, path)
-        except QllavaError as exc:
-            report.errors.append(str(exc))
-            continue
-        if sample.image:
-            problem = "no data.image_folder set" if folder is None else _image_problem(folder / sample.image)
-            if problem:
-                report.errors.append(f"sample {sample.id!r} ({sample.where}): image `{sample.image}` {problem}")
-                continue
-        full = encoder.max_length
-        try:
-            ids, labels = encoder.encode_full(sample)
-        except QllavaError as exc:
-            report.errors.append(str(exc))
-            continue
-        n = len(ids)
-        lengths.append(n)
-        targets = [lab != IGNORE_INDEX for lab in labels]
-        kept = sum(targets[:full])
-        tokens += min(n, full)
-        trained += kept
-        if n > full:
-            over += 1
-            lost += kept == 0
-        if sum(targets) == 0:
-            report.errors.append(f"sample {sample.id!r} ({sample.where}): no token carries loss after templating")
-            continue
-        # Counted only once nothing is wrong with it, so valid + broken = all samples.
-        images += bool(sample.image)
-        text_only += not sample.image
-    valid = images + text_only
+def _describe(scan: Scan, encoder, report: Report) -> None:
+    """A scanned file's problems and statistics; samples that would train nothing are errors here."""
+    report.errors += scan.errors + scan.lost_all
+    images = sum(bool(sample.image) for sample in scan.samples)
+    valid = len(scan.samples)
     report.lines.append(
-        f"{path}: {len(records)} sample{'' if len(records) == 1 else 's'}: {valid} valid ({images} with an image, "
-        f"{text_only} text-only), {len(records) - valid} broken"
+        f"{scan.data.path}: {scan.records} sample{'' if scan.records == 1 else 's'}: {valid} valid ({images} with an "
+        f"image, {valid - images} text-only), {scan.records - valid} broken"
     )
-    if lengths:
+    if scan.duplicates:
+        report.lines.append(f"  warning: {scan.duplicate_warning()}")
+    if scan.lengths:
+        lengths = scan.lengths
         report.lines.append(
             f"  tokens per sample (image tokens included, {encoder.image_tokens} per image): min {min(lengths)}, "
             f"mean {statistics.fmean(lengths):.0f}, median {statistics.median(lengths):.0f}, "
             f"p95 {percentile(lengths, 95):.0f}, max {max(lengths)}"
         )
         report.lines.append(
-            f"  over data.max_length={encoder.max_length}: {over} sample(s), cut on the right "
-            f"({lost} of them lose every trained token)"
+            f"  over data.max_length={encoder.max_length}: {scan.over} sample(s), cut on the right "
+            f"({len(scan.lost_all)} of them lose every trained token, {scan.lost_part} part of their replies)"
         )
-        report.lines.append(f"  trained tokens: {trained} of {tokens} ({trained / max(tokens, 1):.1%})")
+        report.lines.append(
+            f"  trained tokens: {scan.kept_trained} of {scan.kept_tokens} "
+            f"({scan.kept_trained / max(scan.kept_tokens, 1):.1%})"
+        )
 
 
 def check_dataset(recipe: Recipe) -> Report:
-    """Scan data.train (and data.eval): every problem is collected, each naming sample id and file."""
+    """Scan data.train (and data.eval) as `train` validates them, decoding every image too."""
     recipe, encoder = _load(recipe)
     report = Report(lines=[f"template {recipe.data.template}, max_length {recipe.data.max_length}"])
-    for path in filter(None, (recipe.data.train, recipe.data.eval)):
-        _scan(path, recipe, encoder, report)
+    for data in data_files(recipe):
+        _describe(scan_file(data, recipe, encoder, image_problem=_image_problem), encoder, report)
     return report
 
 
@@ -132,8 +106,14 @@ def show_sample(recipe: Recipe, index: int) -> str:
     """One training sample as the model sees it; tokens that carry loss are wrapped in [[ ]]."""
     recipe, encoder = _load(recipe)
     records = read_records(recipe.data.train)
-    if not 0 <= index < len(records):
-        raise QllavaError(f"--index {index} is out of range: {recipe.data.train} has {len(records)} samples")
+    if not records:
+        raise QllavaError(f"{recipe.data.train} holds no samples")
+    if not -len(records) <= index < len(records):
+        raise QllavaError(
+            f"--index {index} is out of range: {recipe.data.train} has {len(records)} samples "
+            f"(0 to {len(records) - 1}, or -1 for the last)"
+        )
+    index %= len(records)  # Python-style: -1 is the last sample
     sample = parse_sample(records[index], index, recipe.data.train)
     item = encoder.encode(sample)
     tok = encoder.tokenizer

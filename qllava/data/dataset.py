@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from qllava.data.images import load_image
 from qllava.data.jsonl import parse_jsonl
 from qllava.data.templates import render
-from qllava.errors import QllavaError, problem_list
+from qllava.errors import QllavaError
 
 IMAGE_TAG = "<image>"
 IGNORE_INDEX = -100
@@ -142,22 +142,32 @@ class Encoder:
         self.max_length = max_length
         self.system = system
 
+    def _render(self, sample: Sample):
+        return render(sample.turns, self.template, system=sample.system or self.system, tokenizer=self.tokenizer)
+
     def _tokenize(self, rendered, images: int, label: str) -> tuple[list[int], list[int], int]:
-        """Token ids, labels (reply spans only) and where the image block ends."""
         enc = self.tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=True)
+        return self._expand(rendered, enc["input_ids"], enc["offset_mapping"], images, label)
+
+    def _expand(self, rendered, token_ids, offsets, images: int, label: str) -> tuple[list[int], list[int], int]:
+        """Token ids with the image block expanded, labels (reply spans only) and where the image block ends."""
         ids, labels = [], []
         images_seen = 0
         image_end = 0
-        for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        # Reply spans are in text order and do not overlap, so one sweep marks every token. This loop runs over
+        # every token of the dataset in train's start-up check: it keeps to cheap operations.
+        targets, t, last = rendered.targets, 0, len(rendered.targets)
+        for tok, (start, end) in zip(token_ids, offsets):
             if tok == self.image_token_id:
                 images_seen += 1
                 ids += [tok] * self.image_tokens
                 labels += [IGNORE_INDEX] * self.image_tokens
                 image_end = len(ids)
                 continue
-            target = end > start and any(start < s_end and end > s_start for s_start, s_end in rendered.targets)
+            while t < last and targets[t][1] <= start:
+                t += 1
             ids.append(tok)
-            labels.append(tok if target else IGNORE_INDEX)
+            labels.append(tok if end > start and t < last and targets[t][0] < end else IGNORE_INDEX)
         if images_seen != images:
             raise QllavaError(
                 f"{label}: the prompt holds {images_seen} image token(s) for {images} image(s); "
@@ -165,17 +175,42 @@ class Encoder:
             )
         return ids, labels, image_end
 
-    def encode_full(self, sample: Sample) -> tuple[list[int], list[int]]:
-        """Untruncated token ids and labels; raises if data.max_length would cut the image block."""
-        rendered = render(sample.turns, self.template, system=sample.system or self.system, tokenizer=self.tokenizer)
-        label = f"sample {sample.id!r} ({sample.where})"
-        ids, labels, image_end = self._tokenize(rendered, 1 if sample.image else 0, label)
+    def _cut_check(self, label: str, ids: list[int], labels: list[int], image_end: int) -> tuple[list[int], list[int]]:
         if len(ids) > self.max_length and image_end > self.max_length:
             raise QllavaError(
                 f"data.max_length={self.max_length} cuts the image tokens of {label}, "
                 f"which end at token {image_end}; raise data.max_length"
             )
         return ids, labels
+
+    def encode_full(self, sample: Sample) -> tuple[list[int], list[int]]:
+        """Untruncated token ids and labels; raises if data.max_length would cut the image block."""
+        label = f"sample {sample.id!r} ({sample.where})"
+        return self._cut_check(label, *self._tokenize(self._render(sample), 1 if sample.image else 0, label))
+
+    def encode_full_batch(self, samples: list[Sample]) -> list[tuple[list[int], list[int]] | QllavaError]:
+        """`encode_full` of each sample, or the error it raises; one tokenizer call for all of them, which
+        the fast tokenizer runs in parallel (the start-up scan of a whole dataset)."""
+        results: list = [None] * len(samples)
+        rendered = {}
+        for i, sample in enumerate(samples):
+            try:
+                rendered[i] = self._render(sample)
+            except QllavaError as exc:
+                results[i] = exc
+        order = list(rendered)
+        if not order:
+            return results
+        enc = self.tokenizer([rendered[i].text for i in order], return_offsets_mapping=True, add_special_tokens=True)
+        for i, token_ids, offsets in zip(order, enc["input_ids"], enc["offset_mapping"]):
+            sample = samples[i]
+            label = f"sample {sample.id!r} ({sample.where})"
+            try:
+                expanded = self._expand(rendered[i], token_ids, offsets, 1 if sample.image else 0, label)
+                results[i] = self._cut_check(label, *expanded)
+            except QllavaError as exc:
+                results[i] = exc
+        return results
 
     def encode(self, sample: Sample) -> dict:
         ids, labels = self.encode_full(sample)
@@ -190,33 +225,6 @@ class Encoder:
             turns, self.template, system=self.system, tokenizer=self.tokenizer, add_generation_prompt=True
         )
         return self._tokenize(rendered, 1 if has_image else 0, "prompt")[0]
-
-
-def load_samples(path: str | Path, image_folder: str | Path | None) -> list[Sample]:
-    """Read and validate every record at start; report all bad samples and missing images at once."""
-    records = read_records(path)
-    samples, problems = [], []
-    folder = Path(image_folder) if image_folder else None
-    for i, record in enumerate(records):
-        try:
-            sample = parse_sample(record, i, str(path))
-        except QllavaError as exc:
-            problems.append(str(exc))
-            continue
-        if sample.image and (folder is None or not (folder / sample.image).is_file()):
-            problems.append(
-                f"sample {sample.id!r} ({sample.where}): image `{sample.image}` not found in "
-                f"data.image_folder `{image_folder}`"
-            )
-        samples.append(sample)
-    if problems:
-        raise QllavaError(
-            f"{len(problems)} bad sample(s) in {path} (run `qllava data check` for a full report):\n"
-            + problem_list(problems)
-        )
-    if not samples:
-        raise QllavaError(f"{path} holds no samples")
-    return samples
 
 
 class LlavaDataset(Dataset):
@@ -299,17 +307,3 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
         max_length=recipe.data.max_length,
         system=recipe.data.system_prompt,
     )
-
-
-def dataset_from_recipe(recipe, path: str, processor, config) -> LlavaDataset:
-    """The dataset at `path` as the recipe's template, length limit and image handling say."""
-    encoder = encoder_from_recipe(recipe, processor, config)
-    samples = load_samples(path, recipe.data.image_folder)
-    text_only = [s for s in samples if not s.image]
-    if text_only and not recipe.lora.enabled:
-        # Stage 1 trains only the projector: a text-only batch would have nothing to train at all.
-        raise QllavaError(
-            f"{path}: {len(text_only)} text-only sample(s) (such as {text_only[0].id!r}), but lora.enabled=false "
-            "trains only the projector, which they never reach; stage-1 data is images with captions"
-        )
-    return LlavaDataset(samples, encoder, recipe.data.image_folder, processor.image_processor, recipe.data.image_aspect)

@@ -24,13 +24,15 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import GradientAccumulationPlugin, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
-from qllava.data.dataset import collate, dataset_from_recipe
+from qllava.data.dataset import collate
 from qllava.data.packing import collate_packed
 from qllava.data.sampler import GroupedSampler
 from qllava.data.templates import template_named_by
+from qllava.data.validate import datasets_from_recipe
 from qllava.errors import QllavaError
-from qllava.model.load import describe, load_for_training, resolve_attention, set_train_mode
+from qllava.model.load import check_base, describe, load_for_training, load_processor, resolve_attention, set_train_mode
 from qllava.model.precision import default_device, gpu_layout, precision_for
 from qllava.recipe import Recipe, dump_recipe
 from qllava.train import fsdp
@@ -272,7 +274,12 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     optimizer_name = resolve_optimizer(recipe.optim.name, device, sharded)
     if sharded and recipe.optim.name == "auto" and gpu_layout(device):
         optimizer_name += " (auto under FSDP: 8-bit optimizer states do not shard)"
-    model, processor = load_for_training(recipe, device, fsdp=sharded)
+    # Data first: a problem in it is reported before the weights take minutes to load.
+    processor = load_processor(check_base(recipe.model.base))
+    train_set, eval_set = datasets_from_recipe(
+        recipe, processor, AutoConfig.from_pretrained(recipe.model.base), warn=say
+    )
+    model, _ = load_for_training(recipe, device, fsdp=sharded)
     dtype = precision_for(device, recipe.train.mixed_precision).dtype
     say(
         f"qllava: {recipe.model.base} on {device}, LLM in {recipe.model.bits}-bit, "
@@ -280,8 +287,6 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
         f"optimizer {optimizer_name}, "
         f"{str(dtype).replace('torch.', '')} base, mixed precision {accelerator.mixed_precision}\n{describe(model)}"
     )
-    train_set = dataset_from_recipe(recipe, recipe.data.train, processor, model.config)
-    eval_set = dataset_from_recipe(recipe, recipe.data.eval, processor, model.config) if recipe.data.eval else None
     micro, accum = recipe.train.micro_batch_size, recipe.train.grad_accum
     sampler = GroupedSampler(
         train_set.modality_lengths(),

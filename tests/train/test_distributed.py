@@ -13,8 +13,8 @@ import torch
 import yaml
 from transformers import AutoConfig
 
-from qllava.data.dataset import dataset_from_recipe
 from qllava.data.sampler import GroupedSampler
+from qllava.data.validate import dataset_from_recipe
 from qllava.model.load import load_processor
 from qllava.train.loop import train
 from tests.conftest import adapter_tensors, make_recipe, max_abs_diff, run_launcher, run_metrics

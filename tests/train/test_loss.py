@@ -5,8 +5,9 @@ import json
 import torch
 from accelerate import Accelerator
 
-from qllava.data.dataset import collate, dataset_from_recipe
+from qllava.data.dataset import collate
 from qllava.data.sampler import GroupedSampler
+from qllava.data.validate import dataset_from_recipe
 from qllava.model.load import load_base, load_processor
 from qllava.recipe import load_recipe
 from qllava.train.loop import make_accelerator, train

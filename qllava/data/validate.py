@@ -1,0 +1,207 @@
+"""One validation of a recipe's data files, shared by `qllava data check` and `qllava train`.
+
+`train` runs it before any weights load and only checks that images exist (decoding every image of a
+665k-sample dataset at start would take long); `data check` also decodes them and prints statistics.
+Samples that lose every trained token to `data.max_length` are errors for `data check` and a start-up
+warning for `train`; duplicate ids are a warning for both.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from qllava.data.dataset import IGNORE_INDEX, LlavaDataset, Sample, encoder_from_recipe, parse_sample, read_records
+from qllava.errors import QllavaError, problem_list
+
+# Samples tokenized per tokenizer call: the fast tokenizer runs a batch in parallel.
+_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A data file and the image folder its samples' `image` paths are relative to, with their recipe keys."""
+
+    key: str
+    path: str
+    folder_key: str
+    folder: str
+
+
+def eval_image_folder(recipe) -> str:
+    """Where data.eval's images are: data.eval_image_folder, by default data.image_folder."""
+    return recipe.data.eval_image_folder or recipe.data.image_folder
+
+
+def data_files(recipe) -> list[DataFile]:
+    """data.train, then data.eval when it is set."""
+    files = [DataFile("data.train", recipe.data.train, "data.image_folder", recipe.data.image_folder)]
+    if recipe.data.eval:
+        files.append(DataFile("data.eval", recipe.data.eval, "data.eval_image_folder", eval_image_folder(recipe)))
+    return files
+
+
+def image_missing(path: Path) -> str | None:
+    """The image check `train` affords at start: the file exists."""
+    return None if path.is_file() else "not found"
+
+
+@dataclass
+class Scan:
+    """What validating one data file found."""
+
+    data: DataFile
+    records: int = 0
+    samples: list[Sample] = field(default_factory=list)
+    """The samples that can be trained on (parsed, images found, encoded)."""
+    errors: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    """Untruncated token count of each of `samples`, image tokens included."""
+    kept_tokens: int = 0
+    kept_trained: int = 0
+    over: int = 0
+    """Samples longer than data.max_length."""
+    lost_all: list[str] = field(default_factory=list)
+    """One message per sample whose every trained token lies beyond data.max_length."""
+    lost_part: int = 0
+    """Samples that keep some trained tokens within data.max_length but not all."""
+    duplicates: dict[str, int] = field(default_factory=dict)
+    """Sample id -> how often it occurs, for ids that occur more than once."""
+
+    def duplicate_warning(self) -> str | None:
+        if not self.duplicates:
+            return None
+        shown = ", ".join(f"{sid!r} x{n}" for sid, n in list(self.duplicates.items())[:5])
+        more = ", ..." if len(self.duplicates) > 5 else ""
+        return (
+            f"{self.data.path}: {len(self.duplicates)} sample id(s) occur more than once ({shown}{more}); "
+            "duplicated samples train more often than the others"
+        )
+
+    def truncation_warning(self, max_length: int) -> str | None:
+        if not (self.lost_all or self.lost_part):
+            return None
+        return (
+            f"{self.data.path}: at data.max_length={max_length}, {len(self.lost_all)} of {len(self.samples)} "
+            f"samples lose every trained token (they train nothing) and {self.lost_part} lose part of their "
+            "replies; raise data.max_length (`qllava data check` names them)"
+        )
+
+
+def scan_file(data: DataFile, recipe, encoder, image_problem: Callable[[Path], str | None] = image_missing) -> Scan:
+    """Validate every sample of `data`; every problem is collected, each naming the sample and file.
+
+    `image_problem(path)` says what is wrong with an image file (None: nothing).
+    """
+    scan = Scan(data)
+    records = read_records(data.path)
+    scan.records = len(records)
+    if not records:
+        scan.errors.append(f"{data.key} `{data.path}` holds no samples")
+        return scan
+    parsed = []
+    for i, record in enumerate(records):
+        try:
+            parsed.append(parse_sample(record, i, data.path))
+        except QllavaError as exc:
+            scan.errors.append(str(exc))
+    counts = collections.Counter(sample.id for sample in parsed)
+    scan.duplicates = {sid: n for sid, n in counts.items() if n > 1}
+
+    with_image = [sample for sample in parsed if sample.image]
+    folder = Path(data.folder) if data.folder else None
+    if with_image and folder is None:
+        scan.errors.append(f"{len(with_image)} sample(s) of {data.path} have an image but {data.folder_key} is not set")
+    elif with_image and not folder.is_dir():
+        scan.errors.append(f"{data.folder_key} `{data.folder}` is not a folder ({len(with_image)} sample(s) need it)")
+    text_only = [sample for sample in parsed if not sample.image]
+    if text_only and not recipe.lora.enabled:
+        # Stage 1 trains only the projector: a text-only batch would have nothing to train at all.
+        scan.errors.append(
+            f"{data.path}: {len(text_only)} text-only sample(s) (such as {text_only[0].id!r}), but "
+            "lora.enabled=false trains only the projector, which they never reach; stage-1 data is images with captions"
+        )
+        parsed = with_image
+
+    folder_found = folder is not None and folder.is_dir()
+    bar = tqdm(total=len(parsed), desc=f"check {Path(data.path).name}", unit="sample", disable=None, leave=False)
+    for start in range(0, len(parsed), _BATCH):
+        usable = []
+        for sample in parsed[start : start + _BATCH]:
+            problem = sample.image and folder_found and image_problem(folder / sample.image)
+            if problem:
+                scan.errors.append(
+                    f"sample {sample.id!r} ({sample.where}): image `{sample.image}` {problem} "
+                    f"in {data.folder_key} `{data.folder}`"
+                )
+            else:
+                usable.append(sample)
+        for sample, encoded in zip(usable, encoder.encode_full_batch(usable)):
+            if isinstance(encoded, QllavaError):
+                scan.errors.append(str(encoded))
+            else:
+                _count(scan, sample, *encoded, encoder.max_length)
+        bar.update(min(_BATCH, len(parsed) - start))
+    bar.close()
+    return scan
+
+
+def _count(scan: Scan, sample: Sample, ids: list[int], labels: list[int], max_length: int) -> None:
+    label = f"sample {sample.id!r} ({sample.where})"
+    # list.count runs in C: this is per token of every sample of the dataset.
+    trained = len(labels) - labels.count(IGNORE_INDEX)
+    if trained == 0:
+        scan.errors.append(f"{label}: no token carries loss after templating")
+        return
+    kept_labels = labels[:max_length]
+    kept = len(kept_labels) - kept_labels.count(IGNORE_INDEX)
+    scan.samples.append(sample)
+    scan.lengths.append(len(ids))
+    scan.kept_tokens += min(len(ids), max_length)
+    scan.kept_trained += kept
+    scan.over += len(ids) > max_length
+    if kept == 0:
+        scan.lost_all.append(
+            f"{label}: all {trained} trained tokens lie beyond data.max_length={max_length} (the sample has "
+            f"{len(ids)} tokens), so it trains nothing; raise data.max_length or shorten the sample"
+        )
+    elif kept < trained:
+        scan.lost_part += 1
+
+
+def _datasets(files: list[DataFile], recipe, processor, config, warn: Callable[[str], None]) -> list[LlavaDataset]:
+    encoder = encoder_from_recipe(recipe, processor, config)
+    scans = [scan_file(data, recipe, encoder) for data in files]
+    errors = [error for scan in scans for error in scan.errors]
+    if errors:
+        raise QllavaError(
+            f"{len(errors)} problem(s) in the data (run `qllava data check` for a full report):\n"
+            + problem_list(errors)
+        )
+    for scan in scans:
+        for warning in (scan.duplicate_warning(), scan.truncation_warning(recipe.data.max_length)):
+            if warning:
+                warn(f"qllava: warning: {warning}")
+    return [
+        LlavaDataset(scan.samples, encoder, scan.data.folder, processor.image_processor, recipe.data.image_aspect)
+        for scan in scans
+    ]
+
+
+def datasets_from_recipe(
+    recipe, processor, config, warn: Callable[[str], None] = print
+) -> tuple[LlavaDataset, LlavaDataset | None]:
+    """(train, eval or None) datasets of a recipe, validated together; `warn` prints start-up warnings."""
+    datasets = _datasets(data_files(recipe), recipe, processor, config, warn)
+    return datasets[0], (datasets[1] if len(datasets) > 1 else None)
+
+
+def dataset_from_recipe(recipe, path: str, processor, config, warn: Callable[[str], None] = print) -> LlavaDataset:
+    """The validated dataset of a file whose images are in data.image_folder, as the recipe's template,
+    length limit and image handling say."""
+    data = DataFile("data.train", path, "data.image_folder", recipe.data.image_folder)
+    return _datasets([data], recipe, processor, config, warn)[0]
