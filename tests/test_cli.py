@@ -126,3 +126,22 @@ def test_kernels_notice_filter_drops_only_the_missing_kernels_record():
         "No module named 'kernels'",
         f"{KERNELS_NOTICE}: x",
     ]
+
+
+def test_projector_file_of_another_format_is_one_message(tiny_base, tiny_data, tmp_path):
+    import torch
+
+    from qllava.errors import QllavaError
+    from qllava.model.load import load_base
+    from qllava.model.projector import load_projector
+
+    (tmp_path / "projector.safetensors").write_text("a text file with a weights file's name")
+    result = train_on_tiny(tiny_base, tiny_data, f"model.projector_from={tmp_path / 'projector.safetensors'}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"qllava: error: {tmp_path / 'projector.safetensors'} is not a safetensors file (" in result.stderr
+    assert "read from a projector.safetensors (what a stage-1 run saves in its checkpoints) or LLaVA's" in result.stderr
+
+    (tmp_path / "mm_projector.bin").write_text("a text file")
+    model = load_base(tiny_base, bits=16, device=torch.device("cpu"))
+    with pytest.raises(QllavaError, match=r"mm_projector.bin is not a PyTorch weights file \(\w+\); projector"):
+        load_projector(model, tmp_path / "mm_projector.bin")
