@@ -20,6 +20,40 @@ app.add_typer(data_app, name="data")
 
 OVERRIDES = typer.Argument(None, help="Recipe overrides as section.key=value, e.g. train.max_steps=20")
 
+# The libraries whose versions decide qllava's numbers: quoted in bug reports by `qllava --version`.
+_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+
+
+def _print_version(requested: bool) -> None:
+    """Versions from the installed packages' metadata: nothing is imported, so it answers at once."""
+    if not requested:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    typer.echo(f"qllava {installed('qllava')}")
+    typer.echo(", ".join(f"{name} {installed(name)}" for name in _LIBRARIES))
+    raise typer.Exit()
+
+
+# Holds the app-wide options only; a docstring here would replace the app's help text.
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the versions of qllava and the libraries it runs on",
+    ),
+) -> None:
+    pass
+
 
 def _run(fn, *args, **kwargs):
     """Foreseeable mistakes become one message on stderr and exit code 1, not a traceback."""

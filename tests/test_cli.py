@@ -128,6 +128,18 @@ def test_kernels_notice_filter_drops_only_the_missing_kernels_record():
     ]
 
 
+def test_version_names_qllava_and_the_libraries_it_runs_on():
+    from importlib.metadata import version
+
+    result = qllava("--version")
+    assert result.returncode == 0, result.stderr
+    libraries = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+    assert result.stdout.splitlines() == [
+        f"qllava {version('qllava')}",
+        ", ".join(f"{name} {version(name)}" for name in libraries),
+    ]
+
+
 def test_projector_file_of_another_format_is_one_message(tiny_base, tiny_data, tmp_path):
     import torch
 
