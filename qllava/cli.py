@@ -266,7 +266,11 @@ def chat(
     prompt: str | None = typer.Option(None, help="Ask this one question and exit (default: interactive)"),
     bits: int | None = BITS,
     template: str | None = TEMPLATE,
-    temperature: float = typer.Option(0.2, help="Sampling temperature; 0 for greedy decoding"),
+    temperature: float = typer.Option(
+        0.2,
+        help="Sampling temperature (0.2, LLaVA's chat default); 0 for greedy decoding, which gives the answers "
+        "`qllava answer` gives",
+    ),
     top_p: float = typer.Option(1.0, help="Nucleus sampling: keep the smallest token set with this probability"),
     max_new_tokens: int = typer.Option(512, help="Longest answer in tokens"),
 ) -> None:

@@ -136,13 +136,37 @@ def test_chat_session_streams_answers_and_follows_commands(trained_adapter, batc
     replies = [line.split("assistant>", 1)[1].strip() for line in result.stdout.splitlines() if "assistant>" in line]
     # The same prompts in the batch-1 answers: question 0 is QUESTIONS[0] about 0.png, question 16 about 4.png.
     assert replies == [batch_one_answers[0], batch_one_answers[16], batch_one_answers[16]]
-    assert "(new conversation about" in result.stdout and "(conversation cleared)" in result.stdout
-    assert "image `/no/such.png` not found" in result.stdout
+    assert f"(new conversation about {images / '4.png'})" in result.stdout
+    assert f"image `/no/such.png` not found; still about {images / '4.png'})" in result.stdout
+    assert f"(conversation cleared; the next question starts a new one about {images / '4.png'})" in result.stdout
 
     one = qllava_here(
         "chat", base, *args[:2], "--image", images / "4.png", "--temperature", "0", "--prompt", QUESTIONS[0]
     )
-    assert one.exit_code == 0 and one.stdout.strip() == batch_one_answers[16]
+    # Exactly the answer, as `answer` writes it: no space before it (the template's separator).
+    assert one.exit_code == 0 and one.stdout == batch_one_answers[16] + "\n"
+
+
+def test_chat_refuses_files_that_are_not_images_and_the_session_goes_on(trained_adapter, batch_one_answers, tmp_path):
+    base, adapter, data = trained_adapter
+    images = data / "images"
+    (tmp_path / "notanimage.jpg").write_text("a text file with an image's name")
+    ask = ["--adapter", adapter, "--temperature", "0", "--max-new-tokens", "12", "--prompt", QUESTIONS[0]]
+    for image, problem in [
+        (tmp_path / "notanimage.jpg", "cannot be decoded (UnidentifiedImageError"),
+        (tmp_path, "is a directory, not an image file"),
+    ]:
+        result = qllava_here("chat", base, *ask, "--image", image)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+        assert f"qllava: error: image `{image}` {problem}" in result.stderr
+
+    session = f"/image {tmp_path / 'notanimage.jpg'}\n{QUESTIONS[0]}\n"
+    result = qllava_here("chat", base, *ask[:6], "--image", images / "0.png", input=session)
+    assert result.exit_code == 0, result.exception
+    assert f"(error: image `{tmp_path / 'notanimage.jpg'}` cannot be decoded" in result.stdout
+    assert f"still about {images / '0.png'})" in result.stdout
+    replies = [line.split("assistant>", 1)[1].strip() for line in result.stdout.splitlines() if "assistant>" in line]
+    assert replies == [batch_one_answers[0]]
 
 
 def test_score_reports_both_accuracies(tmp_path):

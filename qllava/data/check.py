@@ -6,11 +6,11 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from qllava.data.dataset import IGNORE_INDEX, encoder_from_recipe, parse_sample, read_records
+from qllava.data.images import image_problem
 from qllava.errors import QllavaError
 from qllava.model.load import check_base, load_processor
 from qllava.recipe import Recipe
@@ -41,17 +41,6 @@ def _load(recipe: Recipe):
     return recipe, encoder_from_recipe(recipe, processor, config)
 
 
-def _image_problem(path: Path) -> str | None:
-    if not path.is_file():
-        return "not found"
-    try:
-        with Image.open(path) as img:
-            img.convert("RGB").load()
-    except Exception as exc:  # PIL raises many types for corrupt files
-        return f"cannot be decoded ({type(exc).__name__}: {exc})"
-    return None
-
-
 def percentile(values: list[float], p: float) -> float:
     """The p-th percentile (0-100), interpolated between the two nearest ranks: numpy's default and
     `statistics.quantiles(method="inclusive")`. It always lies within [min, max] and needs only one
@@ -76,7 +65,7 @@ def _scan(path: str, recipe: Recipe, encoder, report: Report) -> None:
             report.errors.append(str(exc))
             continue
         if sample.image:
-            problem = "no data.image_folder set" if folder is None else _image_problem(folder / sample.image)
+            problem = "no data.image_folder set" if folder is None else image_problem(folder / sample.image)
             if problem:
                 report.errors.append(f"sample {sample.id!r} ({sample.where}): image `{sample.image}` {problem}")
                 continue
