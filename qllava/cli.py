@@ -294,19 +294,26 @@ def chat(
 def answer(
     model: str = MODEL,
     questions: Path = typer.Argument(..., help="LLaVA model_vqa questions: {question_id, image, text} per line"),
-    out: Path = typer.Option(..., "--out", help="Answers jsonl; question_ids already in it are skipped (resume)"),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="Answers jsonl; a rerun with the same model and settings skips the question_ids already in it (resume); "
+        "answers of another model or other settings there are an error",
+    ),
     image_folder: Path | None = typer.Option(None, help="Folder the questions' image paths are relative to"),
     adapter: Path | None = ADAPTER,
     bits: int | None = BITS,
     template: str | None = TEMPLATE,
     batch_size: int = typer.Option(8, help="Questions per generate call (left-padded; same answers as 1)"),
-    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 for greedy decoding"),
+    temperature: float = typer.Option(
+        0.0, help="Sampling temperature; 0 (greedy, as LLaVA's evaluation scripts) gives reproducible scores"
+    ),
     top_p: float = typer.Option(1.0, help="Nucleus sampling probability"),
     max_new_tokens: int = typer.Option(128, help="Longest answer in tokens"),
     model_id: str | None = typer.Option(None, help="model_id written with each answer (default: from the paths)"),
 ) -> None:
     """Answer a question file in LLaVA's model_vqa format, resumably."""
-    from qllava.answer import answer_questions, read_questions
+    from qllava.answer import answer_questions, answer_settings, read_questions
     from qllava.generate import Sampling
 
     def start():
@@ -322,6 +329,7 @@ def answer(
             out,
             image_folder=image_folder,
             model_id=name,
+            settings=answer_settings(model, adapter, loaded, recipe, sampling),
             sampling=sampling,
             batch_size=batch_size,
         )
