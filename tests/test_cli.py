@@ -140,6 +140,16 @@ def test_version_names_qllava_and_the_libraries_it_runs_on():
     ]
 
 
+def test_help_says_why_chat_samples_and_answer_is_greedy():
+    def help_text(command: str) -> str:  # rich draws boxes and wraps lines: compare the words only
+        return " ".join(qllava_here(command, "--help").stdout.replace("│", " ").split())
+
+    assert "Sampling temperature (0.2, LLaVA's chat default); 0 for greedy decoding, which gives the answers" in (
+        help_text("chat")
+    )
+    assert "0 (greedy, as LLaVA's evaluation scripts) gives reproducible scores" in help_text("answer")
+
+
 def test_projector_file_of_another_format_is_one_message(tiny_base, tiny_data, tmp_path):
     import torch
 
