@@ -10,6 +10,7 @@ fingerprint), so that one file never mixes the answers of two models or of two g
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,7 +35,8 @@ def read_questions(path: str | Path, image_folder: str | Path | None) -> list[di
     records = read_records(path)
     problems, seen = [], set()
     folder = Path(image_folder) if image_folder else None
-    for i, record in enumerate(records, 1):
+    problem_of = functools.cache(image_problem)  # benchmarks ask many questions about each image (GQA: ~30)
+    for i, record in enumerate(tqdm(records, desc="checking questions", unit="question"), 1):
         where = f"{path}: question {i}"
         if not isinstance(record, dict) or "question_id" not in record or not isinstance(record.get("text"), str):
             problems.append(f"{where}: expected an object with `question_id` and a string `text`")
@@ -50,7 +52,7 @@ def read_questions(path: str | Path, image_folder: str | Path | None) -> list[di
             problems.append(f"{where} (question_id {qid!r}): `image` must be a path string, not {image!r}")
         elif folder is None:
             problems.append(f"{where} (question_id {qid!r}): image `{image}` needs --image-folder")
-        elif problem := image_problem(folder / image):
+        elif problem := problem_of(folder / image):
             problems.append(f"{where} (question_id {qid!r}): image `{image}` {problem} (--image-folder `{folder}`)")
     if problems:
         summary = f"{len(problems)} problem(s) in the questions, nothing was generated"

@@ -17,7 +17,8 @@ HELP = (
 )
 
 
-def _check_image(path: Path | None) -> Path | None:
+def check_image(path: Path | None) -> Path | None:
+    """`path` when it is an image that decodes (or None); otherwise a QllavaError saying what it is."""
     if path is None:
         return None
     problem = image_problem(path)
@@ -46,7 +47,7 @@ class ChatSession:
     def __init__(self, model, processor, recipe, sampling: Sampling, image: Path | None = None) -> None:
         self.model, self.processor, self.recipe, self.sampling = model, processor, recipe, sampling
         self.encoder = encoder_from_recipe(recipe, processor, model.config)
-        self.image = _check_image(image)
+        self.image = check_image(image)
         self.turns: list[tuple[str, str]] = []
 
     def ask(self, question: str) -> str:
@@ -61,7 +62,7 @@ class ChatSession:
 
     def reset(self, image: Path | None = None) -> None:
         """Forget the conversation; talk about `image` from now on, or about the same image without one."""
-        self.image = _check_image(image) if image is not None else self.image
+        self.image = check_image(image) if image is not None else self.image
         self.turns = []
 
     def about(self) -> str:

@@ -275,10 +275,11 @@ def chat(
     max_new_tokens: int = typer.Option(512, help="Longest answer in tokens"),
 ) -> None:
     """Chat about an image; tokens stream as they are generated. /image PATH, /reset, /exit in the session."""
-    from qllava.chat import ChatSession, repl
+    from qllava.chat import ChatSession, check_image, repl
     from qllava.generate import Sampling
 
     def start():
+        check_image(image)  # before the model loads, which takes minutes for a 7B one
         loaded, processor, recipe = _load_for_prompts(model, adapter, bits, template)
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         session = ChatSession(loaded, processor, recipe, sampling, image)

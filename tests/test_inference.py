@@ -227,6 +227,9 @@ def test_chat_refuses_files_that_are_not_images_and_the_session_goes_on(trained_
         result = qllava_here("chat", base, *ask, "--image", image)
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
         assert f"qllava: error: image `{image}` {problem}" in result.stderr
+    # Checked before the model loads (minutes for a 7B one): here the model directory does not even exist.
+    result = qllava_here("chat", tmp_path / "no-model", "--image", tmp_path / "notanimage.jpg", "--prompt", "hi")
+    assert result.exit_code == 1 and f"image `{tmp_path / 'notanimage.jpg'}` cannot be decoded" in result.stderr
 
     session = f"/image {tmp_path / 'notanimage.jpg'}\n{QUESTIONS[0]}\n"
     result = qllava_here("chat", base, *ask[:6], "--image", images / "0.png", input=session)
