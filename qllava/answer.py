@@ -3,11 +3,15 @@
 In: one `{"question_id", "image" (optional, relative to --image-folder), "text"}` per line.
 Out: one `{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}` per line, as
 LLaVA's model_vqa writes them. Each batch is appended and flushed to disk as it is done, so a killed
-run loses at most the batch in flight; a rerun skips the question_ids already in the output.
+run loses at most the batch in flight; a rerun skips the question_ids already in the output, but only
+when the same model with the same settings wrote them (`model_id` and `metadata`'s settings
+fingerprint), so that one file never mixes the answers of two models or of two generation settings.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import uuid
@@ -16,18 +20,23 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from qllava.data.dataset import encoder_from_recipe, read_records
+from qllava.data.images import image_problem
 from qllava.errors import QllavaError, problem_list
 from qllava.generate import Sampling, generate_batch
 
+FINGERPRINT = "settings_fingerprint"
+"""The `metadata` key holding a hash of the settings that decide the answers."""
+
 
 def read_questions(path: str | Path, image_folder: str | Path | None) -> list[dict]:
-    """Every question, validated at start: all problems (bad lines, missing images) reported at once."""
+    """Every question, validated at start: all problems (bad lines, missing or broken images) reported at once."""
     if Path(path).suffix != ".jsonl":
         raise QllavaError(f"questions file `{path}`: expected a .jsonl file (one question object per line)")
     records = read_records(path)
     problems, seen = [], set()
     folder = Path(image_folder) if image_folder else None
-    for i, record in enumerate(records, 1):
+    problem_of = functools.cache(image_problem)  # benchmarks ask many questions about each image (GQA: ~30)
+    for i, record in enumerate(tqdm(records, desc="checking questions", unit="question"), 1):
         where = f"{path}: question {i}"
         if not isinstance(record, dict) or "question_id" not in record or not isinstance(record.get("text"), str):
             problems.append(f"{where}: expected an object with `question_id` and a string `text`")
@@ -37,34 +46,81 @@ def read_questions(path: str | Path, image_folder: str | Path | None) -> list[di
             problems.append(f"{where}: question_id {qid!r} appears twice")
         seen.add(qid)
         image = record.get("image")
-        if image and (folder is None or not (folder / image).is_file()):
-            problems.append(f"{where} (question_id {qid!r}): image `{image}` not found in --image-folder `{folder}`")
+        if not image:
+            continue
+        if not isinstance(image, str):
+            problems.append(f"{where} (question_id {qid!r}): `image` must be a path string, not {image!r}")
+        elif folder is None:
+            problems.append(f"{where} (question_id {qid!r}): image `{image}` needs --image-folder")
+        elif problem := problem_of(folder / image):
+            problems.append(f"{where} (question_id {qid!r}): image `{image}` {problem} (--image-folder `{folder}`)")
     if problems:
         summary = f"{len(problems)} problem(s) in the questions, nothing was generated"
         raise QllavaError(f"{summary}:\n{problem_list(problems)}")
     return records
 
 
-def answered_ids(out: Path) -> set[str]:
-    """question_ids already answered in `out`; a last line cut short by a killed run is dropped."""
+def answer_settings(model_path: str | Path, adapter: str | Path | None, model, recipe, sampling: Sampling) -> dict:
+    """What decides the answers (the batch size does not: batches answer as batch size 1 does), for each line's
+    `metadata`, with a hash of them under FINGERPRINT. Models are identified by their resolved paths."""
+    quantization = getattr(model.config, "quantization_config", None)
+    settings = {
+        "model": str(Path(model_path).resolve()),
+        "adapter": str(Path(adapter).resolve()) if adapter is not None else None,
+        "bits": 4 if getattr(quantization, "load_in_4bit", False) else 8 if quantization is not None else 16,
+        "template": recipe.data.template,
+        **sampling.generate_kwargs(),
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return {**settings, FINGERPRINT: digest}
+
+
+def _check_same_writer(out: Path, lineno: int, line: dict, model_id: str, settings: dict) -> None:
+    """Refuse to resume answers that another model, or the same with other settings, wrote."""
+    theirs = line.get("metadata") if isinstance(line.get("metadata"), dict) else {}
+    if line.get("model_id") == model_id and theirs.get(FINGERPRINT) == settings[FINGERPRINT]:
+        return
+    fix = f"pass another --out, or delete {out} to answer every question with this model and these settings"
+    if FINGERPRINT not in theirs:
+        raise QllavaError(
+            f"{out}:{lineno} has no settings fingerprint (an older qllava or another tool wrote it), so whether "
+            f"this model with these settings wrote it is unknown, and its answers are not resumed; {fix}"
+        )
+    mine = {"model_id": model_id, **settings}
+    theirs = {"model_id": line.get("model_id"), **theirs}
+    differences = [
+        f"{key} {theirs.get(key)!r} there, {value!r} here"
+        for key, value in mine.items()
+        if key != FINGERPRINT and theirs.get(key) != value
+    ] or [f"{FINGERPRINT} {theirs[FINGERPRINT]!r} there, {settings[FINGERPRINT]!r} here"]
+    raise QllavaError(
+        f"{out} holds answers of another model or other settings ({out}:{lineno}: {'; '.join(differences)}), "
+        f"which must not mix with this run's in one file; {fix}"
+    )
+
+
+def answered_ids(out: Path, model_id: str, settings: dict) -> set[str]:
+    """question_ids already answered in `out` by this model with these settings; a last line cut short by a
+    killed run is dropped. Answers from another model or other settings are an error."""
     if not out.is_file():
         return set()
     text = out.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    if lines and lines[-1].strip():  # no newline at the end: the write of that line was cut off
-        text = text[: len(text) - len(lines[-1])]
-        out.write_text(text, encoding="utf-8")
-        lines = lines[:-1]
+    complete, _, cut_off = text.rpartition("\n")  # text after the last newline: a write a kill cut short
     ids = set()
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
+    for lineno, text_line in enumerate(complete.split("\n"), 1):
+        if not text_line.strip():
             continue
         try:
-            ids.add(str(json.loads(line)["question_id"]))
+            line = json.loads(text_line)
+            qid = str(line["question_id"])
         except (json.JSONDecodeError, KeyError, TypeError):
             raise QllavaError(
                 f"{out}:{lineno} is not an answer line; pass another --out (the file was left as it is)"
             ) from None
+        _check_same_writer(out, lineno, line, model_id, settings)
+        ids.add(qid)
+    if cut_off.strip():  # dropped only once the file is known to be this run's to continue
+        out.write_text(complete + "\n" if complete else "", encoding="utf-8")
     return ids
 
 
@@ -77,17 +133,20 @@ def answer_questions(
     *,
     image_folder: str | Path | None,
     model_id: str,
+    settings: dict,
     sampling: Sampling,
     batch_size: int = 8,
 ) -> dict:
-    """Answer the questions not yet in `out`, appending one line per answer; return counts."""
+    """Answer the questions not yet in `out`, appending one line per answer; return counts.
+
+    `settings`: `answer_settings(...)`, written as each line's metadata and compared with the lines in `out`.
+    """
     out = Path(out)
-    done = answered_ids(out)
+    done = answered_ids(out, model_id, settings)
     todo = [q for q in questions if str(q["question_id"]) not in done]
     encoder = encoder_from_recipe(recipe, processor, model.config)
     folder = Path(image_folder) if image_folder else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"temperature": sampling.temperature, "top_p": sampling.top_p, "template": recipe.data.template}
     with out.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc="answering", unit="question") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
@@ -101,7 +160,7 @@ def answer_questions(
                         "text": answer,
                         "answer_id": uuid.uuid4().hex,
                         "model_id": model_id,
-                        "metadata": metadata,
+                        "metadata": settings,
                     }
                 )
                 + "\n"

@@ -20,6 +20,40 @@ app.add_typer(data_app, name="data")
 
 OVERRIDES = typer.Argument(None, help="Recipe overrides as section.key=value, e.g. train.max_steps=20")
 
+# The libraries whose versions decide qllava's numbers: quoted in bug reports by `qllava --version`.
+_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+
+
+def _print_version(requested: bool) -> None:
+    """Versions from the installed packages' metadata: nothing is imported, so it answers at once."""
+    if not requested:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    typer.echo(f"qllava {installed('qllava')}")
+    typer.echo(", ".join(f"{name} {installed(name)}" for name in _LIBRARIES))
+    raise typer.Exit()
+
+
+# Holds the app-wide options only; a docstring here would replace the app's help text.
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the versions of qllava and the libraries it runs on",
+    ),
+) -> None:
+    pass
+
 
 def _run(fn, *args, **kwargs):
     """Foreseeable mistakes become one message on stderr and exit code 1, not a traceback."""
@@ -235,15 +269,20 @@ def chat(
     prompt: str | None = typer.Option(None, help="Ask this one question and exit (default: interactive)"),
     bits: int | None = BITS,
     template: str | None = TEMPLATE,
-    temperature: float = typer.Option(0.2, help="Sampling temperature; 0 for greedy decoding"),
+    temperature: float = typer.Option(
+        0.2,
+        help="Sampling temperature (0.2, LLaVA's chat default); 0 for greedy decoding, which gives the answers "
+        "`qllava answer` gives",
+    ),
     top_p: float = typer.Option(1.0, help="Nucleus sampling: keep the smallest token set with this probability"),
     max_new_tokens: int = typer.Option(512, help="Longest answer in tokens"),
 ) -> None:
     """Chat about an image; tokens stream as they are generated. /image PATH, /reset, /exit in the session."""
-    from qllava.chat import ChatSession, repl
+    from qllava.chat import ChatSession, check_image, repl
     from qllava.generate import Sampling
 
     def start():
+        check_image(image)  # before the model loads, which takes minutes for a 7B one
         loaded, processor, recipe = _load_for_prompts(model, adapter, bits, template)
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         session = ChatSession(loaded, processor, recipe, sampling, image)
@@ -259,19 +298,26 @@ def chat(
 def answer(
     model: str = MODEL,
     questions: Path = typer.Argument(..., help="LLaVA model_vqa questions: {question_id, image, text} per line"),
-    out: Path = typer.Option(..., "--out", help="Answers jsonl; question_ids already in it are skipped (resume)"),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="Answers jsonl; a rerun with the same model and settings skips the question_ids already in it (resume); "
+        "answers of another model or other settings there are an error",
+    ),
     image_folder: Path | None = typer.Option(None, help="Folder the questions' image paths are relative to"),
     adapter: Path | None = ADAPTER,
     bits: int | None = BITS,
     template: str | None = TEMPLATE,
     batch_size: int = typer.Option(8, help="Questions per generate call (left-padded; same answers as 1)"),
-    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 for greedy decoding"),
+    temperature: float = typer.Option(
+        0.0, help="Sampling temperature; 0 (greedy, as LLaVA's evaluation scripts) gives reproducible scores"
+    ),
     top_p: float = typer.Option(1.0, help="Nucleus sampling probability"),
     max_new_tokens: int = typer.Option(128, help="Longest answer in tokens"),
     model_id: str | None = typer.Option(None, help="model_id written with each answer (default: from the paths)"),
 ) -> None:
     """Answer a question file in LLaVA's model_vqa format, resumably."""
-    from qllava.answer import answer_questions, read_questions
+    from qllava.answer import answer_questions, answer_settings, read_questions
     from qllava.generate import Sampling
 
     def start():
@@ -287,6 +333,7 @@ def answer(
             out,
             image_folder=image_folder,
             model_id=name,
+            settings=answer_settings(model, adapter, loaded, recipe, sampling),
             sampling=sampling,
             batch_size=batch_size,
         )

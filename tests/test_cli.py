@@ -128,3 +128,44 @@ def test_kernels_notice_filter_drops_only_the_missing_kernels_record():
         "No module named 'kernels'",
         f"{KERNELS_NOTICE}: x",
     ]
+
+
+def test_version_names_qllava_and_the_libraries_it_runs_on():
+    from importlib.metadata import version
+
+    result = qllava("--version")
+    assert result.returncode == 0, result.stderr
+    libraries = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+    assert result.stdout.splitlines() == [
+        f"qllava {version('qllava')}",
+        ", ".join(f"{name} {version(name)}" for name in libraries),
+    ]
+
+
+def test_help_says_why_chat_samples_and_answer_is_greedy():
+    def help_text(command: str) -> str:  # rich draws boxes and wraps lines: compare the words only
+        return " ".join(qllava_here(command, "--help").stdout.replace("│", " ").split())
+
+    assert "Sampling temperature (0.2, LLaVA's chat default); 0 for greedy decoding, which gives the answers" in (
+        help_text("chat")
+    )
+    assert "0 (greedy, as LLaVA's evaluation scripts) gives reproducible scores" in help_text("answer")
+
+
+def test_projector_file_of_another_format_is_one_message(tiny_base, tiny_data, tmp_path):
+    import torch
+
+    from qllava.errors import QllavaError
+    from qllava.model.load import load_base
+    from qllava.model.projector import load_projector
+
+    (tmp_path / "projector.safetensors").write_text("a text file with a weights file's name")
+    result = train_on_tiny(tiny_base, tiny_data, f"model.projector_from={tmp_path / 'projector.safetensors'}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"qllava: error: {tmp_path / 'projector.safetensors'} is not a safetensors file (" in result.stderr
+    assert "read from a projector.safetensors (what a stage-1 run saves in its checkpoints) or LLaVA's" in result.stderr
+
+    (tmp_path / "mm_projector.bin").write_text("a text file")
+    model = load_base(tiny_base, bits=16, device=torch.device("cpu"))
+    with pytest.raises(QllavaError, match=r"mm_projector.bin is not a PyTorch weights file \(\w+\); projector"):
+        load_projector(model, tmp_path / "mm_projector.bin")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,6 +117,73 @@ def test_bad_question_files_are_one_message_and_keep_earlier_answers(trained_ada
     assert out.read_text() == '{"question_id": 0, "text": "kept"}\n'
 
 
+def test_answers_of_files_that_are_not_images_are_refused_before_anything_is_written(trained_adapter, tmp_path):
+    base, adapter, data = trained_adapter
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "5.png").write_bytes((data / "images" / "5.png").read_bytes())
+    (folder / "notanimage.jpg").write_text("a text file with an image's name")
+    (folder / "cut.png").write_bytes((folder / "5.png").read_bytes()[:60])  # a download cut short
+    (folder / "a-folder").mkdir()
+    rows = write_questions(tmp_path / "q.jsonl", 6)
+    for i, name in enumerate(["notanimage.jpg", "cut.png", "a-folder", "gone.png"]):
+        rows[i]["image"] = name
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "a.jsonl"
+    out.write_text("earlier answers\n")
+    args = [base, tmp_path / "q.jsonl", "--adapter", adapter, "--image-folder", folder, "--out", out]
+    result = qllava_here("answer", *args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert "4 problem(s) in the questions, nothing was generated" in result.stderr
+    assert "question_id '0'): image `notanimage.jpg` cannot be decoded (UnidentifiedImageError" in result.stderr
+    assert "question_id '1'): image `cut.png` cannot be decoded" in result.stderr
+    assert f"question_id '2'): image `a-folder` is a directory, not an image file (--image-folder `{folder}`)" in (
+        result.stderr
+    )
+    assert "question_id '3'): image `gone.png` not found" in result.stderr
+    assert out.read_text() == "earlier answers\n"
+
+
+def test_answers_resume_only_what_the_same_model_and_settings_wrote(trained_adapter, tmp_path):
+    base, adapter, data = trained_adapter
+    write_questions(tmp_path / "q.jsonl", 6)
+    out = tmp_path / "a.jsonl"
+    first = answer(base, adapter, data, tmp_path / "q.jsonl", out)
+    assert first.exit_code == 0, first.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    metadata = lines[0]["metadata"]
+    assert all(line["metadata"] == metadata for line in lines)
+    assert metadata["model"] == str(base.resolve()) and metadata["adapter"] == str(adapter.resolve())
+    assert metadata["bits"] == 4 and metadata["max_new_tokens"] == 12 and metadata["do_sample"] is False
+    assert len(metadata["settings_fingerprint"]) == 16
+
+    # The batch size does not change the answers: a rerun with another resumes.
+    again = answer(base, adapter, data, tmp_path / "q.jsonl", out, "--batch-size", "2")
+    assert again.exit_code == 0 and "0 answered, 6 already in" in again.stdout
+
+    with out.open("a") as f:  # a line cut off by a killed run: a refusal must leave it too
+        f.write('{"question_id": 5, "prompt": "What col')
+    written = out.read_text()
+    questions = tmp_path / "q.jsonl"
+    other_run = shutil.copytree(adapter, tmp_path / "other-run" / "final")  # another run's adapter, as far as paths go
+    other_model = answer(base, other_run, data, questions, out)
+    assert other_model.exit_code == 1 and isinstance(other_model.exception, SystemExit), other_model.exception
+    message = other_model.stderr
+    assert f"{out} holds answers of another model or other settings ({out}:1: model_id 'run/final' there, " in message
+    assert f"'other-run/final' here; adapter '{adapter.resolve()}' there, '{other_run.resolve()}' here)" in message
+    assert f"pass another --out, or delete {out} to answer every question" in message
+
+    other_settings = answer(base, adapter, data, questions, out, "--max-new-tokens", "8")
+    assert other_settings.exit_code == 1 and f"({out}:1: max_new_tokens 12 there, 8 here)" in other_settings.stderr
+
+    # Lines of an older qllava (no fingerprint) are not resumed either.
+    older = [{**line, "metadata": {"temperature": 0.0, "top_p": 1.0, "template": "vicuna_v1"}} for line in lines]
+    (tmp_path / "old.jsonl").write_text("".join(json.dumps(line) + "\n" for line in older))
+    old = answer(base, adapter, data, questions, tmp_path / "old.jsonl")
+    assert old.exit_code == 1 and f"{tmp_path / 'old.jsonl'}:1 has no settings fingerprint" in old.stderr
+    assert out.read_text() == written
+
+
 def test_chat_session_streams_answers_and_follows_commands(trained_adapter, batch_one_answers):
     base, adapter, data = trained_adapter
     images = data / "images"
@@ -136,13 +204,40 @@ def test_chat_session_streams_answers_and_follows_commands(trained_adapter, batc
     replies = [line.split("assistant>", 1)[1].strip() for line in result.stdout.splitlines() if "assistant>" in line]
     # The same prompts in the batch-1 answers: question 0 is QUESTIONS[0] about 0.png, question 16 about 4.png.
     assert replies == [batch_one_answers[0], batch_one_answers[16], batch_one_answers[16]]
-    assert "(new conversation about" in result.stdout and "(conversation cleared)" in result.stdout
-    assert "image `/no/such.png` not found" in result.stdout
+    assert f"(new conversation about {images / '4.png'})" in result.stdout
+    assert f"image `/no/such.png` not found; still about {images / '4.png'})" in result.stdout
+    assert f"(conversation cleared; the next question starts a new one about {images / '4.png'})" in result.stdout
 
     one = qllava_here(
         "chat", base, *args[:2], "--image", images / "4.png", "--temperature", "0", "--prompt", QUESTIONS[0]
     )
-    assert one.exit_code == 0 and one.stdout.strip() == batch_one_answers[16]
+    # Exactly the answer, as `answer` writes it: no space before it (the template's separator).
+    assert one.exit_code == 0 and one.stdout == batch_one_answers[16] + "\n"
+
+
+def test_chat_refuses_files_that_are_not_images_and_the_session_goes_on(trained_adapter, batch_one_answers, tmp_path):
+    base, adapter, data = trained_adapter
+    images = data / "images"
+    (tmp_path / "notanimage.jpg").write_text("a text file with an image's name")
+    ask = ["--adapter", adapter, "--temperature", "0", "--max-new-tokens", "12", "--prompt", QUESTIONS[0]]
+    for image, problem in [
+        (tmp_path / "notanimage.jpg", "cannot be decoded (UnidentifiedImageError"),
+        (tmp_path, "is a directory, not an image file"),
+    ]:
+        result = qllava_here("chat", base, *ask, "--image", image)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+        assert f"qllava: error: image `{image}` {problem}" in result.stderr
+    # Checked before the model loads (minutes for a 7B one): here the model directory does not even exist.
+    result = qllava_here("chat", tmp_path / "no-model", "--image", tmp_path / "notanimage.jpg", "--prompt", "hi")
+    assert result.exit_code == 1 and f"image `{tmp_path / 'notanimage.jpg'}` cannot be decoded" in result.stderr
+
+    session = f"/image {tmp_path / 'notanimage.jpg'}\n{QUESTIONS[0]}\n"
+    result = qllava_here("chat", base, *ask[:6], "--image", images / "0.png", input=session)
+    assert result.exit_code == 0, result.exception
+    assert f"(error: image `{tmp_path / 'notanimage.jpg'}` cannot be decoded" in result.stdout
+    assert f"still about {images / '0.png'})" in result.stdout
+    replies = [line.split("assistant>", 1)[1].strip() for line in result.stdout.splitlines() if "assistant>" in line]
+    assert replies == [batch_one_answers[0]]
 
 
 def test_score_reports_both_accuracies(tmp_path):

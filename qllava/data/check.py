@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from PIL import Image
 from transformers import AutoConfig
 
 from qllava.data.dataset import IGNORE_INDEX, encoder_from_recipe, parse_sample, read_records
+from qllava.data.images import image_problem
 from qllava.data.validate import Scan, data_files, scan_file
 from qllava.errors import QllavaError, problem_list
 from qllava.model.load import check_base, load_processor
@@ -39,17 +38,6 @@ def _load(recipe: Recipe):
     config = AutoConfig.from_pretrained(base)
     processor = load_processor(base)
     return recipe, encoder_from_recipe(recipe, processor, config)
-
-
-def _image_problem(path: Path) -> str | None:
-    if not path.is_file():
-        return "not found"
-    try:
-        with Image.open(path) as img:
-            img.convert("RGB").load()
-    except Exception as exc:  # PIL raises many types for corrupt files
-        return f"cannot be decoded ({type(exc).__name__}: {exc})"
-    return None
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -98,7 +86,7 @@ def check_dataset(recipe: Recipe) -> Report:
     recipe, encoder = _load(recipe)
     report = Report(lines=[f"template {recipe.data.template}, max_length {recipe.data.max_length}"])
     for data in data_files(recipe):
-        _describe(scan_file(data, recipe, encoder, image_problem=_image_problem), encoder, report)
+        _describe(scan_file(data, recipe, encoder, image_problem=image_problem), encoder, report)
     return report
 
 

@@ -56,6 +56,24 @@ def pixel_values(image: Image.Image, aspect: str, image_processor) -> torch.Tens
     return image_processor(images=square(image, aspect, image_processor), return_tensors="pt")["pixel_values"][0]
 
 
+def image_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be used as an image ("not found", "is a directory", ...), or None when it decodes.
+
+    The whole image is decoded: a truncated file opens fine and fails only when its pixels are read.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return "is a directory, not an image file"
+    if not path.is_file():
+        return "not found"
+    try:
+        with Image.open(path) as img:
+            img.convert("RGB").load()
+    except Exception as exc:  # PIL raises many types for corrupt files
+        return f"cannot be decoded ({type(exc).__name__}: {exc})"
+    return None
+
+
 def load_image(path: str | Path, aspect: str, image_processor) -> torch.Tensor:
     """Decode one image file into a normalized (3, H, W) float tensor."""
     with Image.open(path) as img:

@@ -46,7 +46,9 @@ def data_files(recipe) -> list[DataFile]:
 
 
 def image_missing(path: Path) -> str | None:
-    """The image check `train` affords at start: the file exists."""
+    """The image check `train` affords at start: the file exists (decoding every image takes too long)."""
+    if path.is_dir():
+        return "is a directory, not an image file"
     return None if path.is_file() else "not found"
 
 

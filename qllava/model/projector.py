@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qllava.errors import QllavaError
@@ -39,10 +40,21 @@ def save_projector(model: torch.nn.Module, directory: Path) -> Path:
     return path
 
 
+_ACCEPTED = (
+    f"projector weights are read from a {PROJECTOR_FILE} (what a stage-1 run saves in its checkpoints) or "
+    "LLaVA's stage-1 mm_projector.bin"
+)
+
+
 def _read(source: Path) -> dict[str, torch.Tensor]:
     """Tensors named like the module's own state dict (`linear_1.weight`, ...)."""
     if source.suffix == ".bin":
-        raw = torch.load(source, map_location="cpu", weights_only=True)
+        try:
+            raw = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling fails with many types (EOFError, KeyError, UnpicklingError, ...)
+            raise QllavaError(f"{source} is not a PyTorch weights file ({type(exc).__name__}); {_ACCEPTED}") from None
+        if not isinstance(raw, dict):
+            raise QllavaError(f"{source} holds a {type(raw).__name__}, not a dict of weights; {_ACCEPTED}")
         out = {}
         for key, value in raw.items():
             match = re.search(r"mm_projector\.(\d+)\.(weight|bias)$", key)
@@ -53,7 +65,10 @@ def _read(source: Path) -> dict[str, torch.Tensor]:
                 )
             out[f"{_LLAVA_NAMES[match.group(1)]}.{match.group(2)}"] = value
         return out
-    raw = load_file(str(source))
+    try:
+        raw = load_file(str(source))
+    except SafetensorError as exc:
+        raise QllavaError(f"{source} is not a safetensors file ({exc}); {_ACCEPTED}") from None
     return {k.split(_PREFIX, 1)[1] if _PREFIX in k else k: v for k, v in raw.items()}
 
 
