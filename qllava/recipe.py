@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import os
 import textwrap
 import types
 import typing
@@ -479,6 +480,27 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:
     path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+PATH_KEYS = ("model.base", "model.projector_from", "data.train", "data.eval", "data.image_folder")
+
+
+def with_absolute_paths(recipe: Recipe) -> Recipe:
+    """The recipe with each existing file or folder of `PATH_KEYS` as an absolute path.
+
+    A run saves its recipe into its directory and checkpoints, and merge and chat read it from wherever
+    they are run: a relative path would then point elsewhere (or nowhere). Missing paths stay as written,
+    so that errors quote them as the user wrote them.
+    """
+    sections: dict[str, dict] = {}
+    for dotted in PATH_KEYS:
+        value = get(recipe, dotted)
+        if value and Path(value).exists():
+            section, key = dotted.split(".")
+            sections.setdefault(section, {})[key] = os.path.abspath(value)  # `..` folded, symlinks kept
+    return dataclasses.replace(
+        recipe, **{s: dataclasses.replace(getattr(recipe, s), **kv) for s, kv in sections.items()}
+    )
 
 
 def shipped_recipes() -> list[tuple[str, str]]:
