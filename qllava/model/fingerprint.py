@@ -71,7 +71,7 @@ def identify(base: str | Path) -> BaseIdentity:
     parameters = 0
     for file in sorted(path.glob("*.safetensors")):
         header, data_start = _header(file)
-        with file.open("rb") as f:
+        with file.open("rb", buffering=0) as f:  # unbuffered: each sample reads its bytes, not a buffer's worth
             for name in sorted(header):
                 info = header[name]
                 begin, end = info["data_offsets"]
