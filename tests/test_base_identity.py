@@ -54,7 +54,7 @@ def test_checkpoints_record_their_base(trained_adapter):
     assert read_record(adapter).path == str(base.resolve())
 
 
-def test_an_adapter_on_a_merged_export_is_refused_by_name(trained_adapter, export):
+def test_an_adapter_on_a_merged_export_is_refused_by_name(trained_adapter, export, tmp_path):
     adapter = trained_adapter[1]
     result = chat(export, adapter)
     assert result.exit_code == 1, result.output
@@ -63,6 +63,9 @@ def test_an_adapter_on_a_merged_export_is_refused_by_name(trained_adapter, expor
     forced = chat(export, adapter, "--force")
     assert forced.exit_code == 0, forced.output
     assert "qllava: warning:" in forced.stderr and "--force: loading it anyway" in forced.stderr
+    old = shutil.copytree(adapter, tmp_path / "old")  # a checkpoint written before the record: still refused
+    (old / BASE_RECORD).unlink()
+    assert "already has an adapter merged in" in chat(export, old).stderr
 
 
 def test_an_adapter_from_a_base_of_the_same_shapes_is_refused(trained_adapter, other_base, tmp_path):
