@@ -19,6 +19,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect a recipe's dataset be
 app.add_typer(data_app, name="data")
 
 OVERRIDES = typer.Argument(None, help="Recipe overrides as section.key=value, e.g. train.max_steps=20")
+FORCE = typer.Option(
+    False, "--force", help="Apply the checkpoint even to a base other than the one it records (with a warning)"
+)
 
 # The libraries whose versions decide qllava's numbers: quoted in bug reports by `qllava --version`.
 _LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
@@ -188,6 +191,10 @@ def merge(
     max_mean_kl: float = typer.Option(
         0.01, help="Fail unless the mean KL(trained || export) per position is at most this"
     ),
+    base: Path | None = typer.Option(
+        None, "--base", help="Where the base the checkpoint was trained on is now (default: its recipe's model.base)"
+    ),
+    force: bool = FORCE,
 ) -> None:
     """Merge the adapter into its base and write a plain transformers LLaVA (verified against base + adapter)."""
     from qllava.export import FAILED_MARKER, merge_checkpoint
@@ -203,8 +210,12 @@ def merge(
         device=device,
         min_top1_agreement=min_top1_agreement,
         max_mean_kl=max_mean_kl,
+        base=base,
+        force=force,
     )
     typer.echo(report.summary())
+    for warning in report.warnings:
+        typer.echo(f"qllava: warning: {warning}", err=True)
     typer.echo(f"qllava: merged model in {out} (report: {out / 'merge_report.json'})")
     if report.verified and not report.passed:
         typer.echo(
@@ -253,11 +264,11 @@ BITS = typer.Option(
 TEMPLATE = typer.Option(None, help="Override the conversation template (default: the one the model was trained with)")
 
 
-def _load_for_prompts(model: str, adapter: Path | None, bits: int | None, template: str | None):
+def _load_for_prompts(model: str, adapter: Path | None, bits: int | None, template: str | None, force: bool):
     """(model, processor, recipe whose data section renders its prompts) for chat and answer."""
     from qllava.generate import inference_recipe, load_for_inference
 
-    loaded, processor = load_for_inference(model, adapter, bits=bits)
+    loaded, processor = load_for_inference(model, adapter, bits=bits, force=force)
     return loaded, processor, inference_recipe(model, adapter, processor, template)
 
 
@@ -276,6 +287,7 @@ def chat(
     ),
     top_p: float = typer.Option(1.0, help="Nucleus sampling: keep the smallest token set with this probability"),
     max_new_tokens: int = typer.Option(512, help="Longest answer in tokens"),
+    force: bool = FORCE,
 ) -> None:
     """Chat about an image; tokens stream as they are generated. /image PATH, /reset, /exit in the session."""
     from qllava.chat import ChatSession, check_image, repl
@@ -283,7 +295,7 @@ def chat(
 
     def start():
         check_image(image)  # before the model loads, which takes minutes for a 7B one
-        loaded, processor, recipe = _load_for_prompts(model, adapter, bits, template)
+        loaded, processor, recipe = _load_for_prompts(model, adapter, bits, template, force)
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         session = ChatSession(loaded, processor, recipe, sampling, image)
         if prompt is not None:
@@ -315,6 +327,7 @@ def answer(
     top_p: float = typer.Option(1.0, help="Nucleus sampling probability"),
     max_new_tokens: int = typer.Option(128, help="Longest answer in tokens"),
     model_id: str | None = typer.Option(None, help="model_id written with each answer (default: from the paths)"),
+    force: bool = FORCE,
 ) -> None:
     """Answer a question file in LLaVA's model_vqa format, resumably."""
     from qllava.answer import answer_questions, answer_settings, read_questions
@@ -322,7 +335,7 @@ def answer(
 
     def start():
         items = read_questions(questions, image_folder)
-        loaded, processor, recipe = _load_for_prompts(model, adapter, bits, template)
+        loaded, processor, recipe = _load_for_prompts(model, adapter, bits, template, force)
         name = model_id or (f"{adapter.parent.name}/{adapter.name}" if adapter else Path(model).name)
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         return answer_questions(

@@ -17,7 +17,6 @@ encoder and its LLM, `qllava compose` joins them again with a fresh projector, s
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -30,7 +29,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from qllava.errors import QllavaError
-from qllava.recipe import Recipe
+from qllava.recipe import PATH_KEYS, Recipe, get, with_values
 
 DEMO_VERSION = "v4"
 COLORS = {
@@ -359,16 +358,8 @@ def materialize_two_stage() -> Path:
 
 def resolve_demo_paths(recipe: Recipe) -> Recipe:
     """Replace `demo:NAME` paths in a recipe with files of the materialized demo cache."""
-    fields = [
-        ("model", "base"),
-        ("model", "projector_from"),
-        ("data", "train"),
-        ("data", "eval"),
-        ("data", "image_folder"),
-        ("data", "eval_image_folder"),
-    ]
-    values = [str(getattr(getattr(recipe, s), k)) for s, k in fields]
-    if not any(v.startswith("demo:") for v in values):
+    values = {key: str(get(recipe, key)) for key in PATH_KEYS}
+    if not any(v.startswith("demo:") for v in values.values()):
         return recipe
     root = materialize()
     names = {
@@ -379,18 +370,15 @@ def resolve_demo_paths(recipe: Recipe) -> Recipe:
         "demo:composed": root / "two-stage" / "composed",
         "demo:captions": root / "two-stage" / "captions.json",
     }
-    if any(v in ("demo:composed", "demo:captions") for v in values):
+    if any(v in ("demo:composed", "demo:captions") for v in values.values()):
         materialize_two_stage()
-    sections = {}
-    for section, key in fields:
-        value = getattr(getattr(recipe, section), key)
-        if str(value).startswith("demo:"):
+    resolved = {}
+    for key, value in values.items():
+        if value.startswith("demo:"):
             if value not in names:
-                raise QllavaError(f"`{section}.{key}: {value}` is not a demo asset; use one of {', '.join(names)}")
-            sections.setdefault(section, {})[key] = str(names[value])
-    return dataclasses.replace(
-        recipe, **{s: dataclasses.replace(getattr(recipe, s), **kv) for s, kv in sections.items()}
-    )
+                raise QllavaError(f"`{key}: {value}` is not a demo asset; use one of {', '.join(names)}")
+            resolved[key] = str(names[value])
+    return with_values(recipe, resolved)
 
 
 def held_out_accuracy(recipe: Recipe, adapter: Path | None) -> float:
@@ -440,9 +428,7 @@ def run_demo(out: Path, overrides: list[str] | None = None, two_stage: bool = Fa
     metrics = {}
     if two_stage:
         stage1 = resolve_demo_paths(load_recipe("demo-pretrain-projector", [f"output.dir={out / 'stage1'}"]))
-        recipe = dataclasses.replace(
-            recipe, model=dataclasses.replace(recipe.model, base=stage1.model.base, projector_from="")
-        )
+        recipe = with_values(recipe, {"model.base": stage1.model.base, "model.projector_from": ""})
         metrics["accuracy_composed"] = held_out_accuracy(recipe, None)
         print(f"qllava demo: composed model (fresh projector): accuracy {metrics['accuracy_composed']:.3f}", flush=True)
         stage1_final = train(stage1)
@@ -450,7 +436,7 @@ def run_demo(out: Path, overrides: list[str] | None = None, two_stage: bool = Fa
         print(
             f"qllava demo: after stage 1 (projector alone): accuracy {metrics['accuracy_after_stage1']:.3f}", flush=True
         )
-        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, projector_from=str(stage1_final)))
+        recipe = with_values(recipe, {"model.projector_from": str(stage1_final)})
         before = metrics["accuracy_after_stage1"]
     else:
         before = held_out_accuracy(recipe, None)

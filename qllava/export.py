@@ -1,8 +1,8 @@
 """Merge a trained checkpoint into a plain transformers LLaVA and verify it against base + adapter.
 
 The adapter was trained against the dequantized NF4 weights, dequant(quant(W)), not W. Merging
-into anything else changes the model (NOTES: re-quantizing after the merge keeps 58% of top-1
-predictions; the original 16-bit weights drift). So by default each quantized linear layer is
+into anything else changes the model (measured on a tiny LLaVA: re-quantizing after the merge keeps
+58% of top-1 predictions; the original 16-bit weights drift). So by default each quantized linear layer is
 dequantized exactly as the training forward did, its LoRA delta is added in fp32, and the result is
 cast once to the export dtype. Tensors stream into safetensors shards one at a time: the only
 whole model in memory is the quantized one (about 4 GB for a 7B LLM).
@@ -20,7 +20,7 @@ import gc
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -41,10 +41,12 @@ from qllava.data.templates import chat_template, end_of_turn
 from qllava.data.validate import eval_image_folder
 from qllava.errors import QllavaError
 from qllava.generate import MERGED_RECIPE, attach_adapter
-from qllava.model.load import load_base, load_processor
+from qllava.model.fingerprint import check_trained_on
+from qllava.model.load import check_base, load_base, load_processor
 from qllava.model.precision import autocast_for, precision_for
 from qllava.model.projector import PROJECTOR_FILE
-from qllava.recipe import Recipe, dump_recipe, load_recipe
+from qllava.recipe import Recipe, dump_recipe, load_recipe, with_values
+from qllava.train.checkpoint import give_weights_the_umask_mode, run_dir_hint
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 METHODS = ("dequantized", "original")
@@ -54,7 +56,8 @@ SHARD_BYTES = 5 * 1024**3
 # Verification passes when the export predicts the trained model's next reply token (nearly) always
 # and the distributions over all text positions are close. Measured on the demo (README): the
 # dequantized merge has mean KL 8e-13 (fp32) to 1.3e-4 (bf16); the merge into the original weights
-# 1.4e-2; a merge into re-quantized weights keeps 58% of top-1 predictions (team NOTES).
+# 1.4e-2; a merge into re-quantized weights keeps 58% of top-1 predictions
+# on a tiny LLaVA (measured when this module was written).
 MIN_TOP1_AGREEMENT = 0.97
 MAX_MEAN_KL = 0.01
 
@@ -68,6 +71,8 @@ class MergeReport:
     verified: bool = False
     passed: bool | None = None
     prompts: str = ""
+    prompt_source: str = ""
+    """The data file the verification prompts came from, or `synthetic`."""
     positions: int = 0
     """Text positions compared (KL, max |logit diff|)."""
     reply_positions: int = 0
@@ -77,6 +82,7 @@ class MergeReport:
     top1_agreement: float | None = None
     min_top1_agreement: float = MIN_TOP1_AGREEMENT
     max_mean_kl: float = MAX_MEAN_KL
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         if not self.verified:
@@ -99,6 +105,9 @@ def read_checkpoint(checkpoint: str | Path) -> Recipe:
     path = Path(checkpoint)
     if not path.is_dir():
         raise QllavaError(f"checkpoint `{checkpoint}` not found; pass a checkpoint-STEP/ or final/ directory of a run")
+    hint = run_dir_hint(path)
+    if hint:
+        raise QllavaError(hint)
     if (path / PROJECTOR_FILE).is_file():
         raise QllavaError(
             f"checkpoint `{checkpoint}` is from a stage-1 run (projector only, no LoRA): there is nothing to merge; "
@@ -231,8 +240,9 @@ def _save_processor(processor, recipe: Recipe, out: Path) -> None:
     ).save_pretrained(out)
 
 
-def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple[str, list[dict]]:
-    """Up to `count` fixed prompts: the recipe's eval (or train) samples, else seeded synthetic ones."""
+def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple[str, str, list[dict]]:
+    """(source, description, prompts): up to `count` fixed prompts, the recipe's eval (or train) samples
+    (source: that file), else seeded synthetic ones (source: `synthetic`)."""
     encoder = encoder_from_recipe(recipe, processor, config)
     inputs = []
     for source, image_folder in (
@@ -261,7 +271,7 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
             replies = [label != IGNORE_INDEX for label in encoded["labels"][1:]] + [False]
             inputs.append({"input_ids": encoded["input_ids"], "pixel_values": pixels, "replies": replies})
         if inputs:
-            return f"{len(inputs)} samples of {source}", inputs
+            return source, f"{len(inputs)} samples of {source}", inputs
     rng = random.Random(0)
     for i in range(count):
         size = (rng.randint(16, 96), rng.randint(16, 96))
@@ -270,7 +280,7 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
         question = ("Describe the image.", "What is in the picture?", "What colors do you see?")[i % 3]
         ids = encoder.prompt_ids([("user", question)], has_image=True)
         inputs.append({"input_ids": ids, "pixel_values": pixels, "replies": [True] * len(ids)})
-    return f"{count} synthetic prompts (the recipe's data files were not found)", inputs
+    return "synthetic", f"{count} synthetic prompts (the recipe's data files were not found)", inputs
 
 
 @torch.no_grad()
@@ -327,8 +337,14 @@ def merge_checkpoint(
     shard_bytes: int = SHARD_BYTES,
     min_top1_agreement: float = MIN_TOP1_AGREEMENT,
     max_mean_kl: float = MAX_MEAN_KL,
+    base: str | Path | None = None,
+    force: bool = False,
 ) -> MergeReport:
-    """Write a plain LlavaForConditionalGeneration directory at `out`; verify it unless told not to."""
+    """Write a plain LlavaForConditionalGeneration directory at `out`; verify it unless told not to.
+
+    `base`: where the base the checkpoint was trained on is now (default: its recipe's model.base). A
+    base that is not the one the checkpoint records is refused; `force` merges anyway, with a warning.
+    """
     if dtype not in DTYPES:
         raise QllavaError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if method not in METHODS:
@@ -337,6 +353,16 @@ def merge_checkpoint(
     if out.exists() and any(out.iterdir()):
         raise QllavaError(f"--out {out} exists and is not empty; choose a new directory (nothing was written)")
     recipe = read_checkpoint(checkpoint)
+    if base is None and not (Path(recipe.model.base) / "config.json").is_file():
+        raise QllavaError(
+            f"the base `{checkpoint}` was trained on, {recipe.model.base}, is not there any more; "
+            "pass where it is now with --base DIR"
+        )
+    base = check_base(base or recipe.model.base)
+    check_trained_on(
+        checkpoint, base, force=force, remedy="pass the base it was trained on with --base DIR, or --force to merge"
+    )
+    recipe = with_values(recipe, {"model.base": str(base)})
     torch_device = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu")
     )
@@ -357,7 +383,14 @@ def merge_checkpoint(
     processor = load_processor(checkpoint)
     config = model.get_base_model().config
     if verify:
-        report.prompts, inputs = _verification_inputs(recipe, processor, config, verify_samples)
+        report.prompt_source, report.prompts, inputs = _verification_inputs(recipe, processor, config, verify_samples)
+        if report.prompt_source == "synthetic":
+            files = ", ".join(f for f in (recipe.data.eval, recipe.data.train, recipe.data.image_folder) if f)
+            report.warnings.append(
+                f"none of the recipe's samples could be read (moved or deleted? {files}): verification ran "
+                f"{verify_samples} seeded synthetic prompts instead of your samples, so its figures say less about "
+                "your data"
+            )
         reference = _text_logits(model, inputs, config.image_token_id)
     if method == "original":
         # The 16-bit weights the base was quantized from, in the export dtype: one whole model in memory.
@@ -385,6 +418,7 @@ def merge_checkpoint(
     config.save_pretrained(tmp)
     _save_processor(processor, recipe, tmp)
     dump_recipe(recipe, tmp / MERGED_RECIPE)
+    give_weights_the_umask_mode(tmp)
     del model, inner, writer
     gc.collect()
     if out.exists():

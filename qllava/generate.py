@@ -16,13 +16,12 @@ from qllava.data.dataset import Encoder, encoder_from_recipe
 from qllava.data.images import load_image
 from qllava.data.templates import end_of_turn
 from qllava.errors import QllavaError
-from qllava.model.load import load_base, load_processor
+from qllava.model.fingerprint import MERGED_RECIPE, check_trained_on, is_merged_export
+from qllava.model.load import check_base, load_base, load_processor
 from qllava.model.precision import autocast_for, default_device, precision_for
 from qllava.model.projector import PROJECTOR_FILE, load_projector
 from qllava.recipe import CHOICES, Recipe, build_recipe, load_recipe
-
-MERGED_RECIPE = "qllava_recipe.yaml"
-"""Written by `qllava merge` beside the export: how prompts were rendered in training."""
+from qllava.train.checkpoint import run_dir_hint
 
 
 @dataclass
@@ -43,20 +42,29 @@ class Sampling:
         }
 
 
+def check_adapter_dir(adapter: str | Path) -> None:
+    """A stage-1 checkpoint (projector.safetensors) or an adapter directory, else a message saying what to pass."""
+    path = Path(adapter)
+    if (path / PROJECTOR_FILE).is_file():
+        return
+    if not (path / "adapter_config.json").is_file() or not (path / "adapter_model.safetensors").is_file():
+        raise QllavaError(
+            run_dir_hint(path)
+            or f"`{adapter}` is not an adapter directory (adapter_config.json and adapter_model.safetensors); "
+            "pass a checkpoint-STEP/ or final/ directory of a qllava run"
+        )
+
+
 def attach_adapter(model, adapter: str | Path):
     """The adapter's LoRA layers and trained projector on `model`, with a clear error when they do not fit.
 
     A stage-1 checkpoint (projector only) loads its projector into `model` instead.
     """
     path = Path(adapter)
+    check_adapter_dir(path)
     if (path / PROJECTOR_FILE).is_file():
         load_projector(model, path)
         return model
-    if not (path / "adapter_config.json").is_file() or not (path / "adapter_model.safetensors").is_file():
-        raise QllavaError(
-            f"`{adapter}` is not an adapter directory (adapter_config.json and adapter_model.safetensors); "
-            "pass a checkpoint-STEP/ or final/ directory of a qllava run"
-        )
     try:
         peft_model = PeftModel.from_pretrained(model, str(path))
     except (RuntimeError, ValueError, KeyError) as exc:
@@ -66,10 +74,6 @@ def attach_adapter(model, adapter: str | Path):
             f"({detail[-1].strip() if detail else type(exc).__name__}); was it trained on another base?"
         ) from None
     return peft_model
-
-
-def is_merged_export(model_path: str | Path) -> bool:
-    return (Path(model_path) / MERGED_RECIPE).is_file()
 
 
 def _trained_recipe(adapter: str | Path | None) -> Recipe | None:
@@ -84,14 +88,26 @@ def load_for_inference(
     *,
     bits: int | None = None,
     device: torch.device | None = None,
+    force: bool = False,
 ):
     """(model in eval mode, processor).
+
+    An adapter trained on another base than `model_path` (or `model_path` a merged export) is refused
+    before anything loads; `force` loads it anyway, with a warning.
 
     `bits` defaults to the `model.bits` the adapter was trained with (its checkpoint's recipe), as an
     adapter only reproduces its training on the same base (and dtype: `train.mixed_precision`); without
     an adapter to 16 for a merged export (re-quantizing it would undo the exact merge); else to 4.
     """
     device = device or default_device()
+    if adapter is not None:
+        check_adapter_dir(adapter)
+        check_trained_on(
+            adapter,
+            check_base(model_path),
+            force=force,
+            remedy="give the base it was trained on as MODEL, or --force to apply it anyway",
+        )
     trained = _trained_recipe(adapter)
     if bits is None:
         if trained is not None:

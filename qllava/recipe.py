@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import os
 import textwrap
 import types
 import typing
@@ -525,6 +526,42 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:
     path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+PATH_KEYS = (
+    "model.base",
+    "model.projector_from",
+    "data.train",
+    "data.eval",
+    "data.image_folder",
+    "data.eval_image_folder",
+)
+
+
+def with_absolute_paths(recipe: Recipe) -> Recipe:
+    """The recipe with each existing file or folder of `PATH_KEYS` as an absolute path.
+
+    A run saves its recipe into its directory and checkpoints, and merge and chat read it from wherever
+    they are run: a relative path would then point elsewhere (or nowhere). Missing paths stay as written,
+    so that errors quote them as the user wrote them.
+    """
+    absolute = {}
+    for dotted in PATH_KEYS:
+        value = get(recipe, dotted)
+        if value and Path(value).exists():
+            absolute[dotted] = os.path.abspath(value)  # `..` folded, symlinks kept
+    return with_values(recipe, absolute)
+
+
+def with_values(recipe: Recipe, values: dict[str, Any]) -> Recipe:
+    """A copy of the recipe with `section.key` -> value set (the recipe itself is frozen in use)."""
+    sections: dict[str, dict] = {}
+    for dotted, value in values.items():
+        section, key = dotted.split(".")
+        sections.setdefault(section, {})[key] = value
+    return dataclasses.replace(
+        recipe, **{s: dataclasses.replace(getattr(recipe, s), **kv) for s, kv in sections.items()}
+    )
 
 
 def shipped_recipes() -> list[tuple[str, str]]:

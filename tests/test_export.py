@@ -298,7 +298,7 @@ def test_adapter_from_another_base_is_refused(trained_adapter, tmp_path):
     other = build_tiny_llava(tmp_path / "other", ["What color is the shape?"], seed=1, text_hidden=96)
     result = qllava_here("chat", str(other), "--adapter", str(trained_adapter[1]), "--prompt", "hi")
     assert result.exit_code == 1
-    assert "does not fit the model" in result.stderr and "another base" in result.stderr
+    assert "is another model" in result.stderr and "another architecture, or other tensor shapes" in result.stderr
     assert "Traceback" not in result.stderr
 
 

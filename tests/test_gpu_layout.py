@@ -175,7 +175,7 @@ def test_merge_and_generation_in_the_gpu_layout(trained_adapter, tmp_path, monke
     monkeypatch.delenv(GPU_LAYOUT_ENV, raising=False)
     model, processor = load_for_inference(base, adapter)
     recipe = inference_recipe(base, adapter, processor)
-    _, prompts = _verification_inputs(recipe, processor, model.config, 12)
+    _, _, prompts = _verification_inputs(recipe, processor, model.config, 12)
     image_token = model.config.image_token_id
     fp32 = _text_logits(model, prompts, image_token)
 

@@ -20,12 +20,14 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
 
 from qllava.errors import QllavaError
+from qllava.model.fingerprint import check_trained_on
 from qllava.model.precision import precision_for
-from qllava.model.projector import load_projector, projector_of
+from qllava.model.projector import load_projector, projector_checkpoint, projector_of
 from qllava.recipe import Recipe
 
 # transformers 5 matches skip patterns against the full module name from its start: short names
-# like "vision_tower" no longer match and would silently quantize the vision tower (NOTES).
+# like "vision_tower" no longer match and would silently quantize the vision tower,
+# the projector and lm_head (seen with transformers 5.24).
 SKIP_QUANTIZATION = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 LLM_PREFIX = "model.language_model."
 PROJECTOR = "multi_modal_projector"
@@ -99,7 +101,8 @@ def guard_cpu_repack(model: torch.nn.Module) -> None:
     """Stop bitsandbytes from repacking 4-bit weights into its CPU-kernel layout.
 
     On CPUs with AVX512-BF16, an eval-mode forward without grad repacks the weight in place, and
-    without the `kernels` package every later forward (training included) computes garbage (NOTES).
+    without the `kernels` package every later forward (training included) computes garbage
+    (seen: a run that learned scored below chance after one evaluation pass).
     Must run on every model that does a 4-bit forward on CPU: training, evaluation, generation, merge.
     """
     for module in model.modules():
@@ -172,6 +175,14 @@ def load_for_training(recipe: Recipe, device: torch.device, *, fsdp: bool = Fals
     with `lora.enabled: false` (stage 1) it is the plain LLaVA with only its projector trainable.
     `fsdp`: load the 4-bit weights in an FSDP-shardable storage dtype (see `load_base`).
     """
+    trained_on = projector_checkpoint(recipe.model.projector_from) if recipe.model.projector_from else None
+    if trained_on is not None:
+        check_trained_on(
+            trained_on,
+            check_base(recipe.model.base),
+            remedy="set model.base to the base it was trained on or, to use it anyway, copy its "
+            "projector.safetensors out of the checkpoint and set model.projector_from to the copy",
+        )
     model = load_base(
         recipe.model.base,
         bits=recipe.model.bits,

@@ -87,6 +87,12 @@ def resolve_projector_file(source: str | Path) -> Path:
     return path
 
 
+def projector_checkpoint(source: str | Path) -> Path | None:
+    """The qllava checkpoint a projector source lies in (it records its base); None for a file of another origin."""
+    folder = resolve_projector_file(source).parent
+    return folder if (folder / "recipe.yaml").is_file() else None
+
+
 @torch.no_grad()
 def load_projector(model: torch.nn.Module, source: str | Path) -> Path:
     """Copy projector weights from `source` (file or directory) into the model's projector."""

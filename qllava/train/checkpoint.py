@@ -1,7 +1,8 @@
 """Self-describing checkpoints, written atomically, and the exact resume from them.
 
 A checkpoint directory holds the PEFT adapter (projector included) or, for a stage-1 run without
-LoRA, `projector.safetensors`; the processor, the resolved recipe, and `trainer_state.json` +
+LoRA, `projector.safetensors`; the processor, the resolved recipe, the identity of the base it was
+trained on (`qllava_base.json`, see qllava.model.fingerprint), and `trainer_state.json` +
 `optimizer.pt` + `scheduler.pt` + `rng.pt` (one RNG state per process) to resume exactly.
 It is written under a temporary name and renamed when complete, so a crash mid-write never
 leaves a directory that looks like a checkpoint. An FSDP run writes the same adapter files; its
@@ -11,6 +12,7 @@ leaves a directory that looks like a checkpoint. An FSDP run writes the same ada
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -24,6 +26,7 @@ from safetensors.torch import load_file
 
 from qllava.data.images import processor_to_save
 from qllava.errors import QllavaError
+from qllava.model.fingerprint import record_base
 from qllava.model.projector import PROJECTOR_FILE, load_projector, save_projector
 from qllava.recipe import Recipe, dump_recipe
 from qllava.train.fsdp import strip_wrapper_names
@@ -108,6 +111,7 @@ def save_checkpoint(
         save_projector(model, tmp)
     processor_to_save(processor, recipe.data.image_aspect).save_pretrained(tmp)
     dump_recipe(recipe, tmp / "recipe.yaml")
+    record_base(recipe.model.base, tmp)
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     if optimizer is not None:
         torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
@@ -115,10 +119,20 @@ def save_checkpoint(
         torch.save(rng_states or [_rng_state()], tmp / "rng.pt")
         if scaler is not None:  # fp16: the loss scale and its growth counter (plain numbers)
             (tmp / SCALER_FILE).write_text(json.dumps(scaler.state_dict()))
+    give_weights_the_umask_mode(tmp)
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
     return path
+
+
+def give_weights_the_umask_mode(directory: Path) -> None:
+    """safetensors (0.8) writes each file through a temporary file, created readable by its owner only
+    (0600), and renames it: weights would then be private while their siblings follow the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in directory.glob("*.safetensors"):
+        file.chmod(0o666 & ~umask)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -127,6 +141,19 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def run_dir_hint(path: Path) -> str | None:
+    """When `path` is a run directory rather than a checkpoint: a message naming the checkpoints to pass."""
+    checkpoints = list_checkpoints(path)
+    if not ((path / "final").is_dir() or checkpoints or (path / "metrics.jsonl").is_file()):
+        return None
+    if (path / "final").is_dir():
+        latest = f" (or the latest checkpoint, {checkpoints[-1]})" if checkpoints else ""
+        return f"`{path}` is a run directory, not a checkpoint: pass its final checkpoint, {path / 'final'}{latest}"
+    if checkpoints:
+        return f"`{path}` is a run directory, not a checkpoint: pass its latest checkpoint, {checkpoints[-1]}"
+    return f"`{path}` is a run directory that holds no checkpoint yet (no final/ or checkpoint-STEP/)"
 
 
 def rotate(run_dir: Path, keep_last: int) -> None:

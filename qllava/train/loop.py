@@ -34,7 +34,7 @@ from qllava.data.validate import datasets_from_recipe
 from qllava.errors import QllavaError
 from qllava.model.load import check_base, describe, load_for_training, load_processor, resolve_attention, set_train_mode
 from qllava.model.precision import default_device, gpu_layout, precision_for
-from qllava.recipe import Recipe, dump_recipe
+from qllava.recipe import Recipe, dump_recipe, with_absolute_paths
 from qllava.train import fsdp
 from qllava.train.checkpoint import (
     TrainState,
@@ -249,7 +249,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     """Run a recipe; return the `final/` adapter directory."""
     from qllava.demo import resolve_demo_paths
 
-    recipe = resolve_demo_paths(recipe)
+    recipe = with_absolute_paths(resolve_demo_paths(recipe))  # the saved recipes work from any directory
     out = Path(recipe.output.dir)
     trackers = "tensorboard" if importlib.util.find_spec("tensorboard") else None
     accelerator = make_accelerator(recipe, out, trackers)
