@@ -20,7 +20,7 @@ from qllava.model.fingerprint import MERGED_RECIPE, check_trained_on, is_merged_
 from qllava.model.load import check_base, load_base, load_processor
 from qllava.model.precision import autocast_for, default_device, precision_for
 from qllava.model.projector import PROJECTOR_FILE, load_projector
-from qllava.recipe import CHOICES, Recipe, build_recipe, load_recipe
+from qllava.recipe import CHOICES, Recipe, load_recipe, with_values
 from qllava.train.checkpoint import run_dir_hint
 
 
@@ -133,12 +133,13 @@ def inference_recipe(
         if source.is_file():
             recipe = load_recipe(source)
             break
-    else:
+    else:  # a base never trained by qllava: only its prompts are needed, so no data files either
         default = "tokenizer" if getattr(processor.tokenizer, "chat_template", None) else "vicuna_v1"
-        recipe = build_recipe({"model": {"base": str(model_path)}, "data": {"template": default}})
+        recipe = with_values(Recipe(), {"model.base": str(model_path), "data.template": default})
     if template:
-        raw = recipe.to_dict()
-        recipe = build_recipe({**raw, "data": {**raw["data"], "template": template}})
+        if template not in CHOICES["data.template"]:
+            raise QllavaError(f"--template {template}: choose one of {', '.join(CHOICES['data.template'])}")
+        recipe = with_values(recipe, {"data.template": template})
     return recipe
 
 

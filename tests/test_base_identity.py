@@ -201,3 +201,11 @@ def test_checkpoint_and_export_files_follow_the_umask(tiny_base, tiny_data, tmp_
         assert set(exported.values()) == {0o640}, exported
     finally:
         os.umask(previous)
+
+
+def test_a_run_resumes_only_on_the_base_it_was_trained_on(tiny_base, tiny_data, other_base, tmp_path):
+    train(make_recipe(tiny_base, tiny_data, tmp_path / "run", train={"max_steps": 2, "save_every": 1}), progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    moved = make_recipe(other_base, tiny_data, tmp_path / "run2", train={"max_steps": 2, "resume": str(checkpoint)})
+    with pytest.raises(QllavaError, match="other weights .another fine-tune..; resume with the model.base it was trained on"):
+        train(moved, progress=False)

@@ -291,3 +291,18 @@ def test_adapter_runs_on_the_base_it_was_trained_on(tiny_base, tiny_data, tmp_pa
     assert _quantized_layers(load_for_inference(tiny_base, final, bits=4, device=cpu)[0])
     with pytest.raises(QllavaError, match="bits 3: choose 4, 8 or 16"):
         load_for_inference(tiny_base, final, bits=3, device=cpu)
+
+
+def test_chat_and_answer_run_on_a_base_without_adapter(tiny_base, tiny_data, tmp_path):
+    """The README's `qllava chat BASE`: a base qllava never trained has no recipe beside it."""
+    one = qllava_here(
+        "chat", tiny_base, "--image", tiny_data / "images" / "0.png", "--max-new-tokens", "4", "--prompt", "Hi"
+    )
+    assert one.exit_code == 0, one.output
+    write_questions(tmp_path / "q.jsonl", 3)
+    args = [tiny_base, tmp_path / "q.jsonl", "--image-folder", tiny_data / "images", "--out", tmp_path / "a.jsonl"]
+    result = qllava_here("answer", *args, "--max-new-tokens", "4", "--template", "vicuna_v1")
+    assert result.exit_code == 0, result.output
+    assert len(read_answers(tmp_path / "a.jsonl")) == 3
+    wrong = qllava_here("answer", *args, "--template", "vicuna")
+    assert wrong.exit_code == 1 and "--template vicuna: choose one of vicuna_v1" in wrong.output

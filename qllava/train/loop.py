@@ -32,6 +32,7 @@ from qllava.data.sampler import GroupedSampler
 from qllava.data.templates import template_named_by
 from qllava.data.validate import datasets_from_recipe
 from qllava.errors import QllavaError
+from qllava.model.fingerprint import check_trained_on
 from qllava.model.load import check_base, describe, load_for_training, load_processor, resolve_attention, set_train_mode
 from qllava.model.precision import default_device, gpu_layout, precision_for
 from qllava.recipe import Recipe, dump_recipe, with_absolute_paths
@@ -276,6 +277,12 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
         optimizer_name += " (auto under FSDP: 8-bit optimizer states do not shard)"
     # Data first: a problem in it is reported before the weights take minutes to load.
     processor = load_processor(check_base(recipe.model.base))
+    if resume_from is not None:
+        check_trained_on(
+            resume_from,
+            recipe.model.base,
+            remedy="resume with the model.base it was trained on, or start a new output.dir",
+        )
     train_set, eval_set = datasets_from_recipe(
         recipe, processor, AutoConfig.from_pretrained(recipe.model.base), warn=say
     )
