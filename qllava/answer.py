@@ -23,6 +23,7 @@ from qllava.data.dataset import encoder_from_recipe, read_records
 from qllava.data.images import image_problem
 from qllava.errors import QllavaError, problem_list
 from qllava.generate import Sampling, generate_batch
+from qllava.model.fingerprint import weights_digest
 
 FINGERPRINT = "settings_fingerprint"
 """The `metadata` key holding a hash of the settings that decide the answers."""
@@ -62,13 +63,18 @@ def read_questions(path: str | Path, image_folder: str | Path | None) -> list[di
 
 def answer_settings(model_path: str | Path, adapter: str | Path | None, model, recipe, sampling: Sampling) -> dict:
     """What decides the answers (the batch size does not: batches answer as batch size 1 does), for each line's
-    `metadata`, with a hash of them under FINGERPRINT. Models are identified by their resolved paths."""
+    `metadata`, with a hash of them under FINGERPRINT. Models are identified by their resolved paths and by a
+    sample of their weights: an adapter retrained, or an export merged again, at the same path is another model."""
     quantization = getattr(model.config, "quantization_config", None)
     settings = {
         "model": str(Path(model_path).resolve()),
+        "model_weights": weights_digest(model_path),
         "adapter": str(Path(adapter).resolve()) if adapter is not None else None,
+        "adapter_weights": weights_digest(adapter) if adapter is not None else None,
         "bits": 4 if getattr(quantization, "load_in_4bit", False) else 8 if quantization is not None else 16,
+        "dtype": str(model.dtype).removeprefix("torch."),
         "template": recipe.data.template,
+        "system_prompt": recipe.data.system_prompt,
         **sampling.generate_kwargs(),
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

@@ -535,21 +535,23 @@ PATH_KEYS = (
     "data.eval",
     "data.image_folder",
     "data.eval_image_folder",
+    "train.resume",
 )
 
 
 def with_absolute_paths(recipe: Recipe) -> Recipe:
-    """The recipe with each existing file or folder of `PATH_KEYS` as an absolute path.
+    """The recipe with each existing file or folder of `PATH_KEYS`, and output.dir, as absolute paths.
 
-    A run saves its recipe into its directory and checkpoints, and merge and chat read it from wherever
-    they are run: a relative path would then point elsewhere (or nowhere). Missing paths stay as written,
-    so that errors quote them as the user wrote them.
+    A run saves its recipe into its directory and checkpoints, and merge, chat and a later
+    `qllava train RUN/recipe.yaml train.resume=auto` read it from wherever they are run: a relative path
+    would then point elsewhere (or nowhere). Missing inputs stay as written, so that errors quote them as
+    the user wrote them; output.dir is made absolute before the run creates it.
     """
-    absolute = {}
+    absolute = {"output.dir": os.path.abspath(recipe.output.dir)}  # `..` folded, symlinks kept
     for dotted in PATH_KEYS:
         value = get(recipe, dotted)
-        if value and Path(value).exists():
-            absolute[dotted] = os.path.abspath(value)  # `..` folded, symlinks kept
+        if value and value != "auto" and Path(value).exists():
+            absolute[dotted] = os.path.abspath(value)
     return with_values(recipe, absolute)
 
 

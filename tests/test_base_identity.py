@@ -168,6 +168,8 @@ def test_saved_recipes_hold_absolute_paths_and_merge_verifies_on_the_data_from_a
         assert raw["model"]["base"] == str(tiny_base)
         assert raw["data"]["train"] == str(tiny_data / "train.json")
         assert raw["data"]["image_folder"] == str(tiny_data / "images")
+        # `qllava train RUN/recipe.yaml train.resume=auto` from another directory continues this run.
+        assert raw["output"]["dir"] == str(tiny_data / "run")
     elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from peft import set_peft_model_state_dict
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from qllava.errors import QllavaError
 from qllava.generate import load_for_inference
@@ -175,6 +175,14 @@ def test_answers_resume_only_what_the_same_model_and_settings_wrote(trained_adap
 
     other_settings = answer(base, adapter, data, questions, out, "--max-new-tokens", "8")
     assert other_settings.exit_code == 1 and f"({out}:1: max_new_tokens 12 there, 8 here)" in other_settings.stderr
+
+    # An adapter trained again into the same directory is another model, though its path is the same.
+    retrained_out = tmp_path / "retrained.jsonl"
+    assert answer(base, other_run, data, questions, retrained_out).exit_code == 0
+    weights = load_file(other_run / "adapter_model.safetensors")
+    save_file({k: v * 1.5 for k, v in weights.items()}, other_run / "adapter_model.safetensors")
+    retrained = answer(base, other_run, data, questions, retrained_out)
+    assert retrained.exit_code == 1 and "adapter_weights '" in retrained.stderr
 
     # Lines of an older qllava (no fingerprint) are not resumed either.
     older = [{**line, "metadata": {"temperature": 0.0, "top_p": 1.0, "template": "vicuna_v1"}} for line in lines]

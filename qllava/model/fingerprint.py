@@ -12,6 +12,9 @@ The fingerprint reads no weights in full (a 7B base is 14 GB). It hashes:
   shapes and dtype, but each matrix with LoRA merged in differs from the base's at every element, as
   does another fine-tune of the same architecture, so one sample per tensor tells them apart.
 Cost: per safetensors file one header read, per tensor one read of `SAMPLE_BYTES`.
+A base with no safetensors file has PyTorch `.bin` weights, whose tensors cannot be listed without
+unpickling: each file counts by name and size in the layout, and by `FILE_SAMPLES` samples spread
+over it in the weights.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ BASE_RECORD = "qllava_base.json"
 MERGED_RECIPE = "qllava_recipe.yaml"
 """Written by `qllava merge` beside the export: how prompts were rendered in training."""
 SAMPLE_BYTES = 64
+FILE_SAMPLES = 64
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth")
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,8 @@ class BaseIdentity:
     """Hash of a sample of every tensor's bytes."""
 
     def describe(self) -> str:
-        return f"{self.path} ({self.model_type}, {self.parameters:,} parameters)"
+        counted = f", {self.parameters:,} parameters" if self.parameters else ""  # 0: .bin weights only
+        return f"{self.path} ({self.model_type}{counted})"
 
 
 def is_merged_export(model_path: str | Path) -> bool:
@@ -56,18 +62,23 @@ def is_merged_export(model_path: str | Path) -> bool:
 def _header(file: Path) -> tuple[dict, int]:
     """A safetensors file's header (tensor name -> dtype, shape, data_offsets) and where its data starts."""
     with file.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+        start = f.read(8)
+        size = struct.unpack("<Q", start)[0] if len(start) == 8 else -1
+        try:
+            # A size past the end of the file: a git-lfs pointer or a cut download, not weights.
+            if not 0 < size <= file.stat().st_size - 8:
+                raise ValueError(f"header size {size} for a file of {file.stat().st_size} bytes")
+            header = json.loads(f.read(size))
+        except ValueError as exc:
+            raise QllavaError(
+                f"`{file}` is not a readable safetensors file ({exc}); is the download complete (git lfs pull)?"
+            ) from None
     header.pop("__metadata__", None)
     return header, 8 + size
 
 
-def identify(base: str | Path) -> BaseIdentity:
-    """The fingerprint of a model directory, read from its config.json and safetensors files."""
-    path = Path(base)
-    config = json.loads((path / "config.json").read_text())
-    layout = hashlib.sha256(json.dumps([config.get("model_type"), config.get("architectures")]).encode())
-    weights = hashlib.sha256()
+def _hash_weights(path: Path, layout, weights) -> int:
+    """Feed the weight files of `path` into the `layout` and `weights` hashes; return the parameters counted."""
     parameters = 0
     for file in sorted(path.glob("*.safetensors")):
         header, data_start = _header(file)
@@ -79,6 +90,25 @@ def identify(base: str | Path) -> BaseIdentity:
                 parameters += math.prod(info["shape"])
                 f.seek(data_start + max(begin, (begin + end) // 2 - SAMPLE_BYTES // 2))
                 weights.update(f.read(min(SAMPLE_BYTES, end - begin)))
+    # transformers loads these only when there is no safetensors file (some repositories ship both).
+    pickled = [] if parameters else sorted(f for pattern in PICKLED_WEIGHTS for f in path.glob(pattern))
+    for file in pickled:
+        size = file.stat().st_size
+        layout.update(json.dumps([file.name, size]).encode())
+        with file.open("rb", buffering=0) as f:
+            for i in range(FILE_SAMPLES):
+                f.seek(size * i // FILE_SAMPLES)
+                weights.update(f.read(SAMPLE_BYTES))
+    return parameters
+
+
+def identify(base: str | Path) -> BaseIdentity:
+    """The fingerprint of a model directory, read from its config.json and weight files."""
+    path = Path(base)
+    config = json.loads((path / "config.json").read_text())
+    layout = hashlib.sha256(json.dumps([config.get("model_type"), config.get("architectures")]).encode())
+    weights = hashlib.sha256()
+    parameters = _hash_weights(path, layout, weights)
     return BaseIdentity(
         path=str(path.resolve()),
         model_type=str(config.get("model_type")),
@@ -87,6 +117,13 @@ def identify(base: str | Path) -> BaseIdentity:
         layout=layout.hexdigest(),
         weights=weights.hexdigest(),
     )
+
+
+def weights_digest(directory: str | Path) -> str:
+    """One short hash of a directory's weights (an adapter's too): what was saved there, not where."""
+    digest = hashlib.sha256()
+    _hash_weights(Path(directory), digest, digest)
+    return digest.hexdigest()[:16]
 
 
 def record_base(base: str | Path, checkpoint: Path) -> None:

@@ -180,7 +180,8 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
     - `auto`: the latest checkpoint; a new or empty `run_dir` starts. A finished run (final/) is never
       trained over, even when it kept checkpoints (raising train.max_steps would recompute from one of them
       and replace final/ and metrics); neither is a run that wrote metrics but no checkpoint.
-    - PATH: that checkpoint, whatever `run_dir` holds (its metrics lines after the checkpoint are dropped).
+    - PATH: that checkpoint, into a new or empty `run_dir` or into the run it belongs to (its metrics lines
+      after the checkpoint are dropped); never over a finished run or into another run's directory.
     """
     if resume == "auto":
         found = list_checkpoints(run_dir)
@@ -204,6 +205,13 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
             )
         return None
     path = Path(resume)
+    if (run_dir / "final").is_dir():
+        raise QllavaError(_finished_run(run_dir) + f"; to train on from {path}, choose a new output.dir")
+    if _holds_run(run_dir) and path.resolve().parent != run_dir.resolve():
+        raise QllavaError(
+            f"output.dir `{run_dir}` holds another run than the one train.resume `{resume}` belongs to; resuming "
+            "into it would mix the two runs' checkpoints and metrics. Choose a new output.dir"
+        )
     weights = PROJECTOR_FILE if (path / PROJECTOR_FILE).is_file() else ADAPTER_FILE
     missing = [f for f in (weights, STATE_FILE, "optimizer.pt") if not (path / f).is_file()]
     if missing:

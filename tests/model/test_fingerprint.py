@@ -2,9 +2,11 @@
 
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from qllava.errors import QllavaError
 from qllava.model.fingerprint import identify
 from qllava.model.tiny import build_tiny_llava
 from tests.conftest import CORPUS
@@ -36,3 +38,35 @@ def test_a_merge_into_one_matrix_changes_the_fingerprint(tiny_base, tmp_path):
     save_file(tensors, merged / "model.safetensors", metadata={"format": "pt"})
     original, changed = identify(tiny_base), identify(merged)
     assert changed.layout == original.layout and changed.weights != original.weights
+
+
+def test_bases_stored_as_pytorch_bin_are_told_apart(tiny_base, tmp_path):
+    """A `.bin` base has no header to list its tensors: its files' sizes and sampled bytes count instead."""
+    tensors = load_file(tiny_base / "model.safetensors")
+    fingerprints = []
+    for name, scale in (("a", 1.0), ("b", 1.0), ("c", 2.0)):
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(tiny_base / "config.json", folder)
+        torch.save({k: v * scale for k, v in tensors.items()}, folder / "pytorch_model.bin")
+        fingerprints.append(identify(folder))
+    same, also_same, doubled = fingerprints
+    assert (same.layout, same.weights) == (also_same.layout, also_same.weights)
+    assert doubled.weights != same.weights
+    assert same.layout != identify(tiny_base).layout  # its weights live elsewhere than the safetensors base's
+
+
+def test_a_weights_file_that_is_not_safetensors_is_one_message(tiny_base, tmp_path):
+    """A git-lfs pointer where the weights should be (a clone without git lfs) once made identify() allocate."""
+    pointer = shutil.copytree(tiny_base, tmp_path / "pointer")
+    (pointer / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
+    with pytest.raises(QllavaError, match="is not a readable safetensors file.*git lfs pull"):
+        identify(pointer)
+
+
+def test_pickled_weights_beside_safetensors_do_not_count(tiny_base, tmp_path):
+    """Some repositories ship both formats; transformers then loads the safetensors, and so must a moved copy
+    that kept only those be the same base."""
+    both = shutil.copytree(tiny_base, tmp_path / "both")
+    torch.save(load_file(tiny_base / "model.safetensors"), both / "pytorch_model.bin")
+    assert (identify(both).layout, identify(both).weights) == (identify(tiny_base).layout, identify(tiny_base).weights)

@@ -131,7 +131,8 @@ def test_resume_with_another_data_order_is_refused(tiny_base, tiny_data, tmp_pat
     state = json.loads((run / "checkpoint-1" / "trainer_state.json").read_text())
     assert (state["micro_batch"], state["length_bucket"]) == (2, 2)
     resume = {"max_steps": 3, "save_every": 1, "grad_accum": 1, "resume": str(run / "checkpoint-1")}
+    resumed = tmp_path / "resumed"  # run/ is finished: a resume from its checkpoint goes into a new directory
     with pytest.raises(QllavaError, match=r"train.micro_batch_size=2 data.length_bucket=2"):
-        train(make_recipe(tiny_base, tiny_data, run, train=resume), progress=False)
-    train(make_recipe(tiny_base, tiny_data, run, train=resume, data={"length_bucket": 2}), progress=False)
-    assert (run / "checkpoint-2").is_dir()
+        train(make_recipe(tiny_base, tiny_data, resumed, train=resume), progress=False)
+    train(make_recipe(tiny_base, tiny_data, resumed, train=resume, data={"length_bucket": 2}), progress=False)
+    assert (resumed / "checkpoint-2").is_dir()

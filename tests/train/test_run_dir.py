@@ -66,3 +66,19 @@ def test_problems_that_need_no_model_are_found_before_it_loads(tiny_base, tiny_d
     with pytest.raises(QllavaError, match=r"written by a run of 2 process\(es\).*this run has 1"):
         train(make_recipe(nowhere, tiny_data, tmp_path / "b", train=resume), progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_resume_from_a_path_never_trains_over_a_finished_or_another_run(tiny_base, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(make_recipe(tiny_base, tiny_data, run, train={"max_steps": 3, "save_every": 2}), progress=False)
+    checkpoint = str(run / "checkpoint-2")
+    with pytest.raises(QllavaError, match=r"finished run \(final/ at step 3\).*choose a new output.dir"):
+        ckpt.find_resume(checkpoint, run)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
+    with pytest.raises(QllavaError, match="holds another run than the one train.resume"):
+        ckpt.find_resume(checkpoint, other)
+    assert ckpt.find_resume(checkpoint, tmp_path / "new") == run / "checkpoint-2"  # a new directory
+    (run / "final").rename(tmp_path / "final")  # the run was killed before it finished: its own directory
+    assert ckpt.find_resume(checkpoint, run) == run / "checkpoint-2"
