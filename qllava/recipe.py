@@ -284,6 +284,14 @@ def _closest(key: str, candidates: list[str]) -> str:
     return f" (did you mean `{match[0]}`?)" if match else ""
 
 
+def _closest_key(dotted: str) -> str:
+    """A suggestion for an unknown `section.key`: the same key in its own section (`train.lr` -> `optim.lr`),
+    otherwise the closest key."""
+    leaf = dotted.split(".", 1)[-1]
+    moved = [key for key in all_keys() if key.split(".")[1] == leaf]
+    return f" (did you mean `{moved[0]}`?)" if moved else _closest(dotted, all_keys())
+
+
 def _closest_section(name: str) -> str:
     """A suggestion for an unknown section: a key written without its section (`max_steps=20`)
     means that key, otherwise the closest section name, otherwise the closest key."""
@@ -416,7 +424,7 @@ def build_recipe(raw: dict, source: str = "recipe", overrides: list[str] | None 
         for key, value in body.items():
             dotted = f"{name}.{key}"
             if key not in hints:
-                problems.append((dotted, f"unknown key `{dotted}`{_closest(dotted, all_keys())}"))
+                problems.append((dotted, f"unknown key `{dotted}`{_closest_key(dotted)}"))
                 continue
             if value is None:
                 # null unsets an optional key; a required one is then reported missing by

@@ -152,6 +152,8 @@ def test_an_unquoted_no_is_the_choice_no(tmp_path):
         ("max_steps=20", "unknown section `max_steps` (did you mean `train.max_steps`?)"),
         ("optimm.lr=1", "unknown section `optimm` (did you mean `optim`?)"),
         ("train.max_step=20", "unknown key `train.max_step` (did you mean `train.max_steps`?)"),
+        # A key of another section: that key, not the closest name in this one (`train.resume`).
+        ("train.lr=1", "unknown key `train.lr` (did you mean `optim.lr`?)"),
         ("train.mixed_precision=fp8", "`train.mixed_precision` is 'fp8'"),
         ("model.base=", "`model.base` is required"),
     ],

@@ -55,9 +55,10 @@ def percentile(values: list[float], p: float) -> float:
 
 def _describe(scan: Scan, encoder, report: Report) -> None:
     """A scanned file's problems and statistics; samples that would train nothing are errors here."""
-    report.errors += scan.errors + scan.lost_all
-    images = sum(bool(sample.image) for sample in scan.samples)
-    valid = len(scan.samples)
+    report.errors = list(dict.fromkeys(report.errors + scan.errors + scan.lost_all))  # a shared folder: once
+    # A sample cut to nothing trains nothing: counted as broken here, as listed among the errors.
+    valid = len(scan.samples) - len(scan.lost_all)
+    images = sum(bool(sample.image) for sample in scan.samples) - scan.lost_all_with_image
     report.lines.append(
         f"{scan.data.path}: {scan.records} sample{'' if scan.records == 1 else 's'}: {valid} valid ({images} with an "
         f"image, {valid - images} text-only), {scan.records - valid} broken"

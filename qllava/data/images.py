@@ -56,16 +56,22 @@ def pixel_values(image: Image.Image, aspect: str, image_processor) -> torch.Tens
     return image_processor(images=square(image, aspect, image_processor), return_tensors="pt")["pixel_values"][0]
 
 
+def image_missing(path: str | Path) -> str | None:
+    """The image check `train` affords at start: the file is there (decoding every image takes too long)."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a directory, not an image file"
+    return None if path.is_file() else "not found"
+
+
 def image_problem(path: str | Path) -> str | None:
     """Why `path` cannot be used as an image ("not found", "is a directory", ...), or None when it decodes.
 
     The whole image is decoded: a truncated file opens fine and fails only when its pixels are read.
     """
     path = Path(path)
-    if path.is_dir():
-        return "is a directory, not an image file"
-    if not path.is_file():
-        return "not found"
+    if missing := image_missing(path):
+        return missing
     try:
         with Image.open(path) as img:
             img.convert("RGB").load()

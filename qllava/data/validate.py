@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from qllava.data.dataset import IGNORE_INDEX, LlavaDataset, Sample, encoder_from_recipe, parse_sample, read_records
+from qllava.data.images import image_missing
 from qllava.errors import QllavaError, problem_list
 
 # Samples tokenized per tokenizer call: the fast tokenizer runs a batch in parallel.
@@ -41,15 +42,9 @@ def data_files(recipe) -> list[DataFile]:
     """data.train, then data.eval when it is set."""
     files = [DataFile("data.train", recipe.data.train, "data.image_folder", recipe.data.image_folder)]
     if recipe.data.eval:
-        files.append(DataFile("data.eval", recipe.data.eval, "data.eval_image_folder", eval_image_folder(recipe)))
+        key = "data.eval_image_folder" if recipe.data.eval_image_folder else "data.image_folder"  # the one set
+        files.append(DataFile("data.eval", recipe.data.eval, key, eval_image_folder(recipe)))
     return files
-
-
-def image_missing(path: Path) -> str | None:
-    """The image check `train` affords at start: the file exists (decoding every image takes too long)."""
-    if path.is_dir():
-        return "is a directory, not an image file"
-    return None if path.is_file() else "not found"
 
 
 @dataclass
@@ -69,6 +64,8 @@ class Scan:
     """Samples longer than data.max_length."""
     lost_all: list[str] = field(default_factory=list)
     """One message per sample whose every trained token lies beyond data.max_length."""
+    lost_all_with_image: int = 0
+    """How many of `lost_all` have an image."""
     lost_part: int = 0
     """Samples that keep some trained tokens within data.max_length but not all."""
     duplicates: dict[str, int] = field(default_factory=dict)
@@ -111,7 +108,8 @@ def scan_file(data: DataFile, recipe, encoder, image_problem: Callable[[Path], s
             parsed.append(parse_sample(record, i, data.path))
         except QllavaError as exc:
             scan.errors.append(str(exc))
-    counts = collections.Counter(sample.id for sample in parsed)
+    # Only ids written in the data: a sample without one is named by its position, which is no duplicate.
+    counts = collections.Counter(str(r["id"]) for r in records if isinstance(r, dict) and "id" in r)
     scan.duplicates = {sid: n for sid, n in counts.items() if n > 1}
 
     with_image = [sample for sample in parsed if sample.image]
@@ -119,7 +117,8 @@ def scan_file(data: DataFile, recipe, encoder, image_problem: Callable[[Path], s
     if with_image and folder is None:
         scan.errors.append(f"{len(with_image)} sample(s) of {data.path} have an image but {data.folder_key} is not set")
     elif with_image and not folder.is_dir():
-        scan.errors.append(f"{data.folder_key} `{data.folder}` is not a folder ({len(with_image)} sample(s) need it)")
+        # The same words for train and eval when they share the folder: one error after deduplication.
+        scan.errors.append(f"{data.folder_key} `{data.folder}` is not a folder (samples with an image need it)")
     text_only = [sample for sample in parsed if not sample.image]
     if text_only and not recipe.lora.enabled:
         # Stage 1 trains only the projector: a text-only batch would have nothing to train at all.
@@ -167,6 +166,7 @@ def _count(scan: Scan, sample: Sample, ids: list[int], labels: list[int], max_le
     scan.kept_trained += kept
     scan.over += len(ids) > max_length
     if kept == 0:
+        scan.lost_all_with_image += bool(sample.image)
         scan.lost_all.append(
             f"{label}: all {trained} trained tokens lie beyond data.max_length={max_length} (the sample has "
             f"{len(ids)} tokens), so it trains nothing; raise data.max_length or shorten the sample"
@@ -178,7 +178,7 @@ def _count(scan: Scan, sample: Sample, ids: list[int], labels: list[int], max_le
 def _datasets(files: list[DataFile], recipe, processor, config, warn: Callable[[str], None]) -> list[LlavaDataset]:
     encoder = encoder_from_recipe(recipe, processor, config)
     scans = [scan_file(data, recipe, encoder) for data in files]
-    errors = [error for scan in scans for error in scan.errors]
+    errors = list(dict.fromkeys(error for scan in scans for error in scan.errors))  # a shared folder: once
     if errors:
         raise QllavaError(
             f"{len(errors)} problem(s) in the data (run `qllava data check` for a full report):\n"

@@ -190,9 +190,10 @@ class TrainingStopped(KeyboardInterrupt):
 class _StopRequest:
     """First Ctrl-C asks the loop to checkpoint and stop at the next step boundary; a second one aborts."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.requested = False
         self.requested_at = 0.0
+        self.announce = announce  # every process gets the terminal's Ctrl-C; one says so
 
     def __enter__(self):
         self._pid = os.getpid()
@@ -210,7 +211,10 @@ class _StopRequest:
         if self.requested:
             return
         self.requested, self.requested_at = True, time.monotonic()
-        print("\nqllava: stopping after this step and writing a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+        if self.announce:
+            print(
+                "\nqllava: stopping after this step and writing a checkpoint (Ctrl-C again to abort)", file=sys.stderr
+            )
 
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGINT, self._previous)
@@ -444,7 +448,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     interval = _Interval.resumed(state.log_window)
     stream = windows()
     first_step, empty_total = state.step, 0
-    with _StopRequest() as stop:
+    with _StopRequest(announce=main) as stop:
         while state.step < total_steps:
             window = next(stream)
             local_tokens = sum(trained_tokens(b["labels"]) for b in window).to(device)

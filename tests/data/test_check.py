@@ -112,8 +112,10 @@ def test_check_reports_samples_whose_image_block_the_limit_would_cut(tiny_base, 
     # Training stops with this error at the sample; the check must name it beforehand.
     report = check_dataset(make_recipe(tiny_base, tiny_data, tmp_path / "run", data={"max_length": 20}))
     assert any("data.max_length=20 cuts the image tokens of sample 's0'" in e for e in report.errors)
-    # A sample that parses but cannot be encoded is broken, not counted among those with an image.
-    assert "12 samples: 3 valid (0 with an image, 3 text-only), 9 broken" in report.render()
+    # A sample that parses but cannot be encoded is broken, not counted among those with an image, and so is one
+    # that the limit leaves without a trained token (the 3 text-only samples here).
+    assert "12 samples: 0 valid (0 with an image, 0 text-only), 12 broken" in report.render()
+    assert sum("so it trains nothing" in e for e in report.errors) == 3
 
 
 def test_percentile_lies_within_the_data_and_matches_inclusive_quantiles():

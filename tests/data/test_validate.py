@@ -95,7 +95,11 @@ def test_check_caps_errors_and_names_the_folder_searched(tiny_base, tiny_data, t
     # A mistyped folder is one error, not one per sample.
     code, text = _check(tiny_base, tiny_data, f"data.image_folder={tmp_path / 'imgs'}")
     assert code == 1 and "1 error(s)" in text, text
-    assert f"data.image_folder `{tmp_path / 'imgs'}` is not a folder (34 sample(s) need it)" in text, text
+    assert f"data.image_folder `{tmp_path / 'imgs'}` is not a folder (samples with an image need it)" in text, text
+    # The eval set's images are in the same folder unless data.eval_image_folder says otherwise: still one error.
+    eval_set = f"data.eval={tiny_data / 'train.json'}"
+    code, text = _check(tiny_base, tiny_data, f"data.image_folder={tmp_path / 'imgs'}", eval_set)
+    assert code == 1 and "1 error(s)" in text and "data.eval_image_folder" not in text, text
 
 
 def test_check_refuses_an_empty_list_as_train_does(tiny_base, tiny_data):
@@ -126,6 +130,13 @@ def test_check_warns_about_duplicate_ids(tiny_base, tiny_data):
     code, text = _check(tiny_base, tiny_data)
     assert code == 0, text
     assert "warning: " in text and "2 sample id(s) occur more than once ('s0' x2, 's1' x3)" in text, text
+
+    # A sample without an id is named by its position: no duplicate of a sample whose id is that number.
+    records = json.loads((tiny_data / "train.json").read_text())[:3]
+    unnamed = {k: v for k, v in records[0].items() if k != "id"}
+    (tiny_data / "train.json").write_text(json.dumps([unnamed, {**records[1], "id": "0"}, records[2]]))
+    code, text = _check(tiny_base, tiny_data)
+    assert code == 0 and "occur more than once" not in text, text
 
 
 def _base_without_weights(tiny_base, tmp_path):
@@ -179,7 +190,7 @@ def test_the_corrupt_weights_of_that_test_do_fail_to_load(tiny_base, tiny_data, 
 
 def test_show_accepts_negative_indexes(tiny_base, tiny_data):
     args = ["data", "show", "demo", f"model.base={tiny_base}", f"data.train={tiny_data / 'train.json'}"]
-    args += [f"data.image_folder={tiny_data / 'images'}"]
+    args += [f"data.image_folder={tiny_data / 'images'}", "data.eval=null"]  # no demo asset: none is built
     last = qllava_here(*args, "--index", "-1")
     assert last.exit_code == 0 and last.output.startswith("sample 't11' ("), last.output
     assert "train.json[11])" in last.output, last.output
@@ -201,8 +212,10 @@ def test_merge_verification_reads_eval_images_from_the_eval_folder(tiny_base, ti
     (tmp_path / "eval.json").write_text(json.dumps([{"id": "e", "image": "only-here.png", "conversations": convs}]))
     data = {"eval": str(tmp_path / "eval.json"), "eval_image_folder": str(held_out)}
     recipe = make_recipe(tiny_base, tiny_data, tmp_path / "run", data=data)
-    source, inputs = _verification_inputs(recipe, load_processor(tiny_base), AutoConfig.from_pretrained(tiny_base), 4)
-    assert source == f"1 samples of {tmp_path / 'eval.json'}", source
+    source, described, inputs = _verification_inputs(
+        recipe, load_processor(tiny_base), AutoConfig.from_pretrained(tiny_base), 4
+    )
+    assert source == str(tmp_path / "eval.json") and described == f"1 samples of {source}", described
     assert inputs[0]["pixel_values"] is not None
 
 
