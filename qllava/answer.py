@@ -19,8 +19,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from qllava.data.dataset import encoder_from_recipe, read_records
+from qllava.data.dataset import encoder_from_recipe
 from qllava.data.images import image_problem
+from qllava.data.jsonl import parse_jsonl
 from qllava.errors import QllavaError, problem_list
 from qllava.generate import Sampling, generate_batch
 from qllava.model.fingerprint import weights_digest
@@ -33,12 +34,16 @@ def read_questions(path: str | Path, image_folder: str | Path | None) -> list[di
     """Every question, validated at start: all problems (bad lines, missing or broken images) reported at once."""
     if Path(path).suffix != ".jsonl":
         raise QllavaError(f"questions file `{path}`: expected a .jsonl file (one question object per line)")
-    records = read_records(path)
+    if not Path(path).is_file():
+        raise QllavaError(f"questions file `{path}` not found")
     problems, seen = [], set()
+    rows = parse_jsonl(Path(path).read_text(encoding="utf-8"), path, problems)  # bad lines join the other problems
     folder = Path(image_folder) if image_folder else None
     problem_of = functools.cache(image_problem)  # benchmarks ask many questions about each image (GQA: ~30)
-    for i, record in enumerate(tqdm(records, desc="checking questions", unit="question"), 1):
-        where = f"{path}: question {i}"
+    records = []
+    for lineno, record in tqdm(rows, desc="checking questions", unit="question"):
+        records.append(record)
+        where = f"{path}:{lineno}"
         if not isinstance(record, dict) or "question_id" not in record or not isinstance(record.get("text"), str):
             problems.append(f"{where}: expected an object with `question_id` and a string `text`")
             continue

@@ -241,16 +241,19 @@ def _save_processor(processor, recipe: Recipe, out: Path) -> None:
 
 
 def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple[str, str, list[dict]]:
-    """(source, description, prompts): up to `count` fixed prompts, the recipe's eval (or train) samples
-    (source: that file), else seeded synthetic ones (source: `synthetic`)."""
+    """(source, description, prompts): up to `count` fixed prompts, the recipe's eval samples topped up with
+    its train samples (source: those files, joined by ` + `), else seeded synthetic ones (source: `synthetic`).
+    A small eval set alone would leave too few reply tokens for top-1 agreement to mean anything: one
+    near-tie flip among 16 tokens is 94%."""
     encoder = encoder_from_recipe(recipe, processor, config)
-    inputs = []
+    inputs, used = [], []
     for source, image_folder in (
         (recipe.data.eval, eval_image_folder(recipe)),
         (recipe.data.train, recipe.data.image_folder),
     ):
-        if not source or not Path(source).is_file():
+        if not source or not Path(source).is_file() or len(inputs) == count or source in (s for s, _ in used):
             continue
+        before = len(inputs)
         folder = Path(image_folder) if image_folder else None
         for i, record in enumerate(read_records(source)):
             if len(inputs) == count:
@@ -270,8 +273,11 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
             # Positions whose next token is a reply token: what the fine-tune was trained to predict.
             replies = [label != IGNORE_INDEX for label in encoded["labels"][1:]] + [False]
             inputs.append({"input_ids": encoded["input_ids"], "pixel_values": pixels, "replies": replies})
-        if inputs:
-            return source, f"{len(inputs)} samples of {source}", inputs
+        if len(inputs) > before:
+            used.append((source, len(inputs) - before))
+    if inputs:
+        described = " and ".join(f"{n} samples of {source}" for source, n in used)
+        return " + ".join(source for source, _ in used), described, inputs
     rng = random.Random(0)
     for i in range(count):
         size = (rng.randint(16, 96), rng.randint(16, 96))

@@ -105,9 +105,11 @@ def test_bad_question_files_are_one_message_and_keep_earlier_answers(trained_ada
     out.write_text('{"question_id": 0, "text": "kept"}\n')
     rows = write_questions(tmp_path / "q.jsonl", 6)
     with (tmp_path / "q.jsonl").open("a") as f:
-        f.write('{"question_id": 6, "text": \n')
+        f.write('{"question_id": 6, "text": \n{"question_id": 7, "text": "x", "image": "missing.png"}\n')
     result = answer(base, adapter, data, tmp_path / "q.jsonl", out)
+    # A line that is not JSON does not hide the other problems.
     assert result.exit_code == 1 and "q.jsonl:7: not valid JSON" in result.stderr
+    assert "q.jsonl:8 (question_id '7'): image `missing.png` not found" in result.stderr, result.stderr
 
     rows[1]["image"] = "missing.png"
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -173,6 +173,14 @@ def _finished_run(run_dir: Path) -> str:
     )
 
 
+def _run_without_checkpoint(run_dir: Path) -> str:
+    return (
+        f"output.dir `{run_dir}` holds a run that wrote no checkpoint (metrics.jsonl, no checkpoint-STEP/), so "
+        "there is nothing to resume from; choose another output.dir or delete it (train.save_every sets how often "
+        "checkpoints are written)"
+    )
+
+
 def find_resume(resume: str, run_dir: Path) -> Path | None:
     """The checkpoint a run resumes from (None: it starts at step 0), refusing to train over a run.
 
@@ -189,15 +197,13 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
             keep = f"; to train on from {found[-1]}, set train.resume to it and a new output.dir" if found else ""
             raise QllavaError(_finished_run(run_dir) + keep)
         if not found and _holds_run(run_dir):
-            raise QllavaError(
-                f"output.dir `{run_dir}` holds a run that wrote no checkpoint (metrics.jsonl, no checkpoint-STEP/), "
-                "so train.resume=auto has nothing to resume from; choose another output.dir or delete it "
-                "(train.save_every sets how often checkpoints are written)"
-            )
+            raise QllavaError(_run_without_checkpoint(run_dir))
         return found[-1] if found else None
     if not resume:
         if (run_dir / "final").is_dir():
             raise QllavaError(_finished_run(run_dir))
+        if _holds_run(run_dir) and not list_checkpoints(run_dir):
+            raise QllavaError(_run_without_checkpoint(run_dir))
         if _holds_run(run_dir):
             raise QllavaError(
                 f"output.dir `{run_dir}` already holds a run; continue it with train.resume=auto or choose another "

@@ -215,7 +215,9 @@ def test_merge_verification_reads_eval_images_from_the_eval_folder(tiny_base, ti
     source, described, inputs = _verification_inputs(
         recipe, load_processor(tiny_base), AutoConfig.from_pretrained(tiny_base), 4
     )
-    assert source == str(tmp_path / "eval.json") and described == f"1 samples of {source}", described
+    # The one eval sample comes first; train samples fill up the 4 prompts.
+    assert source == f"{tmp_path / 'eval.json'} + {tiny_data / 'train.json'}", source
+    assert described == f"1 samples of {tmp_path / 'eval.json'} and 3 samples of {tiny_data / 'train.json'}"
     assert inputs[0]["pixel_values"] is not None
 
 
@@ -225,3 +227,12 @@ def test_demo_paths_resolve_in_eval_image_folder():
 
     recipe = resolve_demo_paths(load_recipe("demo", ["data.eval_image_folder=demo:images"]))
     assert recipe.data.eval_image_folder == recipe.data.image_folder != "demo:images"
+
+
+def test_template_errors_name_the_sample(tiny_base, tiny_data):
+    """The `plain` (stage-1) template takes one question and one reply: a multi-turn sample is named."""
+    records = json.loads((tiny_data / "train.json").read_text())
+    two_rounds = next(r for r in records if r.get("image") and len(r["conversations"]) >= 4)
+    (tiny_data / "train.json").write_text(json.dumps([two_rounds]))
+    code, text = _check(tiny_base, tiny_data, "data.template=plain")
+    assert code == 1 and f"sample {two_rounds['id']!r} (" in text and "the `plain` template takes" in text, text

@@ -40,8 +40,9 @@ def test_auto_resume_refuses_a_run_that_wrote_no_checkpoint(tiny_base, tiny_data
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
-    with pytest.raises(QllavaError, match="holds a run that wrote no checkpoint.*choose another output.dir"):
-        ckpt.find_resume("auto", run)
+    for resume in ("auto", ""):  # without auto too: "continue it with train.resume=auto" would lead nowhere
+        with pytest.raises(QllavaError, match="holds a run that wrote no checkpoint.*choose another output.dir"):
+            ckpt.find_resume(resume, run)
     assert ckpt.find_resume("auto", tmp_path / "new") is None  # a new directory starts
     (tmp_path / "empty").mkdir()
     assert ckpt.find_resume("auto", tmp_path / "empty") is None
