@@ -1,10 +1,14 @@
 """Bad input gives one clear message and a non-zero exit, never a traceback."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from qllava.recipe import all_keys
 
 
 def qllava(*args, cwd=None):
@@ -169,3 +173,13 @@ def test_projector_file_of_another_format_is_one_message(tiny_base, tiny_data, t
     model = load_base(tiny_base, bits=16, device=torch.device("cpu"))
     with pytest.raises(QllavaError, match=r"mm_projector.bin is not a PyTorch weights file \(\w+\); projector"):
         load_projector(model, tmp_path / "mm_projector.bin")
+
+
+def test_readme_speaks_to_users_of_the_repository_alone():
+    """Users of the repository have no team notes beside it: the README states facts itself."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert not re.search(r"\.\./shared|DESIGN\.md|\bNOTES\b", readme)
+    # Every recipe key the README names exists (a renamed key would leave the docs behind).
+    named = set(re.findall(r"`((?:model|lora|data|optim|train|output)\.[a-z_]+)", readme))
+    named -= {"model.vision_tower", "model.multi_modal_projector"}  # module names in the model, not recipe keys
+    assert named and named <= set(all_keys()), named - set(all_keys())
