@@ -185,29 +185,31 @@ class Encoder:
 
     def encode_full(self, sample: Sample) -> tuple[list[int], list[int]]:
         """Untruncated token ids and labels; raises if data.max_length would cut the image block."""
-        label = f"sample {sample.id!r} ({sample.where})"
-        return self._cut_check(label, *self._tokenize(self._render(sample), 1 if sample.image else 0, label))
+        result = self.encode_full_batch([sample])[0]
+        if isinstance(result, QllavaError):
+            raise result
+        return result
 
     def encode_full_batch(self, samples: list[Sample]) -> list[tuple[list[int], list[int]] | QllavaError]:
-        """`encode_full` of each sample, or the error it raises; one tokenizer call for all of them, which
-        the fast tokenizer runs in parallel (the start-up scan of a whole dataset)."""
+        """`encode_full` of each sample, or the error naming it; one tokenizer call for all of them, which the
+        fast tokenizer can spread over cores (train's start-up scan of a whole dataset; a training item is a
+        batch of one, so both encode alike)."""
         results: list = [None] * len(samples)
+        labels = [f"sample {sample.id!r} ({sample.where})" for sample in samples]
         rendered = {}
         for i, sample in enumerate(samples):
             try:
                 rendered[i] = self._render(sample)
-            except QllavaError as exc:
-                results[i] = exc
+            except QllavaError as exc:  # a template's rule (the `plain` one's single turn) knows no sample
+                results[i] = QllavaError(f"{labels[i]}: {exc}")
         order = list(rendered)
         if not order:
             return results
         enc = self.tokenizer([rendered[i].text for i in order], return_offsets_mapping=True, add_special_tokens=True)
         for i, token_ids, offsets in zip(order, enc["input_ids"], enc["offset_mapping"]):
-            sample = samples[i]
-            label = f"sample {sample.id!r} ({sample.where})"
             try:
-                expanded = self._expand(rendered[i], token_ids, offsets, 1 if sample.image else 0, label)
-                results[i] = self._cut_check(label, *expanded)
+                expanded = self._expand(rendered[i], token_ids, offsets, 1 if samples[i].image else 0, labels[i])
+                results[i] = self._cut_check(labels[i], *expanded)
             except QllavaError as exc:
                 results[i] = exc
         return results

@@ -143,9 +143,7 @@ def scan_file(data: DataFile, recipe, encoder, image_problem: Callable[[Path], s
                 usable.append(sample)
         for sample, encoded in zip(usable, encoder.encode_full_batch(usable)):
             if isinstance(encoded, QllavaError):
-                label = f"sample {sample.id!r} ({sample.where})"
-                # Template errors (the `plain` template's one turn) do not know which sample they are about.
-                scan.errors.append(str(encoded) if label in str(encoded) else f"{label}: {encoded}")
+                scan.errors.append(str(encoded))
             else:
                 _count(scan, sample, *encoded, encoder.max_length)
         bar.update(min(_BATCH, len(parsed) - start))
