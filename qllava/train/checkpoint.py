@@ -145,9 +145,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def run_dir_hint(path: Path) -> str | None:
     """When `path` is a run directory rather than a checkpoint: a message naming the checkpoints to pass."""
-    checkpoints = list_checkpoints(path)
-    if not ((path / "final").is_dir() or checkpoints or (path / "metrics.jsonl").is_file()):
+    if not _holds_run(path):
         return None
+    checkpoints = list_checkpoints(path)
     if (path / "final").is_dir():
         latest = f" (or the latest checkpoint, {checkpoints[-1]})" if checkpoints else ""
         return f"`{path}` is a run directory, not a checkpoint: pass its final checkpoint, {path / 'final'}{latest}"
@@ -200,16 +200,16 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
             raise QllavaError(_run_without_checkpoint(run_dir))
         return found[-1] if found else None
     if not resume:
+        if not _holds_run(run_dir):
+            return None
         if (run_dir / "final").is_dir():
             raise QllavaError(_finished_run(run_dir))
-        if _holds_run(run_dir) and not list_checkpoints(run_dir):
+        if not list_checkpoints(run_dir):
             raise QllavaError(_run_without_checkpoint(run_dir))
-        if _holds_run(run_dir):
-            raise QllavaError(
-                f"output.dir `{run_dir}` already holds a run; continue it with train.resume=auto or choose another "
-                "output.dir"
-            )
-        return None
+        raise QllavaError(
+            f"output.dir `{run_dir}` already holds a run; continue it with train.resume=auto or choose another "
+            "output.dir"
+        )
     path = Path(resume)
     if (run_dir / "final").is_dir():
         raise QllavaError(_finished_run(run_dir) + f"; to train on from {path}, choose a new output.dir")
