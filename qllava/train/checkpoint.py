@@ -225,6 +225,41 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
+def resume_point(recipe: Recipe, *, world_size: int, fsdp: bool) -> tuple[Path | None, TrainState]:
+    """(checkpoint to resume from or None, the state the run starts in), read before any model loads:
+    what output.dir holds and whether its checkpoint fits this launch need no model."""
+    launch = {
+        "world_size": world_size,
+        "fsdp": fsdp,
+        "micro_batch": recipe.train.micro_batch_size,
+        "length_bucket": recipe.data.length_bucket or recipe.train.grad_accum,  # as the sampler takes it
+    }
+    path = find_resume(recipe.train.resume, Path(recipe.output.dir))
+    return path, TrainState(**launch) if path is None else resumable_state(path, **launch)
+
+
+def _step_of(line: str) -> float:
+    """Step of a metrics.jsonl line; a line cut short by a killed run counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
+def prepare_run_dir(run_dir: Path, recipe: Recipe, step: int) -> Path:
+    """Create `run_dir` with its resolved recipe; return its metrics file, cut after `step` (main process only).
+
+    Lines logged after the checkpoint a run resumes from (by a run that went on and died) would repeat.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_recipe(recipe, run_dir / "recipe.yaml")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        kept = [line for line in metrics.read_text().split("\n") if _step_of(line) <= step]
+        metrics.write_text("".join(f"{line}\n" for line in kept))
+    return metrics
+
+
 def resumable_state(
     path: Path, *, world_size: int = 1, fsdp: bool = False, micro_batch: int = 0, length_bucket: int = 1
 ) -> TrainState:

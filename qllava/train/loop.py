@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import math
-import os
-import signal
-import sys
-import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -33,22 +29,23 @@ from qllava.data.templates import template_named_by
 from qllava.data.validate import datasets_from_recipe
 from qllava.errors import QllavaError
 from qllava.model.fingerprint import check_trained_on
-from qllava.model.load import check_base, describe, load_for_training, load_processor, resolve_attention, set_train_mode
-from qllava.model.precision import default_device, gpu_layout, precision_for
-from qllava.recipe import Recipe, dump_recipe, with_absolute_paths
+from qllava.model.load import check_base, describe, load_processor, resolve_attention, set_train_mode
+from qllava.model.precision import default_device, precision_for
+from qllava.recipe import Recipe, with_absolute_paths
 from qllava.train import fsdp
 from qllava.train.checkpoint import (
     TrainState,
-    find_resume,
     gather_rng_states,
-    load_training_state,
     load_weights,
-    resumable_state,
+    prepare_run_dir,
+    resume_point,
     rotate,
     save_checkpoint,
 )
+from qllava.train.interrupt import StopRequest, TrainingStopped
 from qllava.train.loss import forward_loss_sum, trained_tokens
-from qllava.train.optim import build_optimizer, build_scheduler, resolve_optimizer
+from qllava.train.metrics import MetricsLog, MetricsWindow, StepSums
+from qllava.train.parallel import DataParallel, parallelism_for
 
 
 def _loader(dataset, sampler, recipe: Recipe, pad_token_id: int, device: torch.device) -> DataLoader:
@@ -64,60 +61,6 @@ def _loader(dataset, sampler, recipe: Recipe, pad_token_id: int, device: torch.d
         persistent_workers=False,
         generator=torch.Generator().manual_seed(recipe.train.seed),
     )
-
-
-@dataclass
-class _Interval:
-    """Sums over the optimizer steps since the last metrics line."""
-
-    loss: float = 0.0
-    grad_norm: float = 0.0
-    steps: int = 0
-    empty_steps: int = 0
-    """Steps without a trained token in the whole global batch: skipped, no update."""
-    overflow_steps: int = 0
-    """fp16 only: steps whose loss-scaled gradients overflowed; the scaler skipped the update."""
-    tokens: int = 0
-    truncated: int = 0
-    start: float = field(default_factory=time.perf_counter)
-
-    def record(self, step: int, lrs: tuple[float | None, float | None], epoch: int) -> dict:
-        with_loss = self.steps - self.empty_steps
-        updated = with_loss - self.overflow_steps
-        record = {
-            "step": step,
-            "loss": self.loss / with_loss if with_loss else None,
-            "grad_norm": self.grad_norm / updated if updated else None,
-            "lr": lrs[0],
-            "projector_lr": lrs[1],
-            "tokens_per_s": self.tokens / (time.perf_counter() - self.start),
-            "truncated": self.truncated,
-            "empty_steps": self.empty_steps,
-            "epoch": epoch,
-        }
-        if self.overflow_steps:
-            record["overflow_steps"] = self.overflow_steps
-        return record
-
-    def sums(self) -> dict:
-        """The window so far, as a checkpoint keeps it: the sums and the seconds it has run."""
-        sums = {name: value for name, value in asdict(self).items() if name != "start"}
-        return sums | {"seconds": time.perf_counter() - self.start}
-
-    @classmethod
-    def resumed(cls, sums: dict) -> _Interval:
-        """The window a checkpoint kept (`sums`), continued; empty for checkpoints written before they kept it."""
-        sums = dict(sums)
-        seconds = sums.pop("seconds", 0.0)
-        return cls(**sums, start=time.perf_counter() - seconds)
-
-
-def _step_of(line: str) -> float:
-    """Step of a metrics.jsonl line; a line cut short by a killed run counts as after any checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return float("inf")
 
 
 def _group_lrs(optimizer) -> tuple[float | None, float | None]:
@@ -182,44 +125,6 @@ def evaluate(
     return (total / tokens).item() if tokens.item() else None  # None: every eval reply cut by data.max_length
 
 
-class TrainingStopped(KeyboardInterrupt):
-    """The user's Ctrl-C stopped the run after it wrote a checkpoint: an interrupt, not an error
-    (the CLI prints the message, which says how to continue, and exits 130 like any interrupt)."""
-
-
-class _StopRequest:
-    """First Ctrl-C asks the loop to checkpoint and stop at the next step boundary; a second one aborts."""
-
-    def __init__(self, announce: bool = True) -> None:
-        self.requested = False
-        self.requested_at = 0.0
-        self.announce = announce  # every process gets the terminal's Ctrl-C; one says so
-
-    def __enter__(self):
-        self._pid = os.getpid()
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        # Dataloader workers are forked with this handler and get the terminal's Ctrl-C too: they go on
-        # serving batches, and the training process alone stops (and says so once).
-        if os.getpid() != self._pid:
-            return
-        # Launchers forward the terminal's Ctrl-C, so one press can arrive twice within a moment.
-        if self.requested and time.monotonic() - self.requested_at > 1.0:
-            raise KeyboardInterrupt
-        if self.requested:
-            return
-        self.requested, self.requested_at = True, time.monotonic()
-        if self.announce:
-            print(
-                "\nqllava: stopping after this step and writing a checkpoint (Ctrl-C again to abort)", file=sys.stderr
-            )
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous)
-
-
 def make_accelerator(recipe: Recipe, out: Path, trackers: str | None = None) -> Accelerator:
     fsdp.refuse_deepspeed()
     device = default_device()
@@ -250,54 +155,168 @@ def make_accelerator(recipe: Recipe, out: Path, trackers: str | None = None) -> 
     return accelerator
 
 
-def train(recipe: Recipe, *, progress: bool = True) -> Path:
-    """Run a recipe; return the `final/` adapter directory."""
-    from qllava.demo import resolve_demo_paths
+def _windows(sampler: GroupedSampler, loader: DataLoader, state: TrainState, accum: int) -> Iterator[list[dict]]:
+    """Accumulation windows of micro-batches from the position `state` records; a window never spans two epochs."""
+    while True:
+        sampler.set_epoch(state.epoch, skip=state.consumed)
+        batches = iter(loader)
+        for _ in range(len(sampler) // loader.batch_size // accum):
+            yield [next(batches) for _ in range(accum)]
+        state.epoch, state.consumed = state.epoch + 1, 0
 
-    recipe = with_absolute_paths(resolve_demo_paths(recipe))  # the saved recipes work from any directory
-    out = Path(recipe.output.dir)
-    trackers = "tensorboard" if importlib.util.find_spec("tensorboard") else None
-    accelerator = make_accelerator(recipe, out, trackers)
-    device, main = accelerator.device, accelerator.is_main_process
-    say = accelerator.print
-    set_seed(recipe.train.seed)
 
-    # --- setup: model, data, optimizer ---
-    sharded = fsdp.enabled(accelerator)
-    if sharded:
-        fsdp.check(accelerator.state.fsdp_plugin, recipe)
-    # What output.dir holds and whether its checkpoint fits this launch need no model: checked before
-    # the minutes a large base takes to load.
-    order = {
-        "micro_batch": recipe.train.micro_batch_size,
-        "length_bucket": recipe.data.length_bucket or recipe.train.grad_accum,
-    }
-    state = TrainState(world_size=accelerator.num_processes, fsdp=sharded, **order)
-    resume_from = find_resume(recipe.train.resume, out)
-    if resume_from is not None:
-        state = resumable_state(resume_from, world_size=accelerator.num_processes, fsdp=sharded, **order)
-    optimizer_name = resolve_optimizer(recipe.optim.name, device, sharded)
-    if sharded and recipe.optim.name == "auto" and gpu_layout(device):
-        optimizer_name += " (auto under FSDP: 8-bit optimizer states do not shard)"
-    # Data first: a problem in it is reported before the weights take minutes to load.
-    processor = load_processor(check_base(recipe.model.base))
-    if resume_from is not None:
-        check_trained_on(
-            resume_from,
-            recipe.model.base,
-            remedy="resume with the model.base it was trained on, or start a new output.dir",
-        )
-    train_set, eval_set = datasets_from_recipe(
-        recipe, processor, AutoConfig.from_pretrained(recipe.model.base), warn=say
-    )
-    model, _ = load_for_training(recipe, device, fsdp=sharded)
-    dtype = precision_for(device, recipe.train.mixed_precision).dtype
-    say(
-        f"qllava: {recipe.model.base} on {device}, LLM in {recipe.model.bits}-bit, "
-        f"attention {resolve_attention(recipe.model.attention, device)}, "
-        f"optimizer {optimizer_name}, "
-        f"{str(dtype).replace('torch.', '')} base, mixed precision {accelerator.mixed_precision}\n{describe(model)}"
-    )
+@dataclass
+class _StepOutcome:
+    sums: StepSums
+    """Summed over the processes."""
+    trained_tokens: int
+    """Tokens that carry loss in the whole global batch."""
+    lrs: tuple[float | None, float | None]
+    """The rates the step used (the scheduler moves them after it)."""
+    empty: bool = False
+    overflow: bool = False
+
+
+@dataclass
+class _Run:
+    """What setup built; every optimizer step, evaluation and checkpoint works on it."""
+
+    recipe: Recipe
+    accelerator: Accelerator
+    parallel: DataParallel
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    processor: object
+    state: TrainState
+    dtype: torch.dtype
+    eval_loader: DataLoader | None
+    empty_steps: int = 0
+    """Steps of this launch without a trained token (each skipped)."""
+
+    def step(self, window: list[dict], stop_requested: bool) -> _StepOutcome:
+        """One optimizer step over an accumulation window, on every process."""
+        accelerator, device, model = self.accelerator, self.accelerator.device, self.model
+        outcome = _StepOutcome(StepSums(stop_requested=float(stop_requested)), 0, _group_lrs(self.optimizer))
+        local_tokens = sum(trained_tokens(b["labels"]) for b in window).to(device)
+        global_tokens = accelerator.reduce(local_tokens.clone(), "sum")
+        outcome.trained_tokens = global_tokens.item()
+        if outcome.trained_tokens == 0:  # the same on every process, so all skip together
+            # Nothing to learn from (every reply cut by data.max_length): a zero-gradient step would
+            # still move the weights through Adam's momentum and advance the schedule.
+            outcome.empty = True
+            self.empty_steps += 1
+            if self.empty_steps == 1:
+                accelerator.print(
+                    f"\nqllava: warning: step {self.state.step + 1} has no trained token in its batch (replies cut "
+                    f"by data.max_length={self.recipe.data.max_length}?); such steps are skipped without an "
+                    "update and counted as empty_steps in metrics.jsonl (the schedule waits for them)"
+                )
+        else:
+            # DDP averages gradients over processes, so each scales by world_size / global tokens.
+            scale = accelerator.num_processes / global_tokens
+            step_loss = torch.zeros((), device=device)
+            for i, batch in enumerate(window):
+                sync = contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(model)
+                with sync:
+                    micro_loss = _forward_loss(model, batch, device, self.dtype, self.parallel.loss_chunk_size)
+                    accelerator.backward(micro_loss * scale)
+                step_loss += micro_loss.detach()
+            self.parallel.after_backward()
+            # The norm before clipping (the same on every process: gradients are already reduced).
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.recipe.optim.max_grad_norm or math.inf)
+            self.optimizer.step()
+            if accelerator.optimizer_step_was_skipped:
+                # fp16: the loss scaler found inf/nan gradients (on every process alike, after the
+                # all-reduce), skipped the update and lowered the scale; the schedule waits too.
+                outcome.overflow = True
+                grad_norm = torch.zeros((), device=device)
+            else:
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            outcome.sums.loss = step_loss
+            outcome.sums.tokens = sum(b["attention_mask"].sum() for b in window)
+            outcome.sums.grad_norm = grad_norm / accelerator.num_processes
+        outcome.sums.truncated = sum(b["truncated"] for b in window)
+        outcome.sums = outcome.sums.over_processes(accelerator)
+        self.state.step += 1
+        self.state.consumed += self.recipe.train.micro_batch_size * len(window)
+        return outcome
+
+    def eval_due(self) -> bool:
+        every = self.recipe.train.eval_every
+        return self.eval_loader is not None and bool(every) and self.state.step % every == 0
+
+    def evaluate(self, progress: bool) -> float | None:
+        model, plan = self.parallel.eval_plan(self.model, self.eval_loader)
+        return evaluate(model, self.eval_loader, self.accelerator, self.dtype, progress=progress, **plan)
+
+    def save(self, path: Path, log_window: dict, with_optimizer: bool = True) -> None:
+        """Write checkpoint `path` (every process calls it); `log_window`: the metrics line in progress."""
+        accelerator = self.accelerator
+        # Collectives first, on every process: RNG states, and under FSDP the sharded weights and optimizer.
+        rng_states = gather_rng_states(accelerator) if with_optimizer else None
+        self.state.log_window = log_window
+        weights, optimizer_state = self.parallel.gather_for_save(self.model, self.optimizer, with_optimizer)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_checkpoint(
+                path,
+                model=accelerator.unwrap_model(self.model),
+                processor=self.processor,
+                recipe=self.recipe,
+                state=self.state,
+                optimizer=self.optimizer if with_optimizer else None,
+                scheduler=self.scheduler,
+                rng_states=rng_states,
+                weights=weights,
+                optimizer_state=optimizer_state,
+                scaler=accelerator.scaler if with_optimizer else None,
+            )
+        accelerator.wait_for_everyone()  # no process exits (and takes the others down) mid-write
+
+
+class _Progress:
+    """What the run shows and keeps: the progress bar and the metrics lines."""
+
+    def __init__(self, log: MetricsLog, recipe: Recipe, state: TrainState, total_steps: int, shown: bool) -> None:
+        self.log, self.recipe, self.total_steps = log, recipe, total_steps
+        self.bar = tqdm(total=total_steps, initial=state.step, disable=not shown, desc="train", unit="step")
+        self.postfix: dict[str, str] = {}
+        self.window = MetricsWindow.resumed(state.log_window)
+
+    def step_done(self, state: TrainState, outcome: _StepOutcome) -> None:
+        self.window.add(outcome.sums, outcome.trained_tokens, empty=outcome.empty, overflow=outcome.overflow)
+        if state.step % self.recipe.train.log_every == 0 or state.step == self.total_steps:
+            record = self.window.record(state.step, outcome.lrs, state.epoch)
+            self.log.write(record)
+            lr = record["lr"] if record["lr"] is not None else record["projector_lr"]  # stage 1: no LoRA
+            loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"
+            self.postfix.update(loss=loss, lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            # Samples cut by data.max_length in this line's steps: shown while they happen.
+            self.postfix.pop("trunc", None)
+            if record["truncated"]:
+                self.postfix["trunc"] = str(record["truncated"])
+            self.bar.set_postfix(self.postfix)
+            self.window = MetricsWindow()
+        self.bar.update(1)
+
+    def eval_done(self, step: int, loss: float | None, accelerator: Accelerator) -> None:
+        if loss is None:
+            accelerator.print(
+                "\nqllava: warning: no eval sample kept a trained token within "
+                f"data.max_length={self.recipe.data.max_length}: eval_loss is null"
+            )
+        else:
+            self.postfix["eval_loss"] = f"{loss:.4f}"
+            self.bar.set_postfix(self.postfix)
+            if accelerator.is_main_process:
+                tqdm.write(f"qllava: step {step}: eval_loss {loss:.4f}")
+        self.log.write({"step": step, "eval_loss": loss})
+
+
+def _train_batches(train_set, recipe: Recipe, accelerator: Accelerator, pad_id: int):
+    """(sampler, loader, optimizer steps per epoch) of this process's training micro-batches."""
     micro, accum = recipe.train.micro_batch_size, recipe.train.grad_accum
     sampler = GroupedSampler(
         train_set.modality_lengths(),
@@ -308,8 +327,6 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
         group_by_modality_length=recipe.data.group_by_modality_length,
         length_bucket=recipe.data.length_bucket or accum,
     )
-    pad_id = processor.tokenizer.pad_token_id
-    loader = _loader(train_set, sampler, recipe, pad_id, device)
     steps_per_epoch = len(sampler) // (micro * accum)
     if steps_per_epoch == 0:
         raise QllavaError(
@@ -317,6 +334,57 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             f"({micro} x {accum} x {accelerator.num_processes} processes); lower "
             "train.micro_batch_size or train.grad_accum"
         )
+    return sampler, _loader(train_set, sampler, recipe, pad_id, accelerator.device), steps_per_epoch
+
+
+def _eval_loader(eval_set, recipe: Recipe, accelerator: Accelerator, pad_id: int) -> DataLoader:
+    """This process's share of the eval samples (every num_processes-th one)."""
+    shard = list(range(accelerator.process_index, len(eval_set), accelerator.num_processes))
+    return _loader(eval_set, shard, recipe, pad_id, accelerator.device)
+
+
+def _warn_other_template(processor, recipe: Recipe, say) -> None:
+    built_for = template_named_by(getattr(processor, "chat_template", None))
+    if built_for and built_for != recipe.data.template and recipe.data.template != "plain":
+        say(
+            f"qllava: warning: the base's chat template is qllava's `{built_for}`, but data.template is "
+            f"`{recipe.data.template}`; set data.template={built_for} unless you mean to change it"
+        )
+
+
+def train(recipe: Recipe, *, progress: bool = True) -> Path:
+    """Run a recipe; return the `final/` adapter directory."""
+    from qllava.demo import resolve_demo_paths
+
+    recipe = with_absolute_paths(resolve_demo_paths(recipe))  # the saved recipes work from any directory
+    out, micro, accum = Path(recipe.output.dir), recipe.train.micro_batch_size, recipe.train.grad_accum
+    trackers = "tensorboard" if importlib.util.find_spec("tensorboard") else None
+    accelerator = make_accelerator(recipe, out, trackers)
+    device, main, say = accelerator.device, accelerator.is_main_process, accelerator.print
+    set_seed(recipe.train.seed)
+
+    # --- setup: the run directory, the data, then the model: problems surface before minutes of loading ---
+    parallel = parallelism_for(accelerator, recipe)
+    resume_from, state = resume_point(recipe, world_size=accelerator.num_processes, fsdp=parallel.sharded)
+    processor = load_processor(check_base(recipe.model.base))
+    if resume_from is not None:
+        check_trained_on(
+            resume_from,
+            recipe.model.base,
+            remedy="resume with the model.base it was trained on, or start a new output.dir",
+        )
+    train_set, eval_set = datasets_from_recipe(
+        recipe, processor, AutoConfig.from_pretrained(recipe.model.base), warn=say
+    )
+    model, _ = parallel.load_model()
+    dtype = precision_for(device, recipe.train.mixed_precision).dtype
+    say(
+        f"qllava: {recipe.model.base} on {device}, LLM in {recipe.model.bits}-bit, "
+        f"attention {resolve_attention(recipe.model.attention, device)}, optimizer {parallel.optimizer_name()}, "
+        f"{str(dtype).replace('torch.', '')} base, mixed precision {accelerator.mixed_precision}\n{describe(model)}"
+    )
+    pad_id = processor.tokenizer.pad_token_id
+    sampler, loader, steps_per_epoch = _train_batches(train_set, recipe, accelerator, pad_id)
     total_steps = recipe.train.max_steps or math.ceil(recipe.train.epochs * steps_per_epoch)
     processes = f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"
     say(
@@ -324,231 +392,53 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
         f"({micro} x {accum} accumulation x {processes}), {steps_per_epoch} steps per epoch, "
         f"training {total_steps} steps"
     )
-    built_for = template_named_by(getattr(processor, "chat_template", None))
-    if built_for and built_for != recipe.data.template and recipe.data.template != "plain":
-        say(
-            f"qllava: warning: the base's chat template is qllava's `{built_for}`, but data.template is "
-            f"`{recipe.data.template}`; set data.template={built_for} unless you mean to change it"
-        )
+    _warn_other_template(processor, recipe, say)
     if resume_from is not None:
         load_weights(resume_from, model)
-    replicated = []
-    if sharded:
-        # FSDP replaces the trainable parameters by flat ones: the optimizer is built on those.
-        model, replicated, sharding = fsdp.prepare(accelerator, model)
-        say(f"qllava: {sharding}")
-        optimizer = build_optimizer(model, recipe, device, fsdp=True)
-        scheduler = build_scheduler(optimizer, recipe, total_steps)
-        optimizer = accelerator.prepare(optimizer)
-    else:
-        optimizer = build_optimizer(model, recipe, device)
-        scheduler = build_scheduler(optimizer, recipe, total_steps)
-        model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, scheduler = parallel.prepare(model, total_steps)
     if resume_from is not None:
-        load_training_state(
-            resume_from,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            rank=accelerator.process_index,
-            load_optimizer=partial(fsdp.load_optimizer_state, model, optimizer.optimizer) if sharded else None,
-            scaler=accelerator.scaler,
-        )
+        parallel.restore(resume_from, model, optimizer, scheduler)
         say(f"qllava: resumed from {resume_from} at step {state.step}")
-    eval_loader = None
-    if eval_set is not None:
-        shard = list(range(accelerator.process_index, len(eval_set), accelerator.num_processes))
-        eval_loader = _loader(eval_set, shard, recipe, pad_id, device)
-        # Under FSDP all ranks run as many eval forwards as the one with the most samples.
-        eval_batches = math.ceil(math.ceil(len(eval_set) / accelerator.num_processes) / micro) if sharded else 0
-        eval_filler = (collate_packed if recipe.data.packing else collate)([eval_set[0]], pad_token_id=pad_id)
-    metrics = out / "metrics.jsonl"
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_recipe(recipe, out / "recipe.yaml")
-        if metrics.exists():
-            # Lines logged after the checkpoint (by a run that went on and died) would repeat.
-            kept = [ln for ln in metrics.read_text().split("\n") if _step_of(ln) <= state.step]
-            metrics.write_text("".join(f"{ln}\n" for ln in kept))
-        if trackers:
-            accelerator.init_trackers("qllava")
-
-    def save(path: Path, with_optimizer: bool = True) -> None:
-        # Collectives first, on every rank: RNG states, and under FSDP the sharded weights and optimizer.
-        rng_states = gather_rng_states(accelerator) if with_optimizer else None
-        state.log_window = interval.sums()
-        weights = fsdp.gather_trainable(model) if sharded else None
-        optimizer_state = fsdp.optimizer_state(model, optimizer.optimizer) if sharded and with_optimizer else None
-        accelerator.wait_for_everyone()
-        if main:
-            save_checkpoint(
-                path,
-                model=accelerator.unwrap_model(model),
-                processor=processor,
-                recipe=recipe,
-                state=state,
-                optimizer=optimizer if with_optimizer else None,
-                scheduler=scheduler,
-                rng_states=rng_states,
-                weights=weights,
-                optimizer_state=optimizer_state,
-                scaler=accelerator.scaler if with_optimizer else None,
-            )
-        accelerator.wait_for_everyone()  # no rank exits (and takes the others down) mid-write
-
-    def log(record: dict) -> None:
-        if main:
-            with open(metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if trackers:
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-
-    def log_eval() -> None:
-        # DDP: the unwrapped model, since DDP's forward would expect every rank to run the same batches.
-        # FSDP: the wrapped one (the unwrapped one holds only shards), with every rank running as many.
-        shown = main and progress
-        if sharded:
-            loss = evaluate(
-                model, eval_loader, accelerator, dtype, batches=eval_batches, filler=eval_filler, progress=shown
-            )
-        else:
-            loss = evaluate(
-                accelerator.unwrap_model(model), eval_loader, accelerator, dtype, chunk_size=chunk_size, progress=shown
-            )
-        if loss is None:
-            say(
-                "\nqllava: warning: no eval sample kept a trained token within "
-                f"data.max_length={recipe.data.max_length}: eval_loss is null"
-            )
-        else:
-            postfix["eval_loss"] = f"{loss:.4f}"
-            bar.set_postfix(postfix)
-            if main:
-                tqdm.write(f"qllava: step {state.step}: eval_loss {loss:.4f}")
-        log({"step": state.step, "eval_loss": loss})
-
-    def eval_due() -> bool:
-        return eval_loader is not None and bool(recipe.train.eval_every) and state.step % recipe.train.eval_every == 0
-
-    def windows():
-        """Accumulation windows of micro-batches; a window never spans two epochs."""
-        while True:
-            sampler.set_epoch(state.epoch, skip=state.consumed)
-            batches = iter(loader)
-            for _ in range(len(sampler) // micro // accum):
-                yield [next(batches) for _ in range(accum)]
-            state.epoch, state.consumed = state.epoch + 1, 0
-
-    # FSDP shards lm_head, whose weight the chunked loss reads outside the forward.
-    chunk_size = 0 if sharded else recipe.train.loss_chunk_size
+    eval_loader = None if eval_set is None else _eval_loader(eval_set, recipe, accelerator, pad_id)
+    metrics = prepare_run_dir(out, recipe, state.step) if main else out / "metrics.jsonl"
+    if main and trackers:
+        accelerator.init_trackers("qllava")
+    run = _Run(recipe, accelerator, parallel, model, optimizer, scheduler, processor, state, dtype, eval_loader)
+    shown = _Progress(MetricsLog(metrics, accelerator, trackers), recipe, state, total_steps, main and progress)
 
     # --- train ---
     set_train_mode(model)
-    bar = tqdm(total=total_steps, initial=state.step, disable=not (main and progress), desc="train", unit="step")
-    postfix: dict[str, str] = {}
-    interval = _Interval.resumed(state.log_window)
-    stream = windows()
-    first_step, empty_total = state.step, 0
-    with _StopRequest(announce=main) as stop:
+    windows, first_step = _windows(sampler, loader, state, accum), state.step
+    with StopRequest(announce=main) as stop:
         while state.step < total_steps:
-            window = next(stream)
-            local_tokens = sum(trained_tokens(b["labels"]) for b in window).to(device)
-            global_tokens = accelerator.reduce(local_tokens.clone(), "sum")
-            step_loss = torch.zeros((), device=device)
-            grad_norm = torch.zeros((), device=device)
-            lrs = _group_lrs(optimizer)  # the rates this step uses: the scheduler moves them after it
-            empty = global_tokens.item() == 0  # the same on every rank, so all skip together
-            if empty:
-                # Nothing to learn from (every reply cut by data.max_length): a zero-gradient step would
-                # still move the weights through Adam's momentum and advance the schedule.
-                interval.empty_steps += 1
-                empty_total += 1
-                if empty_total == 1:
-                    say(
-                        f"\nqllava: warning: step {state.step + 1} has no trained token in its batch (replies cut "
-                        f"by data.max_length={recipe.data.max_length}?); such steps are skipped without an "
-                        "update and counted as empty_steps in metrics.jsonl (the schedule waits for them)"
-                    )
-            else:
-                # DDP averages gradients over ranks, so each rank scales by world_size / global tokens.
-                scale = accelerator.num_processes / global_tokens
-                for i, batch in enumerate(window):
-                    sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model)
-                    with sync:
-                        micro_loss = _forward_loss(model, batch, device, dtype, chunk_size)
-                        accelerator.backward(micro_loss * scale)
-                    step_loss += micro_loss.detach()
-                fsdp.average_replicated_grads(replicated, accelerator.num_processes)  # FSDP: the projector
-                # The norm before clipping (the same on every rank: gradients are already reduced).
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm or math.inf)
-                optimizer.step()
-                if accelerator.optimizer_step_was_skipped:
-                    # fp16: the loss scaler found inf/nan gradients (on every rank alike, after the
-                    # all-reduce), skipped the update and lowered the scale; the schedule waits too.
-                    interval.overflow_steps += 1
-                    grad_norm = torch.zeros((), device=device)
-                else:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.consumed += micro * accum
-
-            # One all-reduce and one host sync per step for everything logged, and the Ctrl-C flag:
-            # every rank must take the same branch below, whichever of them saw the Ctrl-C.
-            local = [
-                step_loss,
-                0 if empty else sum(b["attention_mask"].sum() for b in window),  # tokens that ran
-                sum(b["truncated"] for b in window),
-                int(stop.requested),
-                grad_norm / accelerator.num_processes,
-            ]
-            summed = accelerator.reduce(
-                torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device) for x in local]), "sum"
-            ).tolist()
-            interval.loss += summed[0] / max(global_tokens.item(), 1)
-            interval.steps += 1
-            interval.tokens += int(summed[1])
-            interval.truncated += int(summed[2])
-            stopping = summed[3] > 0
-            interval.grad_norm += summed[4]
-            if state.step % recipe.train.log_every == 0 or state.step == total_steps:
-                record = interval.record(state.step, lrs, state.epoch)
-                log(record)
-                lr = record["lr"] if record["lr"] is not None else record["projector_lr"]  # stage 1: no LoRA
-                loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"
-                postfix.update(loss=loss, lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                # Samples cut by data.max_length in this line's steps: shown while they happen.
-                postfix.pop("trunc", None)
-                if record["truncated"]:
-                    postfix["trunc"] = str(record["truncated"])
-                bar.set_postfix(postfix)
-                interval = _Interval()
-            bar.update(1)
-            if eval_due():
-                log_eval()
-            if stopping or (
-                recipe.train.save_every and state.step % recipe.train.save_every == 0 and state.step < total_steps
-            ):
-                save(out / f"checkpoint-{state.step}")
+            outcome = run.step(next(windows), stop.requested)
+            shown.step_done(state, outcome)
+            if run.eval_due():
+                shown.eval_done(state.step, run.evaluate(main and progress), accelerator)
+            stopping = outcome.sums.stop_requested > 0  # on every process, whichever saw the Ctrl-C
+            save_every = recipe.train.save_every
+            if stopping or (save_every and state.step % save_every == 0 and state.step < total_steps):
+                run.save(out / f"checkpoint-{state.step}", shown.window.sums())
                 if main:
                     rotate(out, recipe.train.keep_last)
             if stopping:
-                bar.close()
+                shown.bar.close()
                 raise TrainingStopped(
                     f"interrupted at step {state.step}: wrote {out / f'checkpoint-{state.step}'}; "
                     "continue with train.resume=auto"
                 )
-    bar.close()
-    if empty_total and empty_total == state.step - first_step:  # 0 == 0: resumed at the last step
+    shown.bar.close()
+    if run.empty_steps and run.empty_steps == state.step - first_step:  # 0 == 0: resumed at the last step
         raise QllavaError(
-            f"none of the {empty_total} steps had a token that carries loss: every reply was cut by "
+            f"none of the {run.empty_steps} steps had a token that carries loss: every reply was cut by "
             f"data.max_length={recipe.data.max_length}; raise it (`qllava data check` shows the sample lengths). "
             "Nothing was written to final/"
         )
 
-    # --- save ---
-    if eval_loader is not None and not eval_due():  # the last step's evaluation, unless it just ran
-        log_eval()
-    save(out / "final", with_optimizer=False)
+    # --- finish ---
+    if eval_loader is not None and not run.eval_due():  # the last step's evaluation, unless it just ran
+        shown.eval_done(state.step, run.evaluate(main and progress), accelerator)
+    run.save(out / "final", shown.window.sums(), with_optimizer=False)
     accelerator.end_training()
     say(f"qllava: done; {'adapter and projector' if recipe.lora.enabled else 'projector'} in {out / 'final'}")
     return out / "final"
