@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -59,7 +60,13 @@ class TrainState:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors, numbers and tuples: what `torch.load(weights_only=True)` reads."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -67,7 +74,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -306,14 +314,37 @@ def load_training_state(path: Path, *, optimizer, scheduler, rank: int = 0, load
 
     `load_optimizer(state)` replaces `optimizer.load_state_dict` (FSDP shards a full state).
     """
-    # CPU first: tensors saved by rank 0 would otherwise all land on its GPU in every process.
-    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    (load_optimizer or optimizer.load_state_dict)(optimizer_state)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+    (load_optimizer or optimizer.load_state_dict)(load_plain(path / "optimizer.pt"))
+    scheduler.load_state_dict(load_plain(path / "scheduler.pt"))
     if scaler is not None and (path / SCALER_FILE).is_file():
         scaler.load_state_dict(json.loads((path / SCALER_FILE).read_text()))
-    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
+    rng = load_plain(path / "rng.pt", allow=_NUMPY_ARRAY)
     _set_rng_state(rng[rank] if isinstance(rng, list) else rng)  # a dict: written before per-process states
+
+
+# What unpickles a numpy array and nothing else: rng.pt of checkpoints written before the RNG states
+# were kept as tensors holds numpy's generator state as an array.
+_NUMPY_ARRAY = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_plain(path: Path, allow: list | None = None):
+    """A torch file of tensors, numbers, strings and containers, on the CPU; anything else is refused.
+
+    Unpickling an arbitrary object can run any code, so a checkpoint from someone else could take over
+    the machine on resume: `weights_only=True` reads only plain data (and the classes in `allow`).
+    """
+    try:
+        with torch.serialization.safe_globals(allow or []):
+            # CPU first: tensors saved by rank 0 would otherwise all land on its GPU in every process.
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch names what it refused: "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose ...".
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        raise QllavaError(
+            f"{path} holds Python objects besides tensors and numbers{f' ({found[1]})' if found else ''}; "
+            "loading them could run code, so qllava refuses. A checkpoint qllava wrote never does: was this "
+            "file replaced or written by another program? Resume from a checkpoint you trust"
+        ) from None
 
 
 def _load_adapter(path: Path, model) -> None:
