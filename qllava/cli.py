@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except QllavaError as exc:
+        if os.environ.get("QLLAVA_DEBUG") == "1":  # the traceback, for a bug report
+            raise
         message = str(exc)
         if "Original Traceback" in message:  # re-raised from a dataloader worker: keep its own message
             message = message.rstrip().splitlines()[-1].split("QllavaError: ", 1)[-1]

@@ -122,6 +122,16 @@ class DataSection:
     num_workers: int = 2
     """Dataloader worker processes that decode images; 0 decodes in the training process."""
 
+    on_bad_sample: str = "stop"
+    """What training does with an image that cannot be read when its batch comes (deleted, truncated,
+    no permission since the start-up check): `stop` writes a checkpoint at the last completed step and
+    exits naming the sample and the resume command; `skip` leaves the sample out of its step, lists it
+    in bad_samples.jsonl in output.dir and counts it as `skipped` in metrics.jsonl."""
+
+    max_bad_fraction: float = 0.01
+    """With on_bad_sample=skip: the run stops as `stop` does once more than this fraction of the samples
+    drawn so far were skipped (a single bad sample never stops it)."""
+
 
 @dataclass
 class OptimSection:
@@ -193,6 +203,11 @@ class TrainSection:
     keep_last: int = 2
     """Checkpoints kept; older ones are deleted."""
 
+    max_nonfinite_steps: int = 3
+    """A step whose loss or gradient norm is NaN or inf is skipped (no update, the schedule waits) and
+    counted as `nonfinite_steps` in metrics.jsonl; after this many in a row the run stops with a
+    checkpoint that holds the weights of the last finite step."""
+
 
 @dataclass
 class OutputSection:
@@ -221,6 +236,7 @@ CHOICES = {
     "optim.name": ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("auto", "bf16", "fp16", "no"),
+    "data.on_bad_sample": ("stop", "skip"),
 }
 POSITIVE = (
     "lora.r",
@@ -231,6 +247,7 @@ POSITIVE = (
     "train.grad_accum",
     "train.log_every",
     "train.keep_last",
+    "train.max_nonfinite_steps",
     "optim.lr",
 )
 NON_NEGATIVE = (
@@ -240,6 +257,7 @@ NON_NEGATIVE = (
     "train.eval_every",
     "train.save_every",
     "data.num_workers",
+    "data.max_bad_fraction",
     "optim.projector_lr",
     "optim.weight_decay",
     "optim.max_grad_norm",

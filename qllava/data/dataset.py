@@ -258,7 +258,12 @@ class LlavaDataset(Dataset):
             try:
                 item["pixel_values"] = load_image(path, self.image_aspect, self.image_processor)
             except Exception as exc:  # PIL raises many types for corrupt files
-                raise QllavaError(f"sample {sample.id!r} ({sample.where}): cannot read image {path}: {exc}") from None
+                raise UnreadableImage(
+                    f"sample {sample.id!r} ({sample.where}): cannot read image {path}: {exc}",
+                    sample.id,
+                    path,
+                    f"{type(exc).__name__}: {exc}",
+                ) from None
         return item
 
     def modality_lengths(self) -> list[int]:
@@ -268,6 +273,18 @@ class LlavaDataset(Dataset):
             words = sum(len(text.split()) for _, text in s.turns)
             lengths.append(words + self.encoder.image_tokens if s.image else -words)
         return lengths
+
+
+class UnreadableImage(QllavaError):
+    """A sample's image could not be read when the sample was drawn (it passed the start-up check).
+
+    Constructible from the message alone: a dataloader worker's exception is re-raised in the
+    training process as `type(exc)(message)`.
+    """
+
+    def __init__(self, message: str, sample_id=None, path: Path | None = None, cause: str = "") -> None:
+        super().__init__(message)
+        self.sample_id, self.path, self.cause = sample_id, str(path), cause
 
 
 def collate(items: list[dict], pad_token_id: int) -> dict:

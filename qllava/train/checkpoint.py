@@ -54,6 +54,8 @@ class TrainState:
     length_bucket: int = 1
     """The sampler's length bucket (1 in checkpoints written before it existed). With
     world_size and micro_batch it fixes the epoch's order, which `consumed` counts into."""
+    skipped_samples: int = 0
+    """Samples left out so far because their image could not be read (data.on_bad_sample=skip)."""
     log_window: dict = field(default_factory=dict)
     """The sums of the metrics line in progress (steps since the last logged line), so that the
     resumed run's next line averages the same steps as the uninterrupted run's."""
@@ -255,17 +257,18 @@ def _step_of(line: str) -> float:
 
 
 def prepare_run_dir(run_dir: Path, recipe: Recipe, step: int) -> Path:
-    """Create `run_dir` with its resolved recipe; return its metrics file, cut after `step` (main process only).
+    """Create `run_dir` with its resolved recipe; return its metrics file (main process only).
 
-    Lines logged after the checkpoint a run resumes from (by a run that went on and died) would repeat.
+    The logs are cut after `step`: lines logged after the checkpoint a run resumes from (by a run that
+    went on and died) would repeat.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, run_dir / "recipe.yaml")
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        kept = [line for line in metrics.read_text().split("\n") if _step_of(line) <= step]
-        metrics.write_text("".join(f"{line}\n" for line in kept))
-    return metrics
+    for log in ("metrics.jsonl", "bad_samples.jsonl"):
+        if (run_dir / log).exists():
+            kept = [line for line in (run_dir / log).read_text().split("\n") if _step_of(line) <= step]
+            (run_dir / log).write_text("".join(f"{line}\n" for line in kept))
+    return run_dir / "metrics.jsonl"
 
 
 def resumable_state(
@@ -279,7 +282,10 @@ def resumable_state(
             f"number (this run has {world_size}), since the data position and RNG states are per process"
         )
     recorded = (state.micro_batch or micro_batch, state.length_bucket)
-    if recorded != (micro_batch, length_bucket):
+    # A micro-batch divided by k with length_bucket (and grad_accum) times k draws the same buckets,
+    # so each step trains the same samples in smaller pieces (`qllava.train.out_of_memory`).
+    smaller = recorded[0] % micro_batch == 0 and recorded[0] * recorded[1] == micro_batch * length_bucket
+    if recorded != (micro_batch, length_bucket) and not smaller:
         raise QllavaError(
             f"checkpoint {path} was written by a run that drew micro-batches of {recorded[0]} with "
             f"data.length_bucket {recorded[1]}, and this run uses {micro_batch} and {length_bucket}; the "

@@ -44,3 +44,9 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGINT, self._previous)
+
+
+class StopAtCheckpoint(Exception):
+    """A condition the run cannot train through (a bad sample under data.on_bad_sample=stop, too many
+    non-finite steps, memory): every process writes a checkpoint of the last completed step, then the run
+    ends with this message and the command that resumes it."""

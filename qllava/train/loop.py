@@ -7,6 +7,7 @@ with DDP or, from an FSDP accelerate config, FSDP (`qllava.train.fsdp`); DeepSpe
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import math
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from qllava.model.load import check_base, describe, load_processor, resolve_atte
 from qllava.model.precision import default_device, precision_for
 from qllava.recipe import Recipe, with_absolute_paths
 from qllava.train import fsdp
+from qllava.train.bad_samples import BadSamples, DrawnSamples, collate_drawn
 from qllava.train.checkpoint import (
     TrainState,
     gather_rng_states,
@@ -42,20 +44,28 @@ from qllava.train.checkpoint import (
     rotate,
     save_checkpoint,
 )
-from qllava.train.interrupt import StopRequest, TrainingStopped
+from qllava.train.interrupt import StopAtCheckpoint, StopRequest, TrainingStopped
 from qllava.train.loss import forward_loss_sum, trained_tokens
 from qllava.train.metrics import MetricsLog, MetricsWindow, StepSums
+from qllava.train.out_of_memory import out_of_memory_message
 from qllava.train.parallel import DataParallel, parallelism_for
 
 
-def _loader(dataset, sampler, recipe: Recipe, pad_token_id: int, device: torch.device) -> DataLoader:
-    """Batches of `recipe.train.micro_batch_size` in the sampler's order (train and eval alike)."""
+def _loader(dataset, sampler, recipe: Recipe, pad_token_id: int, device: torch.device, drawn=False) -> DataLoader:
+    """Batches of `recipe.train.micro_batch_size` in the sampler's order (train and eval alike).
+
+    `drawn`: for training, unreadable images reach the loop as records (`qllava.train.bad_samples`).
+    """
+    collate_fn = partial(collate_packed if recipe.data.packing else collate, pad_token_id=pad_token_id)
+    if drawn:
+        dataset = DrawnSamples(dataset)
+        collate_fn = partial(collate_drawn, collate=collate_fn.func, pad_token_id=pad_token_id)
     # A private generator keeps worker seeding from consuming the global RNG, so resume is exact.
     return DataLoader(
         dataset,
         batch_size=recipe.train.micro_batch_size,
         sampler=sampler,
-        collate_fn=partial(collate_packed if recipe.data.packing else collate, pad_token_id=pad_token_id),
+        collate_fn=collate_fn,
         num_workers=recipe.data.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
@@ -175,6 +185,9 @@ class _StepOutcome:
     """The rates the step used (the scheduler moves them after it)."""
     empty: bool = False
     overflow: bool = False
+    nonfinite: bool = False
+    skipped: int = 0
+    """Samples left out of the step: their image could not be read (over the processes)."""
 
 
 @dataclass
@@ -191,15 +204,28 @@ class _Run:
     state: TrainState
     dtype: torch.dtype
     eval_loader: DataLoader | None
+    bad_samples: BadSamples
     empty_steps: int = 0
     """Steps of this launch without a trained token (each skipped)."""
+    nonfinite_steps: int = 0
+    """Steps of this launch whose loss or gradient norm was NaN or inf (each skipped)."""
+    nonfinite_in_a_row: int = 0
 
     def step(self, window: list[dict], stop_requested: bool) -> _StepOutcome:
-        """One optimizer step over an accumulation window, on every process."""
+        """One optimizer step over an accumulation window, on every process.
+
+        Raises StopAtCheckpoint, on every process alike, where the run cannot go on: a sample that could
+        not be read (data.on_bad_sample), train.max_nonfinite_steps non-finite steps in a row, and, in one
+        process, running out of GPU memory.
+        """
         accelerator, device, model = self.accelerator, self.accelerator.device, self.model
         outcome = _StepOutcome(StepSums(stop_requested=float(stop_requested)), 0, _group_lrs(self.optimizer))
-        local_tokens = sum(trained_tokens(b["labels"]) for b in window).to(device)
-        global_tokens = accelerator.reduce(local_tokens.clone(), "sum")
+        local = torch.stack(
+            [sum(trained_tokens(b["labels"]) for b in window), torch.tensor(sum(len(b["unreadable"]) for b in window))]
+        )
+        global_tokens, unreadable = accelerator.reduce(local.to(device), "sum")
+        self.bad_samples.review(window, unreadable.item(), self.state)  # before the step: it may stop the run
+        outcome.skipped = unreadable.item()
         outcome.trained_tokens = global_tokens.item()
         if outcome.trained_tokens == 0:  # the same on every process, so all skip together
             # Nothing to learn from (every reply cut by data.max_length): a zero-gradient step would
@@ -213,26 +239,23 @@ class _Run:
                     "update and counted as empty_steps in metrics.jsonl (the schedule waits for them)"
                 )
         else:
-            # DDP averages gradients over processes, so each scales by world_size / global tokens.
-            scale = accelerator.num_processes / global_tokens
-            step_loss = torch.zeros((), device=device)
-            for i, batch in enumerate(window):
-                sync = contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(model)
-                with sync:
-                    micro_loss = _forward_loss(model, batch, device, self.dtype, self.parallel.loss_chunk_size)
-                    accelerator.backward(micro_loss * scale)
-                step_loss += micro_loss.detach()
+            step_loss = self._backward(window, global_tokens)
             self.parallel.after_backward()
             # The norm before clipping (the same on every process: gradients are already reduced).
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.recipe.optim.max_grad_norm or math.inf)
-            self.optimizer.step()
-            if accelerator.optimizer_step_was_skipped:
-                # fp16: the loss scaler found inf/nan gradients (on every process alike, after the
-                # all-reduce), skipped the update and lowered the scale; the schedule waits too.
-                outcome.overflow = True
+            if self._nonfinite(step_loss, grad_norm):
+                outcome.nonfinite = True  # no update: the weights stay those of the last finite step
                 grad_norm = torch.zeros((), device=device)
             else:
-                self.scheduler.step()
+                self.nonfinite_in_a_row = 0
+                self.optimizer.step()
+                if accelerator.optimizer_step_was_skipped:
+                    # fp16: the loss scaler found inf/nan gradients (on every process alike, after the
+                    # all-reduce), skipped the update and lowered the scale; the schedule waits too.
+                    outcome.overflow = True
+                    grad_norm = torch.zeros((), device=device)
+                else:
+                    self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             outcome.sums.loss = step_loss
             outcome.sums.tokens = sum(b["attention_mask"].sum() for b in window)
@@ -241,7 +264,65 @@ class _Run:
         outcome.sums = outcome.sums.over_processes(accelerator)
         self.state.step += 1
         self.state.consumed += self.recipe.train.micro_batch_size * len(window)
+        if self.nonfinite_in_a_row >= self.recipe.train.max_nonfinite_steps:
+            raise StopAtCheckpoint(self._nonfinite_message())
         return outcome
+
+    def _backward(self, window: list[dict], global_tokens: torch.Tensor) -> torch.Tensor:
+        """Forward and backward over the window's micro-batches; their summed loss (this process's)."""
+        accelerator, device, model = self.accelerator, self.accelerator.device, self.model
+        # DDP averages gradients over processes, so each scales by world_size / global tokens.
+        scale = accelerator.num_processes / global_tokens
+        step_loss = torch.zeros((), device=device)
+        failed = None
+        try:
+            for i, batch in enumerate(window):
+                sync = contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(model)
+                with sync:
+                    micro_loss = _forward_loss(model, batch, device, self.dtype, self.parallel.loss_chunk_size)
+                    accelerator.backward(micro_loss * scale)
+                step_loss += micro_loss.detach()
+        except torch.cuda.OutOfMemoryError:
+            failed = batch
+        if failed is None:
+            return step_loss
+        # Out of the except block, so that its traceback no longer holds the step's activations.
+        micro_loss = step_loss = None
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        message = out_of_memory_message(self.recipe, self.state.step + 1, failed, self.accelerator)
+        if accelerator.num_processes > 1:  # the other processes wait in a collective: no checkpoint now
+            raise QllavaError(message)
+        raise StopAtCheckpoint(message)
+
+    def _nonfinite(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether the step's loss or gradient norm is NaN/inf on any process (all get the same answer)."""
+        finite = torch.isfinite(step_loss)
+        if self.accelerator.scaler is None:  # fp16: inf gradients are the loss scaler's to handle
+            finite &= torch.isfinite(grad_norm)
+        nonfinite = self.accelerator.reduce((~finite).to(torch.int64), "sum").item() > 0
+        if nonfinite:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_steps += 1
+            if self.nonfinite_steps == 1:
+                self.accelerator.print(
+                    f"\nqllava: warning: step {self.state.step + 1}: the loss or gradient norm is not finite "
+                    "(NaN or inf); the step is skipped without an update and counted as nonfinite_steps in "
+                    f"metrics.jsonl; {self.recipe.train.max_nonfinite_steps} in a row stop the run"
+                )
+        return nonfinite
+
+    def _nonfinite_message(self) -> str:
+        last = self.state.step - self.nonfinite_in_a_row
+        optim = self.recipe.optim
+        return (
+            f"steps {last + 1}-{self.state.step}: the loss or gradient norm was NaN or inf "
+            f"{self.nonfinite_in_a_row} times in a row (train.max_nonfinite_steps); none of them updated the "
+            f"weights, so the checkpoint holds those of step {last}, the last finite one. Try a lower optim.lr "
+            f"(now {optim.lr:g}) or optim.max_grad_norm (now {optim.max_grad_norm:g}), and look at the samples "
+            "of these steps (`qllava data show`)"
+        )
 
     def eval_due(self) -> bool:
         every = self.recipe.train.eval_every
@@ -286,7 +367,14 @@ class _Progress:
         self.window = MetricsWindow.resumed(state.log_window)
 
     def step_done(self, state: TrainState, outcome: _StepOutcome) -> None:
-        self.window.add(outcome.sums, outcome.trained_tokens, empty=outcome.empty, overflow=outcome.overflow)
+        self.window.add(
+            outcome.sums,
+            outcome.trained_tokens,
+            empty=outcome.empty,
+            overflow=outcome.overflow,
+            nonfinite=outcome.nonfinite,
+            skipped=outcome.skipped,
+        )
         if state.step % self.recipe.train.log_every == 0 or state.step == self.total_steps:
             record = self.window.record(state.step, outcome.lrs, state.epoch)
             self.log.write(record)
@@ -334,7 +422,7 @@ def _train_batches(train_set, recipe: Recipe, accelerator: Accelerator, pad_id: 
             f"({micro} x {accum} x {accelerator.num_processes} processes); lower "
             "train.micro_batch_size or train.grad_accum"
         )
-    return sampler, _loader(train_set, sampler, recipe, pad_id, accelerator.device), steps_per_epoch
+    return sampler, _loader(train_set, sampler, recipe, pad_id, accelerator.device, drawn=True), steps_per_epoch
 
 
 def _eval_loader(eval_set, recipe: Recipe, accelerator: Accelerator, pad_id: int) -> DataLoader:
@@ -403,7 +491,10 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     metrics = prepare_run_dir(out, recipe, state.step) if main else out / "metrics.jsonl"
     if main and trackers:
         accelerator.init_trackers("qllava")
-    run = _Run(recipe, accelerator, parallel, model, optimizer, scheduler, processor, state, dtype, eval_loader)
+    bad_samples = BadSamples(recipe, out, accelerator)
+    run = _Run(
+        recipe, accelerator, parallel, model, optimizer, scheduler, processor, state, dtype, eval_loader, bad_samples
+    )
     shown = _Progress(MetricsLog(metrics, accelerator, trackers), recipe, state, total_steps, main and progress)
 
     # --- train ---
@@ -411,7 +502,15 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     windows, first_step = _windows(sampler, loader, state, accum), state.step
     with StopRequest(announce=main) as stop:
         while state.step < total_steps:
-            outcome = run.step(next(windows), stop.requested)
+            try:
+                outcome = run.step(next(windows), stop.requested)
+            except StopAtCheckpoint as reason:
+                checkpoint = out / f"checkpoint-{state.step}"
+                run.save(checkpoint, shown.window.sums())
+                shown.bar.close()
+                raise QllavaError(
+                    f"{reason}\nWrote {checkpoint}; continue with: qllava train {out / 'recipe.yaml'} train.resume=auto"
+                ) from None
             shown.step_done(state, outcome)
             if run.eval_due():
                 shown.eval_done(state.step, run.evaluate(main and progress), accelerator)

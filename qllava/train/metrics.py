@@ -49,22 +49,31 @@ class MetricsWindow:
     """Steps without a trained token in the whole global batch: skipped, no update."""
     overflow_steps: int = 0
     """fp16 only: steps whose loss-scaled gradients overflowed; the scaler skipped the update."""
+    nonfinite_steps: int = 0
+    """Steps whose loss or gradient norm was NaN or inf: skipped, no update."""
+    skipped: int = 0
+    """Samples left out because their image could not be read (data.on_bad_sample=skip)."""
     tokens: int = 0
     truncated: int = 0
     start: float = field(default_factory=time.perf_counter)
 
-    def add(self, sums: StepSums, trained_tokens: int, *, empty: bool, overflow: bool) -> None:
+    def add(
+        self, sums: StepSums, trained_tokens: int, *, empty: bool, overflow: bool, nonfinite: bool, skipped: int
+    ) -> None:
         """Add one step, whose `sums` are over the processes and whose global batch trained `trained_tokens`."""
-        self.loss += sums.loss / max(trained_tokens, 1)
+        if not nonfinite:  # its loss would turn the line's mean into NaN
+            self.loss += sums.loss / max(trained_tokens, 1)
         self.steps += 1
         self.empty_steps += int(empty)
         self.overflow_steps += int(overflow)
+        self.nonfinite_steps += int(nonfinite)
+        self.skipped += skipped
         self.tokens += int(sums.tokens)
         self.truncated += int(sums.truncated)
         self.grad_norm += sums.grad_norm
 
     def record(self, step: int, lrs: tuple[float | None, float | None], epoch: int) -> dict:
-        with_loss = self.steps - self.empty_steps
+        with_loss = self.steps - self.empty_steps - self.nonfinite_steps
         updated = with_loss - self.overflow_steps
         record = {
             "step": step,
@@ -75,6 +84,8 @@ class MetricsWindow:
             "tokens_per_s": self.tokens / (time.perf_counter() - self.start),
             "truncated": self.truncated,
             "empty_steps": self.empty_steps,
+            "nonfinite_steps": self.nonfinite_steps,
+            "skipped": self.skipped,
             "epoch": epoch,
         }
         if self.overflow_steps:
