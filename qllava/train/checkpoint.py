@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import PeftModel, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from qllava.data.images import processor_to_save
@@ -113,6 +114,40 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    try:
+        _write_checkpoint(
+            tmp, model, processor, recipe, state, optimizer, scheduler, rng_states, weights, optimizer_state, scaler
+        )
+    # A full disk, a quota, a vanished network mount: torch.save reports a failed write as a RuntimeError,
+    # safetensors as its own error. Nothing half-written stays, and the older checkpoints are untouched.
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        written = _size(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(path.parent)
+        needed = max([written] + [_size(p) for p in previous[-1:]])
+        free = shutil.disk_usage(path.parent).free
+        kept = f"; {previous[-1]} is complete and resumes (train.resume=auto)" if previous else ""
+        raise QllavaError(
+            f"could not write {path} ({_first_line(exc)}). A checkpoint needs about {needed / 1e6:.0f} MB and "
+            f"{free / 1e6:.0f} MB are free there{kept}. Free some space (or set train.keep_last lower), then resume"
+        ) from None
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()) if directory.is_dir() else 0
+
+
+def _write_checkpoint(
+    tmp, model, processor, recipe, state, optimizer, scheduler, rng_states, weights, optimizer_state, scaler
+) -> None:
     if isinstance(model, PeftModel):
         model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         if weights is not None:  # FSDP: peft's keys keep the names of the nested FSDP units
@@ -130,10 +165,6 @@ def save_checkpoint(
         if scaler is not None:  # fp16: the loss scale and its growth counter (plain numbers)
             (tmp / SCALER_FILE).write_text(json.dumps(scaler.state_dict()))
     give_weights_the_umask_mode(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
-    return path
 
 
 def give_weights_the_umask_mode(directory: Path) -> None:

@@ -332,6 +332,14 @@ class _Run:
         model, plan = self.parallel.eval_plan(self.model, self.eval_loader)
         return evaluate(model, self.eval_loader, self.accelerator, self.dtype, progress=progress, **plan)
 
+    def checkpoint(self, log_window: dict) -> Path:
+        """Write checkpoint-STEP of the last completed step and drop the ones beyond train.keep_last."""
+        path = Path(self.recipe.output.dir) / f"checkpoint-{self.state.step}"
+        self.save(path, log_window)
+        if self.accelerator.is_main_process:
+            rotate(path.parent, self.recipe.train.keep_last)
+        return path
+
     def save(self, path: Path, log_window: dict, with_optimizer: bool = True) -> None:
         """Write checkpoint `path` (every process calls it); `log_window`: the metrics line in progress."""
         accelerator = self.accelerator
@@ -500,14 +508,13 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     # --- train ---
     set_train_mode(model)
     windows, first_step = _windows(sampler, loader, state, accum), state.step
-    with StopRequest(announce=main) as stop:
+    # The bar closes however the loop ends, so that a message after it starts on its own line.
+    with StopRequest(announce=main) as stop, shown.bar:
         while state.step < total_steps:
             try:
                 outcome = run.step(next(windows), stop.requested)
             except StopAtCheckpoint as reason:
-                checkpoint = out / f"checkpoint-{state.step}"
-                run.save(checkpoint, shown.window.sums())
-                shown.bar.close()
+                checkpoint = run.checkpoint(shown.window.sums())
                 raise QllavaError(
                     f"{reason}\nWrote {checkpoint}; continue with: qllava train {out / 'recipe.yaml'} train.resume=auto"
                 ) from None
@@ -517,16 +524,11 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             stopping = outcome.sums.stop_requested > 0  # on every process, whichever saw the Ctrl-C
             save_every = recipe.train.save_every
             if stopping or (save_every and state.step % save_every == 0 and state.step < total_steps):
-                run.save(out / f"checkpoint-{state.step}", shown.window.sums())
-                if main:
-                    rotate(out, recipe.train.keep_last)
+                checkpoint = run.checkpoint(shown.window.sums())
             if stopping:
-                shown.bar.close()
                 raise TrainingStopped(
-                    f"interrupted at step {state.step}: wrote {out / f'checkpoint-{state.step}'}; "
-                    "continue with train.resume=auto"
+                    f"interrupted at step {state.step}: wrote {checkpoint}; continue with train.resume=auto"
                 )
-    shown.bar.close()
     if run.empty_steps and run.empty_steps == state.step - first_step:  # 0 == 0: resumed at the last step
         raise QllavaError(
             f"none of the {run.empty_steps} steps had a token that carries loss: every reply was cut by "

@@ -1,6 +1,8 @@
 """Faults during training: an image unreadable when its batch comes, NaN steps, running out of GPU memory."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -125,3 +127,39 @@ def test_out_of_memory_is_one_message_and_resumes_with_a_smaller_micro_batch(
     resumed = CliRunner().invoke(app, command.split()[1:])
     assert resumed.exit_code == 0, resumed.output
     assert (run / "final").is_dir() and run_metrics(run, "step")[-1] == 6
+
+
+FILL_THE_DISK_AFTER_THE_FIRST_CHECKPOINT = """
+import resource, signal, sys
+from qllava.train import loop
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead of killing
+rotate = loop.rotate
+def rotate_then_limit(*args, **kwargs):
+    rotate(*args, **kwargs)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY))
+loop.rotate = rotate_then_limit
+from qllava.cli import app
+sys.argv = ["qllava", "train", sys.argv[1]]
+app()
+"""
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_usable(tiny_base, tiny_data, tmp_path):
+    """Real failing writes: after checkpoint-1, no file over 50 KB can be written (the adapter is larger)."""
+    steps = {"max_steps": 4, "save_every": 1, "keep_last": 1}
+    straight = tmp_path / "straight"
+    train(make_recipe(tiny_base, tiny_data, straight, train=steps), progress=False)
+    run = tmp_path / "run"
+    path = tmp_path / "recipe.yaml"
+    dump_recipe(make_recipe(tiny_base, tiny_data, run, train=steps), path)
+    result = subprocess.run(
+        [sys.executable, "-c", FILL_THE_DISK_AFTER_THE_FIRST_CHECKPOINT, str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("qllava: error:")]
+    assert len(error) == 1 and "Traceback" not in result.stderr
+    assert f"could not write {run / 'checkpoint-2'} (" in error[0]
+    assert f"{run / 'checkpoint-1'} is complete and resumes" in error[0] and "MB are free there" in error[0]
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint-1"]  # no half-written directory
+    train(make_recipe(tiny_base, tiny_data, run, train=steps | {"resume": "auto"}), progress=False)
+    assert max_abs_diff(adapter_tensors(straight), adapter_tensors(run)) < 1e-5
