@@ -288,12 +288,15 @@ def _step_of(line: str) -> float:
 
 
 def prepare_run_dir(run_dir: Path, recipe: Recipe, step: int) -> Path:
-    """Create `run_dir` with its resolved recipe; return its metrics file (main process only).
+    """Create `run_dir` with its resolved recipe, without half-written checkpoints; return its metrics file
+    (main process only).
 
     The logs are cut after `step`: lines logged after the checkpoint a run resumes from (by a run that
     went on and died) would repeat.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
+    for half_written in run_dir.glob(".*.tmp"):  # a checkpoint whose writer was killed (`save_checkpoint`)
+        shutil.rmtree(half_written, ignore_errors=True)
     dump_recipe(recipe, run_dir / "recipe.yaml")
     for log in ("metrics.jsonl", "bad_samples.jsonl"):
         if (run_dir / log).exists():
