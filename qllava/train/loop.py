@@ -246,6 +246,10 @@ class _Run:
             if self._nonfinite(step_loss, grad_norm):
                 outcome.nonfinite = True  # no update: the weights stay those of the last finite step
                 grad_norm = torch.zeros((), device=device)
+                if accelerator.scaler is not None:
+                    # fp16: clipping unscaled the gradients; without a step, the scaler must close the
+                    # step itself (or the next unscale fails), lowering its scale as for an overflow.
+                    accelerator.scaler.update()
             else:
                 self.nonfinite_in_a_row = 0
                 self.optimizer.step()

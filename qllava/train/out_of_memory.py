@@ -42,10 +42,12 @@ def out_of_memory_message(recipe: Recipe, step: int, batch: dict, accelerator: A
     seq_len = batch["input_ids"].shape[1]
     budget = _gpu_bytes(accelerator)
     planned = _planned_micro_batch(recipe, recipe.data.max_length, budget)
-    failed = (
-        f"step {step} ran out of GPU memory in a micro-batch of {micro} sample(s) x {seq_len} tokens "
-        f"(data.max_length={recipe.data.max_length})"
+    shape = (
+        f"{micro} sample(s) packed into {seq_len} tokens"
+        if "position_ids" in batch
+        else f"{micro} sample(s) x {seq_len} tokens"
     )
+    failed = f"step {step} ran out of GPU memory in a micro-batch of {shape} (data.max_length={recipe.data.max_length})"
     if planned is not None:
         failed += (
             f"; `qllava plan` predicts micro-batch {planned} as the largest that fits this GPU's "

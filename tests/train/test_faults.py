@@ -13,6 +13,7 @@ from qllava.errors import QllavaError
 from qllava.recipe import dump_recipe
 from qllava.train import loop
 from qllava.train.loop import train
+from qllava.train.out_of_memory import smaller_micro_batch
 from tests.conftest import adapter_tensors, make_recipe, max_abs_diff, run_metrics
 
 SIX_STEPS = {"max_steps": 6, "save_every": 2, "keep_last": 5}
@@ -163,3 +164,11 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_usable(tiny_base, tiny
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint-1"]  # no half-written directory
     train(make_recipe(tiny_base, tiny_data, run, train=steps | {"resume": "auto"}), progress=False)
     assert max_abs_diff(adapter_tensors(straight), adapter_tensors(run)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("micro", "planned", "expected"),
+    [(8, None, 4), (8, 3, 2), (8, 16, 4), (6, None, 3), (2, None, 1), (1, None, 0), (8, 0, 0)],
+)
+def test_the_smaller_micro_batch_divides_the_one_that_failed(micro, planned, expected):
+    assert smaller_micro_batch(micro, planned) == expected
