@@ -65,7 +65,7 @@ class BadSamples:
         found = gather_object([record for batch in window for record in batch["unreadable"]])
         step = state.step + 1
         first = found[0]
-        named = f"sample {first['id']!r}: cannot read {first['file']} ({first['error']})"
+        named = f"sample {first['id']!r}: cannot read image {first['file']} ({first['error']})"
         more = f" and {len(found) - 1} more" if len(found) > 1 else ""
         if self.recipe.data.on_bad_sample == "stop":
             raise StopAtCheckpoint(

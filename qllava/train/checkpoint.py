@@ -318,7 +318,9 @@ def resumable_state(
     recorded = (state.micro_batch or micro_batch, state.length_bucket)
     # A micro-batch divided by k with length_bucket (and grad_accum) times k draws the same buckets,
     # so each step trains the same samples in smaller pieces (`qllava.train.out_of_memory`).
-    smaller = recorded[0] % micro_batch == 0 and recorded[0] * recorded[1] == micro_batch * length_bucket
+    smaller = (
+        micro_batch > 0 and recorded[0] % micro_batch == 0 and recorded[0] * recorded[1] == micro_batch * length_bucket
+    )
     if recorded != (micro_batch, length_bucket) and not smaller:
         raise QllavaError(
             f"checkpoint {path} was written by a run that drew micro-batches of {recorded[0]} with "

@@ -35,7 +35,7 @@ def test_a_bad_image_under_stop_checkpoints_and_resumes_to_the_same_adapter(tiny
     with pytest.raises(QllavaError) as stopped:
         train(make_recipe(tiny_base, tiny_data, run, train=steps), progress=False)
     message = str(stopped.value)
-    assert message.startswith(f"step 3: sample 's8': cannot read {image}")
+    assert message.startswith(f"step 3: sample 's8': cannot read image {image}")
     assert f"Wrote {run / 'checkpoint-2'}" in message
     assert f"qllava train {run / 'recipe.yaml'} train.resume=auto" in message
     assert not (run / "final").exists()

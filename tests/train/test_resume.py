@@ -83,7 +83,7 @@ def test_a_crash_mid_write_leaves_no_checkpoint(tiny_base, tiny_data, tmp_path, 
 
     # The adapter and processor are written, then the disk fills up.
     monkeypatch.setattr(ckpt, "dump_recipe", explode)
-    with pytest.raises(OSError):
+    with pytest.raises(QllavaError, match=r"could not write .*checkpoint-9 \(disk full\).*checkpoint-1 is complete"):
         ckpt.save_checkpoint(
             run / "checkpoint-9", model=model, processor=processor, recipe=recipe, state=ckpt.TrainState()
         )
