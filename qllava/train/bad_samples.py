@@ -69,8 +69,9 @@ class BadSamples:
         more = f" and {len(found) - 1} more" if len(found) > 1 else ""
         if self.recipe.data.on_bad_sample == "stop":
             raise StopAtCheckpoint(
-                f"step {step}: {named}{more}. Repair or remove it and resume, or set data.on_bad_sample=skip to "
-                "train on without such samples"
+                f"step {step}: {named}{more}. Repair or replace the file and resume (removing the sample from "
+                "data.train would change the epoch's order), or resume with data.on_bad_sample=skip to train on "
+                "without it"
             )
         drawn = (
             step * self.recipe.train.micro_batch_size * self.recipe.train.grad_accum * self.accelerator.num_processes

@@ -34,6 +34,7 @@ from qllava.recipe import Recipe, dump_recipe
 from qllava.train.fsdp import strip_wrapper_names
 
 ADAPTER_FILE = "adapter_model.safetensors"
+BAD_SAMPLES_FILE = "bad_samples.jsonl"
 STATE_FILE = "trainer_state.json"
 SCALER_FILE = "scaler.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -55,6 +56,8 @@ class TrainState:
     length_bucket: int = 1
     """The sampler's length bucket (1 in checkpoints written before it existed). With
     world_size and micro_batch it fixes the epoch's order, which `consumed` counts into."""
+    samples: int = 0
+    """Training samples the epoch's order was drawn from (0: not recorded)."""
     skipped_samples: int = 0
     """Samples left out so far because their image could not be read (data.on_bad_sample=skip)."""
     log_window: dict = field(default_factory=dict)
@@ -113,24 +116,31 @@ def save_checkpoint(
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         _write_checkpoint(
             tmp, model, processor, recipe, state, optimizer, scheduler, rng_states, weights, optimizer_state, scaler
         )
     # A full disk, a quota, a vanished network mount: torch.save reports a failed write as a RuntimeError,
     # safetensors as its own error. Nothing half-written stays, and the older checkpoints are untouched.
     except (OSError, RuntimeError, SafetensorError) as exc:
+        if isinstance(exc, RuntimeError) and "inline_container" not in str(exc):  # torch's writer; others are bugs
+            raise
         written = _size(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(path.parent)
         needed = max([written] + [_size(p) for p in previous[-1:]])
         free = shutil.disk_usage(path.parent).free
-        kept = f"; {previous[-1]} is complete and resumes (train.resume=auto)" if previous else ""
+        then = (
+            f"; {previous[-1]} is complete and resumes (train.resume=auto). Free some space (or set "
+            "train.keep_last lower), then resume"
+            if previous
+            else "; no earlier checkpoint was written (train.save_every), so free some space and train again"
+        )
         raise QllavaError(
             f"could not write {path} ({_first_line(exc)}). A checkpoint needs about {needed / 1e6:.0f} MB and "
-            f"{free / 1e6:.0f} MB are free there{kept}. Free some space (or set train.keep_last lower), then resume"
-        ) from None
+            f"{free / 1e6:.0f} MB are free there{then}"
+        ) from exc
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
@@ -295,18 +305,25 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, step: int) -> Path:
     went on and died) would repeat.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    for half_written in run_dir.glob(".*.tmp"):  # a checkpoint whose writer was killed (`save_checkpoint`)
-        shutil.rmtree(half_written, ignore_errors=True)
+    for half_written in run_dir.glob(".*.tmp"):  # a checkpoint (or log) whose writer was killed
+        shutil.rmtree(half_written, ignore_errors=True) if half_written.is_dir() else half_written.unlink()
     dump_recipe(recipe, run_dir / "recipe.yaml")
-    for log in ("metrics.jsonl", "bad_samples.jsonl"):
-        if (run_dir / log).exists():
-            kept = [line for line in (run_dir / log).read_text().split("\n") if _step_of(line) <= step]
-            (run_dir / log).write_text("".join(f"{line}\n" for line in kept))
+    for log in (run_dir / "metrics.jsonl", run_dir / BAD_SAMPLES_FILE):
+        if log.exists():
+            kept = [line for line in log.read_text().split("\n") if _step_of(line) <= step]
+            # Replaced whole, so that a kill mid-rewrite leaves the old file rather than a cut one.
+            log.with_name(f".{log.name}.tmp").write_text("".join(f"{line}\n" for line in kept))
+            os.replace(log.with_name(f".{log.name}.tmp"), log)
     return run_dir / "metrics.jsonl"
 
 
 def resumable_state(
-    path: Path, *, world_size: int = 1, fsdp: bool = False, micro_batch: int = 0, length_bucket: int = 1
+    path: Path,
+    *,
+    world_size: int = 1,
+    fsdp: bool = False,
+    micro_batch: int = 0,
+    length_bucket: int = 1,
 ) -> TrainState:
     """The trainer state of checkpoint `path`, if this run can continue it exactly (read before any model loads)."""
     state = TrainState(**json.loads((path / STATE_FILE).read_text()))
@@ -334,6 +351,8 @@ def resumable_state(
             f"checkpoint {path} was {how}; its optimizer state only resumes the way it was written: "
             "launch with the same accelerate config"
         )
+    # From here on the run draws with this launch's settings (the same order, possibly in smaller pieces).
+    state.micro_batch, state.length_bucket = micro_batch, length_bucket
     return state
 
 
@@ -356,17 +375,37 @@ def load_training_state(path: Path, *, optimizer, scheduler, rank: int = 0, load
 
     `load_optimizer(state)` replaces `optimizer.load_state_dict` (FSDP shards a full state).
     """
+    wanted = [group["initial_lr"] for group in optimizer.param_groups]  # the recipe's rates
     (load_optimizer or optimizer.load_state_dict)(load_plain(path / "optimizer.pt"))
     scheduler.load_state_dict(load_plain(path / "scheduler.pt"))
+    _keep_the_recipes_rates(optimizer, scheduler, wanted)
     if scaler is not None and (path / SCALER_FILE).is_file():
         scaler.load_state_dict(json.loads((path / SCALER_FILE).read_text()))
     rng = load_plain(path / "rng.pt", allow=_NUMPY_ARRAY)
     _set_rng_state(rng[rank] if isinstance(rng, list) else rng)  # a dict: written before per-process states
 
 
+def _keep_the_recipes_rates(optimizer, scheduler, wanted: list[float]) -> None:
+    """The saved scheduler and optimizer groups carry the checkpoint's base rates; a resume with another
+    optim.lr / projector_lr would silently keep the old ones. Continue the schedule at the recipe's."""
+    if list(scheduler.base_lrs) == wanted:
+        return
+    scheduler.base_lrs = list(wanted)
+    for group, lr, factor in zip(optimizer.param_groups, wanted, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 # What unpickles a numpy array and nothing else: rng.pt of checkpoints written before the RNG states
-# were kept as tensors holds numpy's generator state as an array.
-_NUMPY_ARRAY = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+# were kept as tensors holds numpy's generator state as an array (named numpy.core under numpy 1).
+_reconstruct = np._core.multiarray._reconstruct
+_NUMPY_ARRAY = [
+    _reconstruct,
+    (_reconstruct, "numpy.core.multiarray._reconstruct"),
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+]
 
 
 def load_plain(path: Path, allow: list | None = None):
@@ -386,7 +425,7 @@ def load_plain(path: Path, allow: list | None = None):
             f"{path} holds Python objects besides tensors and numbers{f' ({found[1]})' if found else ''}; "
             "loading them could run code, so qllava refuses. A checkpoint qllava wrote never does: was this "
             "file replaced or written by another program? Resume from a checkpoint you trust"
-        ) from None
+        ) from exc
 
 
 def _load_adapter(path: Path, model) -> None:

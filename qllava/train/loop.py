@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -188,6 +189,8 @@ class _StepOutcome:
     nonfinite: bool = False
     skipped: int = 0
     """Samples left out of the step: their image could not be read (over the processes)."""
+    stop: str = ""
+    """Why the run must stop after this step (logged first): train.max_nonfinite_steps in a row."""
 
 
 @dataclass
@@ -214,9 +217,9 @@ class _Run:
     def step(self, window: list[dict], stop_requested: bool) -> _StepOutcome:
         """One optimizer step over an accumulation window, on every process.
 
-        Raises StopAtCheckpoint, on every process alike, where the run cannot go on: a sample that could
-        not be read (data.on_bad_sample), train.max_nonfinite_steps non-finite steps in a row, and, in one
-        process, running out of GPU memory.
+        Raises StopAtCheckpoint, on every process alike, before a step the run cannot take: a sample that
+        could not be read (data.on_bad_sample) and, in one process, running out of GPU memory. After
+        train.max_nonfinite_steps non-finite steps in a row the outcome says to stop (`stop`).
         """
         accelerator, device, model = self.accelerator, self.accelerator.device, self.model
         outcome = _StepOutcome(StepSums(stop_requested=float(stop_requested)), 0, _group_lrs(self.optimizer))
@@ -269,7 +272,7 @@ class _Run:
         self.state.step += 1
         self.state.consumed += self.recipe.train.micro_batch_size * len(window)
         if self.nonfinite_in_a_row >= self.recipe.train.max_nonfinite_steps:
-            raise StopAtCheckpoint(self._nonfinite_message())
+            outcome.stop = self._nonfinite_message()
         return outcome
 
     def _backward(self, window: list[dict], global_tokens: torch.Tensor) -> torch.Tensor:
@@ -336,9 +339,17 @@ class _Run:
         model, plan = self.parallel.eval_plan(self.model, self.eval_loader)
         return evaluate(model, self.eval_loader, self.accelerator, self.dtype, progress=progress, **plan)
 
+    def stop_with_checkpoint(self, reason: StopAtCheckpoint, log_window: dict) -> NoReturn:
+        """Write a checkpoint of the last completed step, then end the run with `reason` and how to continue."""
+        checkpoint = self.checkpoint(log_window)
+        command = f"qllava train {Path(self.recipe.output.dir) / 'recipe.yaml'} train.resume=auto"
+        raise QllavaError(f"{reason}\nWrote {checkpoint}; continue with: {command}") from reason
+
     def checkpoint(self, log_window: dict) -> Path:
         """Write checkpoint-STEP of the last completed step and drop the ones beyond train.keep_last."""
         path = Path(self.recipe.output.dir) / f"checkpoint-{self.state.step}"
+        if path.is_dir():  # this step's checkpoint was written already (a stop right after a periodic save)
+            return path
         self.save(path, log_window)
         if self.accelerator.is_main_process:
             rotate(path.parent, self.recipe.train.keep_last)
@@ -476,6 +487,13 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     train_set, eval_set = datasets_from_recipe(
         recipe, processor, AutoConfig.from_pretrained(recipe.model.base), warn=say
     )
+    if state.samples and state.samples != len(train_set):
+        raise QllavaError(
+            f"checkpoint {resume_from} was written by a run over {state.samples} training samples and data.train "
+            f"now has {len(train_set)}; the epoch's order depends on them, so resuming would repeat some samples "
+            "and skip others. Resume with the data it was written with, or start a new output.dir"
+        )
+    state.samples = len(train_set)
     model, _ = parallel.load_model()
     dtype = precision_for(device, recipe.train.mixed_precision).dtype
     say(
@@ -518,11 +536,10 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
             try:
                 outcome = run.step(next(windows), stop.requested)
             except StopAtCheckpoint as reason:
-                checkpoint = run.checkpoint(shown.window.sums())
-                raise QllavaError(
-                    f"{reason}\nWrote {checkpoint}; continue with: qllava train {out / 'recipe.yaml'} train.resume=auto"
-                ) from None
+                run.stop_with_checkpoint(reason, shown.window.sums())
             shown.step_done(state, outcome)
+            if outcome.stop:
+                run.stop_with_checkpoint(StopAtCheckpoint(outcome.stop), shown.window.sums())
             if run.eval_due():
                 shown.eval_done(state.step, run.evaluate(main and progress), accelerator)
             stopping = outcome.sums.stop_requested > 0  # on every process, whichever saw the Ctrl-C

@@ -102,6 +102,7 @@ def test_nan_steps_in_a_row_stop_with_the_last_finite_weights(tiny_base, tiny_da
     run = tmp_path / "run"
     with pytest.raises(QllavaError, match=r"steps 3-5: the loss or gradient norm was NaN or inf 3 times in a row"):
         train(make_recipe(tiny_base, tiny_data, run, train=SIX_STEPS), progress=False)
+    assert run_metrics(run, "nonfinite_steps") == [0, 0, 1, 1, 1]  # the last one logged before the stop
     last_finite = adapter_tensors(run, "checkpoint-2")
     assert max_abs_diff(adapter_tensors(run, "checkpoint-5"), last_finite) == 0
     assert max_abs_diff(adapter_tensors(run, "checkpoint-4"), last_finite) == 0
@@ -111,6 +112,8 @@ def test_nan_steps_in_a_row_stop_with_the_last_finite_weights(tiny_base, tiny_da
 def test_out_of_memory_is_one_message_and_resumes_with_a_smaller_micro_batch(
     tiny_base, tiny_data, tmp_path, monkeypatch
 ):
+    straight = tmp_path / "straight"
+    train(make_recipe(tiny_base, tiny_data, straight, train=SIX_STEPS), progress=False)
     run = tmp_path / "run"
     recipe = make_recipe(tiny_base, tiny_data, run, train=SIX_STEPS)
     path = tmp_path / "recipe.yaml"
@@ -127,7 +130,20 @@ def test_out_of_memory_is_one_message_and_resumes_with_a_smaller_micro_batch(
     monkeypatch.undo()
     resumed = CliRunner().invoke(app, command.split()[1:])
     assert resumed.exit_code == 0, resumed.output
-    assert (run / "final").is_dir() and run_metrics(run, "step")[-1] == 6
+    assert run_metrics(run, "step") == [1, 2, 3, 4, 5, 6]
+    # The same samples in every optimizer step, in micro-batches of 1: the uninterrupted run's adapter.
+    assert max_abs_diff(adapter_tensors(straight), adapter_tensors(run)) < 1e-5
+
+
+def test_a_resume_with_another_lr_continues_the_schedule_at_it(tiny_base, tiny_data, tmp_path):
+    """The saved scheduler and optimizer carry the old base rates; the recipe's new ones must win."""
+    run = tmp_path / "run"
+    train(make_recipe(tiny_base, tiny_data, run, train=SIX_STEPS), progress=False)
+    lowered = tmp_path / "lowered"
+    resume = SIX_STEPS | {"resume": str(run / "checkpoint-4")}
+    optim = {"lr": 1e-4, "projector_lr": 1e-4}
+    train(make_recipe(tiny_base, tiny_data, lowered, train=resume, optim=optim), progress=False)
+    assert run_metrics(lowered, "lr") == pytest.approx([x / 10 for x in run_metrics(run, "lr")[4:]], rel=1e-6)
 
 
 FILL_THE_DISK_AFTER_THE_FIRST_CHECKPOINT = """

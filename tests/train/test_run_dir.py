@@ -83,3 +83,14 @@ def test_resume_from_a_path_never_trains_over_a_finished_or_another_run(tiny_bas
     assert ckpt.find_resume(checkpoint, tmp_path / "new") == run / "checkpoint-2"  # a new directory
     (run / "final").rename(tmp_path / "final")  # the run was killed before it finished: its own directory
     assert ckpt.find_resume(checkpoint, run) == run / "checkpoint-2"
+
+
+def test_resume_over_another_number_of_samples_is_refused(tiny_base, tiny_data, tmp_path):
+    """The epoch's order is a permutation of the training set: a checkpoint's position means nothing in another."""
+    run = tmp_path / "run"
+    train(make_recipe(tiny_base, tiny_data, run, train={"max_steps": 4, "save_every": 2}), progress=False)
+    samples = json.loads((tiny_data / "train.json").read_text())
+    (tiny_data / "train.json").write_text(json.dumps(samples[:-1]))
+    resumed = make_recipe(tiny_base, tiny_data, tmp_path / "resumed", train={"resume": str(run / "checkpoint-2")})
+    with pytest.raises(QllavaError, match="written by a run over 12 training samples and data.train now has 11"):
+        train(resumed, progress=False)
