@@ -129,3 +129,21 @@ def test_the_readme_gives_the_download_command_the_script_checks_for():
     readme = (Path(acc.ROOT) / "README.md").read_text()
     assert acc.download_command() in readme
     assert "tools/gpu_acceptance.sh" in readme
+
+
+def test_junit_counts_name_the_failed_tests(tmp_path):
+    report = tmp_path / "r.xml"
+    report.write_text(
+        '<testsuites><testsuite tests="4" skipped="1" failures="1" errors="1">'
+        '<testcase classname="tests.test_gpu" name="a"/>'
+        '<testcase classname="tests.test_gpu" name="b"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_gpu" name="c"><error message="y"/></testcase>'
+        '<testcase classname="tests.test_gpu" name="d"><skipped message="no GPU"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    assert acc.junit_counts(report) == {
+        "passed": 1,
+        "failed": 2,
+        "skipped": 1,
+        "failed_ids": ["tests.test_gpu::b", "tests.test_gpu::c"],
+    }
