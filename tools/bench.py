@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_tflops": peak_rate / 1e12,
         "matmul": "bf16 4096^3" if device.type == "cuda" else f"fp32 512^3, {torch.get_num_threads()} threads",
         "memory": PeakMemory(device).method,
-        "micro_batch": args.micro_batch,
+        "micro_batch": args.micro_batches or args.micro_batch,
         "seq_len": args.seq_len,
         "lora_r": args.lora_r,
         "steps": args.steps,
