@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python tools/bench.py [--tiny | --layers L] [--steps N] [--micro-batch B] [--seq-len S] [--lora-r R]
         [--out DIR] [--packing] [--loss-chunk-size C] [--length-bucket K] [--compare] [--no-baseline]
+        [--attention auto|sdpa|flash_attention_2|eager] [--full-length]
 
 What it builds (in a temporary directory, nothing downloaded):
 - a LLaVA with random weights saved as an HF directory with its processor, then loaded through qllava's
@@ -18,6 +19,11 @@ What it builds (in a temporary directory, nothing downloaded):
   modality and length together, as an optimizer step of grad_accum --steps is (the shipped 7B
   recipe: micro-batch 8 x grad_accum 16); one micro-batch may mix the two modalities. The
   baseline: in file order, as TRL's default random sampler would.
+
+`--full-length`: every sample is an image sample cut to exactly --seq-len tokens, the shape `qllava
+plan` assumes, and each row also gets the plan's prediction for the same model, recipe, micro-batch
+and length (`plan_peak_mib`, `plan_reserved_mib`: qllava.plan.estimate, bf16 layout on CUDA, fp32 on
+the CPU) beside the measured peak. tools/gpu_acceptance.py runs it for micro-batch 1, 2 and 4.
 
 How it times: the real step, driven directly rather than through `qllava.train.loop.train` (whose
 tokens/s includes data loading and the per-step logging sync): the micro-batches are collated first
@@ -145,8 +151,12 @@ def build_base(out: Path, tiny: bool, layers: int = 0) -> Path:
     return out
 
 
-def write_data(root: Path, n: int, image_size: int, seed: int = 0) -> Path:
-    """n LLaVA records with padding_report's lengths (text counted in words ~ tokens of the tiny BPE)."""
+def write_data(root: Path, n: int, image_size: int, seed: int = 0, full_length: int = 0) -> Path:
+    """n LLaVA records with padding_report's lengths (text counted in words ~ tokens of the tiny BPE).
+
+    `full_length` > 0: every record has an image and an answer of that many words (the caller's
+    sequence limit), so that the Encoder cuts each sample to exactly the limit.
+    """
     from PIL import Image
 
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -154,6 +164,8 @@ def write_data(root: Path, n: int, image_size: int, seed: int = 0) -> Path:
     for i, rgb in enumerate(colors):
         Image.new("RGB", (image_size, image_size), rgb).save(root / "images" / f"{i}.png")
     tokens, modality = synthetic_lengths(n, seed)
+    if full_length:
+        tokens, modality = [IMAGE_TOKENS + 2 * full_length] * n, [1] * n
     rng = random.Random(seed)
     records = []
     for i, (t, m) in enumerate(zip(tokens, modality)):
@@ -281,11 +293,20 @@ def _train_step(model, optimizer, accelerator, batch, device, dtype, chunk, max_
 
 
 def run_variant(
-    name: str, base: Path, data: Path, out: Path, args, packing: bool, chunk: int, bucket: int, peak_rate: float
+    name: str,
+    base: Path,
+    data: Path,
+    out: Path,
+    args,
+    packing: bool,
+    chunk: int,
+    bucket: int,
+    peak_rate: float,
+    micro: int | None = None,
 ):
     recipe = build_recipe(
         {
-            "model": {"base": str(base)},
+            "model": {"base": str(base), "attention": args.attention},
             "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.05},
             "data": {
                 "train": str(data / "train.json"),
@@ -298,7 +319,7 @@ def run_variant(
             "optim": {"schedule": "constant", "warmup_ratio": 0.0},
             "train": {
                 "max_steps": args.warmup + args.steps + 1,
-                "micro_batch_size": args.micro_batch,
+                "micro_batch_size": micro or args.micro_batch,
                 "grad_accum": 1,
                 "loss_chunk_size": chunk,
                 "log_every": 1,
@@ -316,7 +337,7 @@ def run_variant(
     dtype = precision_for(device, recipe.train.mixed_precision).dtype
     dataset = dataset_from_recipe(recipe, recipe.data.train, processor, model.config)
     gather = partial(collate_packed if packing else collate, pad_token_id=processor.tokenizer.pad_token_id)
-    micro = args.micro_batch
+    micro = recipe.train.micro_batch_size
     order = micro_batch_order(dataset.modality_lengths(), micro, args.warmup, bucket)
     batches = [gather([dataset[i] for i in indices]) for indices in order]
     optimizer = build_optimizer(model, recipe, device)
@@ -347,11 +368,21 @@ def run_variant(
     row = measured_row(
         name, model, micro, batches[args.warmup : -1], step_times, losses, memory, peak_rate, packing, chunk
     )
+    if args.full_length:
+        row.update(plan_prediction(base, recipe, micro, args.seq_len, device))
     del model, optimizer, batches, batch
     gc.collect()  # 4-bit weights reference their own layers (a cycle): free them before the next row
     if cuda:
         torch.cuda.empty_cache()
     return row
+
+
+def plan_prediction(base: Path, recipe, micro: int, seq_len: int, device: torch.device) -> dict:
+    """`qllava plan`'s peak for this model and recipe (every sample `seq_len` tokens), in MiB."""
+    from qllava.plan import estimate, read_shape
+
+    e = estimate(read_shape(str(base)), recipe, micro, seq_len, device="cuda" if device.type == "cuda" else "cpu")
+    return {"plan_peak_mib": e.peak / 2**20, "plan_reserved_mib": e.reserved / 2**20, "plan_worst": e.worst_moment}
 
 
 def _summary(batch: dict) -> dict:
@@ -384,6 +415,14 @@ def render(rows: list[dict], meta: dict) -> str:
             f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | {r['padding']:.1%} | "
             f"{peak} | {reserved} | {r['mfu']:.2%} | {r['step_s']:.3f} | {r['loss']:.3f} |"
         )
+    planned = [r for r in rows if r.get("plan_peak_mib")]
+    if planned:
+        lines += ["", "| plan vs measured | micro-batch | predicted MiB | measured MiB | ratio |"]
+        lines.append("|---|---|---|---|---|")
+        for r in planned:
+            ratio = f"{r['plan_peak_mib'] / r['peak_mem_mib']:.3f}" if r["peak_mem_mib"] else "-"
+            measured = "-" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
+            lines.append(f"| {r['variant']} | {r['micro_batch']} | {r['plan_peak_mib']:.0f} | {measured} | {ratio} |")
     if meta.get("vs_baseline"):
         lines += ["", "| vs the baseline | tokens/s | peak memory |", "|---|---|---|"]
         for name, ratio in meta["vs_baseline"].items():
@@ -422,6 +461,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compare", action="store_true", help="also run packed/padded and full/chunked loss")
     parser.add_argument("--no-baseline", action="store_true", help="skip TRL's SFTTrainer (run when trl imports)")
     parser.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "sdpa", "flash_attention_2", "eager"],
+        help="model.attention for every row, the baseline's included (auto: flash-attention when installed)",
+    )
+    parser.add_argument(
+        "--full-length",
+        action="store_true",
+        help="every sample an image sample of exactly --seq-len tokens; rows add qllava plan's predicted peak",
+    )
+    parser.add_argument(
+        "--micro-batches",
+        default="",
+        help="with --full-length: comma-separated micro-batches, one qllava row each, in one process (no baseline)",
+    )
+    parser.add_argument(
         "--length-bucket",
         type=int,
         default=None,
@@ -435,15 +490,21 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bucket = args.steps if args.length_bucket is None else args.length_bucket
-    variants = [("qllava", args.packing, args.loss_chunk_size, bucket)]
+    variants = [("qllava", args.packing, args.loss_chunk_size, bucket, args.micro_batch)]
+    if args.micro_batches:
+        if not args.full_length:
+            parser.error("--micro-batches compares memory with the plan: it needs --full-length")
+        args.no_baseline = True
+        micros = [int(b) for b in args.micro_batches.split(",")]
+        variants = [(f"qllava, micro-batch {b}", args.packing, args.loss_chunk_size, bucket, b) for b in micros]
     if args.compare:
         chunk = args.loss_chunk_size or 1024
         variants = [
-            ("padded, chunked loss", False, chunk, bucket),
-            ("padded, chunked loss, file order", False, chunk, 0),
-            ("packed, chunked loss", True, chunk, bucket),
-            ("padded, full logits", False, 0, bucket),
-            ("packed, full logits", True, 0, bucket),
+            ("padded, chunked loss", False, chunk, bucket, args.micro_batch),
+            ("padded, chunked loss, file order", False, chunk, 0, args.micro_batch),
+            ("packed, chunked loss", True, chunk, bucket, args.micro_batch),
+            ("padded, full logits", False, 0, bucket, args.micro_batch),
+            ("packed, full logits", True, 0, bucket, args.micro_batch),
         ]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak_rate = matmul_flops(device)
@@ -453,17 +514,24 @@ def main(argv: list[str] | None = None) -> dict:
         from transformers import AutoConfig
 
         vision = AutoConfig.from_pretrained(base).vision_config
-        data = write_data(tmp / "data", args.micro_batch * (args.warmup + args.steps + 1), vision.image_size)
-        rows = [run_variant(n, base, data, tmp / "runs", args, p, c, b, peak_rate) for n, p, c, b in variants]
+        full = args.seq_len if args.full_length else 0
+        # Each micro-batch its own samples: warmup + timed + the memory step, as many as the steps take.
+        data = {
+            m: write_data(tmp / f"data-{m}", m * (args.warmup + args.steps + 1), vision.image_size, full_length=full)
+            for m in sorted({v[-1] for v in variants})
+        }
+        rows = [
+            run_variant(name, base, data[m], tmp / "runs", args, p, c, b, peak_rate, m) for name, p, c, b, m in variants
+        ]
         baseline = None
         if args.no_baseline:
             baseline_note = "baseline not run (--no-baseline)"
         elif not trl_baseline.available():
             baseline_note = NO_TRL
         else:
-            records = json.loads((data / "train.json").read_text())
+            records = json.loads((data[args.micro_batch] / "train.json").read_text())
             baseline = trl_baseline.run(
-                base, records, data / "images", tmp / "runs" / "trl", args, peak_rate, measured_row
+                base, records, data[args.micro_batch] / "images", tmp / "runs" / "trl", args, peak_rate, measured_row
             )
             baseline_note = f"{baseline['variant']}, same model, samples and settings (tools/trl_baseline.py)"
     meta = {
@@ -474,12 +542,14 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_tflops": peak_rate / 1e12,
         "matmul": "bf16 4096^3" if device.type == "cuda" else f"fp32 512^3, {torch.get_num_threads()} threads",
         "memory": PeakMemory(device).method,
-        "micro_batch": args.micro_batch,
+        "micro_batch": args.micro_batches or args.micro_batch,
         "seq_len": args.seq_len,
         "lora_r": args.lora_r,
         "steps": args.steps,
         "warmup": args.warmup,
         "length_bucket": bucket,
+        "attention": args.attention,
+        "full_length": args.full_length,
         "baseline": baseline_note,
         "columns": COLUMNS,
         "vs_baseline": versus(rows, baseline) if baseline else None,

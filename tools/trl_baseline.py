@@ -102,7 +102,8 @@ def run(base: Path, records: list[dict], image_folder: Path, out: Path, args, pe
     cuda = torch.cuda.is_available()
     # bf16 also on the CPU: SFTTrainer casts the trainable weights of a 4-bit model to bf16, so
     # an fp32 model fails there ("expected m1 and m2 to have the same dtype") without bf16 autocast.
-    model = load_base(base, bits=4, device=torch.device("cuda" if cuda else "cpu"), dtype=torch.bfloat16)
+    device = torch.device("cuda" if cuda else "cpu")
+    model = load_base(base, bits=4, device=device, attention=getattr(args, "attention", "auto"), dtype=torch.bfloat16)
     processor = baseline_processor(base)
     lora = LoraConfig(
         r=args.lora_r,
