@@ -32,7 +32,7 @@ from peft.utils.integrations import dequantize_bnb_weight
 from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LlavaForConditionalGeneration
+from transformers import GenerationConfig
 from transformers.core_model_loading import revert_weight_conversion
 
 from qllava.data.dataset import IGNORE_INDEX, encoder_from_recipe, parse_sample, read_records
@@ -41,6 +41,7 @@ from qllava.data.templates import chat_template, end_of_turn
 from qllava.data.validate import eval_image_folder
 from qllava.errors import QllavaError
 from qllava.generate import MERGED_RECIPE, attach_adapter
+from qllava.model.families import family_of, family_of_model
 from qllava.model.fingerprint import check_trained_on
 from qllava.model.load import check_base, load_base, load_processor
 from qllava.model.precision import autocast_for, precision_for
@@ -134,7 +135,7 @@ def _dense_weight(layer: torch.nn.Module) -> torch.Tensor:
 def merged_tensors(model: torch.nn.Module, dtype: torch.dtype):
     """Yield (name, tensor) of the plain model: LoRA folded in, 4/8-bit weights dequantized, cast to dtype.
 
-    Names are the module names of the LlavaForConditionalGeneration (peft prefixes removed).
+    Names are the module names of the transformers model (peft prefixes removed).
     """
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     done: list[str] = []
@@ -293,7 +294,8 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
 def _text_logits(model, inputs: list[dict], image_token_id: int) -> torch.Tensor:
     """fp32 logits at every non-image position of the prompts, concatenated (batch size 1: no padding)."""
     device = next(model.parameters()).device
-    dtype = next(p for n, p in model.named_parameters() if "vision_tower" in n).dtype
+    family = family_of_model(model)
+    dtype = next(p for n, p in model.named_parameters() if family.part_of(n) == "vision").dtype
     result = []
     for item in inputs:
         ids = torch.tensor([item["input_ids"]], device=device)
@@ -346,7 +348,7 @@ def merge_checkpoint(
     base: str | Path | None = None,
     force: bool = False,
 ) -> MergeReport:
-    """Write a plain LlavaForConditionalGeneration directory at `out`; verify it unless told not to.
+    """Write a plain transformers model directory (the base's class) at `out`; verify it unless told not to.
 
     `base`: where the base the checkpoint was trained on is now (default: its recipe's model.base). A
     base that is not the one the checkpoint records is refused; `force` merges anyway, with a warning.
@@ -411,7 +413,7 @@ def merge_checkpoint(
     inner = model.get_base_model()
     config = _plain_config(inner.config, DTYPES[dtype])
     with torch.device("meta"):  # the key set save_pretrained would write, without allocating weights
-        expected = set(LlavaForConditionalGeneration(config).state_dict())
+        expected = set(family_of(config).model_class()(config).state_dict())
     writer = ShardWriter(tmp, inner, shard_bytes)
     for name, tensor in tqdm(merged_tensors(model, DTYPES[dtype]), total=len(expected), desc="merging", unit="tensor"):
         writer.add(name, tensor)
@@ -432,11 +434,15 @@ def merge_checkpoint(
     tmp.rename(out)
 
     if verify:
-        merged, info = LlavaForConditionalGeneration.from_pretrained(
-            out,
-            dtype=DTYPES[dtype],
-            device_map={"": torch_device.type if torch_device.index is None else torch_device.index},
-            output_loading_info=True,
+        merged, info = (
+            family_of(config)
+            .model_class()
+            .from_pretrained(
+                out,
+                dtype=DTYPES[dtype],
+                device_map={"": torch_device.type if torch_device.index is None else torch_device.index},
+                output_loading_info=True,
+            )
         )
         wrong = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if wrong:

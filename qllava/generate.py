@@ -16,6 +16,7 @@ from qllava.data.dataset import Encoder, encoder_from_recipe
 from qllava.data.images import load_image
 from qllava.data.templates import end_of_turn
 from qllava.errors import QllavaError
+from qllava.model.families import family_of_model
 from qllava.model.fingerprint import MERGED_RECIPE, check_trained_on, is_merged_export
 from qllava.model.load import check_base, load_base, load_processor
 from qllava.model.precision import autocast_for, default_device, precision_for
@@ -169,7 +170,8 @@ def generate_batch(
     """
     tokenizer = processor.tokenizer
     device = next(model.parameters()).device
-    vision_dtype = next(p for n, p in model.named_parameters() if "vision_tower" in n).dtype
+    family = family_of_model(model)
+    vision_dtype = next(p for n, p in model.named_parameters() if family.part_of(n) == "vision").dtype
     prompts = [encoder.prompt_ids(turns, has_image=image is not None) for image, turns in batch]
     input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id)
     images = [
