@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from qllava.data.images import image_inputs, input_size
+from qllava.data.images import image_inputs, input_size, size_of
 from qllava.data.jsonl import parse_jsonl
 from qllava.data.templates import render
 from qllava.errors import QllavaError
@@ -301,8 +301,7 @@ class LlavaDataset(Dataset):
             except Exception as exc:  # PIL raises many types for corrupt files
                 raise QllavaError(f"sample {sample.id!r} ({sample.where}): cannot read image {path}: {exc}") from None
         # The image's own size, as the processor saw it: what its token count depends on (AnyRes).
-        size = tuple(inputs["image_sizes"].tolist()) if "image_sizes" in inputs else None
-        return self.encoder.encode(sample, size) | inputs
+        return self.encoder.encode(sample, size_of(inputs)) | inputs
 
     def modality_lengths(self) -> list[int]:
         """Approximate lengths as LLaVA computes them: words plus image tokens, negative for text-only."""

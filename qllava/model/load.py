@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoProcessor, BitsAndBytesConfig
 
 from qllava.errors import QllavaError
+from qllava.model.extras import extra_trainable
 from qllava.model.families import FAMILIES, Family, family_of, family_of_model
 from qllava.model.fingerprint import check_trained_on
 from qllava.model.precision import precision_for
@@ -222,22 +223,18 @@ def load_for_training(recipe: Recipe, device: torch.device, *, fsdp: bool = Fals
         torch.manual_seed(recipe.train.seed)
         model = get_peft_model(model, config)
         model.base_model.model.disable_input_require_grads()
+        # Bare parameters peft cannot hold (NeXT's image_newline) train with the projector; `qllava.model.extras`
+        # saves them into the adapter file.
+        for param in extra_trainable(model).values():
+            param.requires_grad_(True)
     else:
+        # Stage 1 saves the projector alone (projector.safetensors), so the extra parameters stay as composed.
         projector_of(model).requires_grad_(True)
-    for param in extra_trainable(model).values():
-        param.requires_grad_(True)
     # Trainable weights stay fp32 for the optimizer; autocast joins them to the 16-bit base on GPU.
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
     return model, processor
-
-
-def extra_trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The family's extra trainable parameters (`Family.extra_trainable`) by their name in `model`
-    (peft prefixes included)."""
-    family = family_of_model(model)
-    return {name: param for name, param in model.named_parameters() if family.part_of(name) == "extra"}
 
 
 def set_train_mode(model: torch.nn.Module) -> None:
