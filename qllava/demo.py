@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from qllava.errors import QllavaError
+from qllava.model.families import family_of_model
 from qllava.recipe import PATH_KEYS, Recipe, get, with_values
 
 DEMO_VERSION = "v4"
@@ -194,7 +195,7 @@ def _pretrain_vision(model, data_root: Path, image_processor, *, steps: int = 30
         "count": torch.tensor([COUNTS.index(r["scene"]["count"]) for r in records]),
         "places": torch.tensor([[float(q in r["scene"]["places"]) for q in QUADRANTS] for r in records]),
     }
-    vision = model.model.vision_tower
+    vision = model.get_submodule(family_of_model(model).vision)
 
     def patch_features(x: torch.Tensor) -> torch.Tensor:
         # What LLaVA reads: layer -2, CLS dropped (vision_feature_select_strategy "default").
@@ -225,7 +226,7 @@ def pretrain_base(model_dir: Path, data_root: Path, *, steps: int = 500, seed: i
     from functools import partial
 
     from torch.utils.data import DataLoader
-    from transformers import LlavaForConditionalGeneration, get_scheduler
+    from transformers import AutoModelForImageTextToText, get_scheduler
 
     from qllava.data.dataset import collate
     from qllava.data.validate import dataset_from_recipe
@@ -233,7 +234,8 @@ def pretrain_base(model_dir: Path, data_root: Path, *, steps: int = 500, seed: i
     from qllava.train.loss import loss_sum, trained_tokens
 
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    family = family_of_model(model)
     processor = load_processor(model_dir)
     _pretrain_vision(model, data_root, processor.image_processor, seed=seed)
     recipe = Recipe()
@@ -251,8 +253,8 @@ def pretrain_base(model_dir: Path, data_root: Path, *, steps: int = 500, seed: i
     )
     # A tenth of the LLM's rate for the vision tower (measured on 200 pretraining images after 600
     # steps: caption exact match 0.65 with 2e-3 / 2e-4, against 0.39 with 1e-3 for everything).
-    vision = [p for n, p in model.named_parameters() if "vision_tower" in n]
-    rest = [p for n, p in model.named_parameters() if "vision_tower" not in n]
+    vision = [p for n, p in model.named_parameters() if family.part_of(n) == "vision"]
+    rest = [p for n, p in model.named_parameters() if family.part_of(n) != "vision"]
     optimizer = torch.optim.AdamW([{"params": vision, "lr": 2e-4}, {"params": rest, "lr": 2e-3}], weight_decay=0.0)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=steps // 20, num_training_steps=steps)
     model.train()
@@ -311,17 +313,18 @@ def _build(root: Path) -> None:
 
 def _split_base(base: Path, vision_dir: Path, llm_dir: Path) -> None:
     """Save the tiny base's vision tower and LLM as the stand-alone checkpoints a user would download."""
-    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from qllava.model.load import load_processor
 
-    llava = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+    llava = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+    family = family_of_model(llava)
     processor = load_processor(base)
-    llava.model.vision_tower.save_pretrained(vision_dir)
+    llava.get_submodule(family.vision).save_pretrained(vision_dir)
     processor.image_processor.save_pretrained(vision_dir)
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(llava.config.text_config)
-    llm.model, llm.lm_head = llava.model.language_model, llava.lm_head
+    llm.model, llm.lm_head = llava.get_submodule(family.language_model), llava.lm_head
     llm.save_pretrained(llm_dir)
     processor.tokenizer.save_pretrained(llm_dir)
 

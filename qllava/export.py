@@ -32,15 +32,16 @@ from peft.utils.integrations import dequantize_bnb_weight
 from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LlavaForConditionalGeneration
+from transformers import GenerationConfig
 from transformers.core_model_loading import revert_weight_conversion
 
 from qllava.data.dataset import IGNORE_INDEX, encoder_from_recipe, parse_sample, read_records
-from qllava.data.images import load_image, pixel_values, processor_to_save
+from qllava.data.images import image_inputs, inputs_of_image, processor_to_save, size_of
 from qllava.data.templates import chat_template, end_of_turn
 from qllava.data.validate import eval_image_folder
 from qllava.errors import QllavaError
 from qllava.generate import MERGED_RECIPE, attach_adapter
+from qllava.model.families import family_of, family_of_model, forward_image_inputs, image_batch
 from qllava.model.fingerprint import check_trained_on
 from qllava.model.load import check_base, load_base, load_processor
 from qllava.model.precision import autocast_for, precision_for
@@ -134,7 +135,7 @@ def _dense_weight(layer: torch.nn.Module) -> torch.Tensor:
 def merged_tensors(model: torch.nn.Module, dtype: torch.dtype):
     """Yield (name, tensor) of the plain model: LoRA folded in, 4/8-bit weights dequantized, cast to dtype.
 
-    Names are the module names of the LlavaForConditionalGeneration (peft prefixes removed).
+    Names are the module names of the transformers model (peft prefixes removed).
     """
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     done: list[str] = []
@@ -246,6 +247,7 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
     A small eval set alone would leave too few reply tokens for top-1 agreement to mean anything: one
     near-tie flip among 16 tokens is 94%."""
     encoder = encoder_from_recipe(recipe, processor, config)
+    tiles = family_of(config).tiles
     inputs, used = [], []
     for source, image_folder in (
         (recipe.data.eval, eval_image_folder(recipe)),
@@ -264,15 +266,15 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
                 continue
             if sample.image and (folder is None or not (folder / sample.image).is_file()):
                 continue
-            pixels = (
-                load_image(folder / sample.image, recipe.data.image_aspect, processor.image_processor)
-                if sample.image
-                else None
-            )
-            encoded = encoder.encode(sample)
+            image = {"pixel_values": None}
+            if sample.image:
+                image = image_inputs(
+                    folder / sample.image, recipe.data.image_aspect, processor.image_processor, tiles=tiles
+                )
+            encoded = encoder.encode(sample, size_of(image))
             # Positions whose next token is a reply token: what the fine-tune was trained to predict.
             replies = [label != IGNORE_INDEX for label in encoded["labels"][1:]] + [False]
-            inputs.append({"input_ids": encoded["input_ids"], "pixel_values": pixels, "replies": replies})
+            inputs.append({"input_ids": encoded["input_ids"], **image, "replies": replies})
         if len(inputs) > before:
             used.append((source, len(inputs) - before))
     if inputs:
@@ -282,10 +284,10 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
     for i in range(count):
         size = (rng.randint(16, 96), rng.randint(16, 96))
         image = Image.frombytes("RGB", size, bytes(rng.randrange(256) for _ in range(size[0] * size[1] * 3)))
-        pixels = pixel_values(image, recipe.data.image_aspect, processor.image_processor)
+        pixels = inputs_of_image(image, recipe.data.image_aspect, processor.image_processor, tiles=tiles)
         question = ("Describe the image.", "What is in the picture?", "What colors do you see?")[i % 3]
-        ids = encoder.prompt_ids([("user", question)], has_image=True)
-        inputs.append({"input_ids": ids, "pixel_values": pixels, "replies": [True] * len(ids)})
+        ids = encoder.prompt_ids([("user", question)], has_image=True, image_size=size_of(pixels))
+        inputs.append({"input_ids": ids, **pixels, "replies": [True] * len(ids)})
     return "synthetic", f"{count} synthetic prompts (the recipe's data files were not found)", inputs
 
 
@@ -293,13 +295,14 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
 def _text_logits(model, inputs: list[dict], image_token_id: int) -> torch.Tensor:
     """fp32 logits at every non-image position of the prompts, concatenated (batch size 1: no padding)."""
     device = next(model.parameters()).device
-    dtype = next(p for n, p in model.named_parameters() if "vision_tower" in n).dtype
+    family = family_of_model(model)
+    dtype = next(p for n, p in model.named_parameters() if family.part_of(n) == "vision").dtype
     result = []
     for item in inputs:
         ids = torch.tensor([item["input_ids"]], device=device)
-        pixels = None if item["pixel_values"] is None else item["pixel_values"][None].to(device, dtype)
         with autocast_for(model):
-            logits = model(input_ids=ids, pixel_values=pixels, use_cache=False).logits[0]
+            logits = model(input_ids=ids, **forward_image_inputs(image_batch([item]), device, dtype), use_cache=False)
+        logits = logits.logits[0]
         result.append(logits[ids[0] != image_token_id].float().cpu())
     return torch.cat(result)
 
@@ -346,7 +349,7 @@ def merge_checkpoint(
     base: str | Path | None = None,
     force: bool = False,
 ) -> MergeReport:
-    """Write a plain LlavaForConditionalGeneration directory at `out`; verify it unless told not to.
+    """Write a plain transformers model directory (the base's class) at `out`; verify it unless told not to.
 
     `base`: where the base the checkpoint was trained on is now (default: its recipe's model.base). A
     base that is not the one the checkpoint records is refused; `force` merges anyway, with a warning.
@@ -411,7 +414,7 @@ def merge_checkpoint(
     inner = model.get_base_model()
     config = _plain_config(inner.config, DTYPES[dtype])
     with torch.device("meta"):  # the key set save_pretrained would write, without allocating weights
-        expected = set(LlavaForConditionalGeneration(config).state_dict())
+        expected = set(family_of(config).model_class()(config).state_dict())
     writer = ShardWriter(tmp, inner, shard_bytes)
     for name, tensor in tqdm(merged_tensors(model, DTYPES[dtype]), total=len(expected), desc="merging", unit="tensor"):
         writer.add(name, tensor)
@@ -432,11 +435,15 @@ def merge_checkpoint(
     tmp.rename(out)
 
     if verify:
-        merged, info = LlavaForConditionalGeneration.from_pretrained(
-            out,
-            dtype=DTYPES[dtype],
-            device_map={"": torch_device.type if torch_device.index is None else torch_device.index},
-            output_loading_info=True,
+        merged, info = (
+            family_of(config)
+            .model_class()
+            .from_pretrained(
+                out,
+                dtype=DTYPES[dtype],
+                device_map={"": torch_device.type if torch_device.index is None else torch_device.index},
+                output_loading_info=True,
+            )
         )
         wrong = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if wrong:

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from qllava.data.dataset import Encoder, encoder_from_recipe
-from qllava.data.images import load_image
+from qllava.data.images import image_inputs, size_of
 from qllava.data.templates import end_of_turn
 from qllava.errors import QllavaError
+from qllava.model.extras import load_extras, split_extras
+from qllava.model.families import family_of_model, forward_image_inputs, image_batch
 from qllava.model.fingerprint import MERGED_RECIPE, check_trained_on, is_merged_export
 from qllava.model.load import check_base, load_base, load_processor
 from qllava.model.precision import autocast_for, default_device, precision_for
@@ -73,6 +76,8 @@ def attach_adapter(model, adapter: str | Path):
             f"adapter `{adapter}` does not fit the model `{model.name_or_path}` "
             f"({detail[-1].strip() if detail else type(exc).__name__}); was it trained on another base?"
         ) from None
+    # peft skips the family's bare trained parameters (NeXT's image_newline): qllava saved them beside it.
+    load_extras(peft_model, split_extras(peft_model, load_file(path / "adapter_model.safetensors")), path)
     return peft_model
 
 
@@ -169,16 +174,22 @@ def generate_batch(
     """
     tokenizer = processor.tokenizer
     device = next(model.parameters()).device
-    vision_dtype = next(p for n, p in model.named_parameters() if "vision_tower" in n).dtype
-    prompts = [encoder.prompt_ids(turns, has_image=image is not None) for image, turns in batch]
-    input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id)
+    family = family_of_model(model)
+    vision_dtype = next(p for n, p in model.named_parameters() if family.part_of(n) == "vision").dtype
     images = [
-        load_image(image, recipe.data.image_aspect, processor.image_processor)
+        {"pixel_values": None}
+        if image is None
+        else image_inputs(image, recipe.data.image_aspect, processor.image_processor, tiles=family.tiles)
         for image, _ in batch
-        if image is not None
     ]
-    # transformers 5 runs the vision tower for any `pixel_values` key in generate's kwargs, None included.
-    vision = {"pixel_values": torch.stack(images).to(device, vision_dtype)} if images else {}
+    prompts = [
+        encoder.prompt_ids(turns, has_image=image is not None, image_size=size_of(inputs))
+        for (image, turns), inputs in zip(batch, images)
+    ]
+    input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id)
+    vision = forward_image_inputs(image_batch(images), device, vision_dtype)
+    if vision["pixel_values"] is None:
+        vision = {}  # transformers 5 runs the vision tower for any `pixel_values` key in generate's kwargs, None too
     with autocast_for(model):
         out = model.generate(
             input_ids=input_ids.to(device),

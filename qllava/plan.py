@@ -75,21 +75,31 @@ class Shape:
 
 
 def shape_from_config(config) -> Shape:
-    """Count parameters per group on a `meta`-device model built from a LlavaConfig."""
+    """Count parameters per group on a `meta`-device model built from the config (any supported family)."""
     import torch
-    from transformers import LlavaForConditionalGeneration
 
     from qllava.data.dataset import num_image_tokens
+    from qllava.errors import QllavaError
+    from qllava.model.families import family_of
 
+    family = family_of(config)
+    if family.tiles:
+        # The image-token count of an AnyRes model depends on each image's size: the plan would have to
+        # assume one from the recipe's image limits, which it does not do yet.
+        raise QllavaError(
+            f"qllava plan does not estimate `{family.model_type}` models yet: their image tokens depend on each "
+            "image's size"
+        )
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+        model = family.model_class()(config)
     params: dict[str, int] = {}
     for name, p in model.named_parameters():
-        params[_group(name)] = params.get(_group(name), 0) + p.numel()
+        group = _group(name, family)
+        params[group] = params.get(group, 0) + p.numel()
     linears = [
         (name, m.in_features, m.out_features)
         for name, m in model.named_modules()
-        if name.startswith("model.language_model.") and isinstance(m, torch.nn.Linear)
+        if name.startswith(family.llm_prefix) and isinstance(m, torch.nn.Linear)
     ]
     text, vision = config.text_config, config.vision_config
     heads = text.num_attention_heads
@@ -113,10 +123,11 @@ def shape_from_config(config) -> Shape:
     )
 
 
-def _group(name: str) -> str:
-    if "vision_tower" in name:
+def _group(name: str, family) -> str:
+    part = family.part_of(name)
+    if part == "vision":
         return "vision"
-    if "multi_modal_projector" in name:
+    if part in ("projector", "extra"):
         return "projector"
     if "embed_tokens" in name:
         return "embeddings"

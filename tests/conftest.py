@@ -163,3 +163,29 @@ def adapter_tensors(run: Path, name: str = "final") -> dict:
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# --- AnyRes families (LLaVA-NeXT, LLaVA-OneVision) ---
+
+
+def needs_processor(kind: str) -> None:
+    """Skip a test that needs the processor of `kind` where transformers cannot build it."""
+    import importlib.util
+
+    if kind == "llava_onevision" and importlib.util.find_spec("torchvision") is None:
+        pytest.skip("transformers' LlavaOnevisionProcessor cannot be built without torchvision")
+
+
+@pytest.fixture(scope="session")
+def tiny_next(tmp_path_factory) -> Path:
+    from qllava.model.tiny import build_tiny_llava_next
+
+    return build_tiny_llava_next(tmp_path_factory.mktemp("next") / "model", CORPUS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_onevision(tmp_path_factory) -> Path:
+    from qllava.model.tiny import build_tiny_llava_onevision
+
+    needs_processor("llava_onevision")
+    return build_tiny_llava_onevision(tmp_path_factory.mktemp("ov") / "model", CORPUS, seed=0)

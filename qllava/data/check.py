@@ -67,8 +67,10 @@ def _describe(scan: Scan, encoder, report: Report) -> None:
         report.lines.append(f"  warning: {scan.duplicate_warning()}")
     if scan.lengths:
         lengths = scan.lengths
+        # AnyRes: the count depends on each image's size (its distribution is not reported yet).
+        per_image = "by image size" if encoder.sized else f"{encoder.image_tokens} per image"
         report.lines.append(
-            f"  tokens per sample (image tokens included, {encoder.image_tokens} per image): min {min(lengths)}, "
+            f"  tokens per sample (image tokens included, {per_image}): min {min(lengths)}, "
             f"mean {statistics.fmean(lengths):.0f}, median {statistics.median(lengths):.0f}, "
             f"p95 {percentile(lengths, 95):.0f}, max {max(lengths)}"
         )

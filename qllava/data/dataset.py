@@ -8,16 +8,19 @@ Data format (haotian-liu/LLaVA): a JSON list (or JSONL) of
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from qllava.data.images import load_image
+from qllava.data.images import image_inputs, input_size, size_of
 from qllava.data.jsonl import parse_jsonl
 from qllava.data.templates import render
 from qllava.errors import QllavaError
+from qllava.model.families import family_of, image_batch
+from qllava.model.families import image_tokens as processor_image_tokens
 
 IMAGE_TAG = "<image>"
 IGNORE_INDEX = -100
@@ -111,7 +114,9 @@ def parse_sample(record, index: int, source: str) -> Sample:
 
 
 def num_image_tokens(config) -> int:
-    """Image tokens per image implied by a LlavaConfig (as LlavaProcessor expands them)."""
+    """Image tokens per image implied by a LlavaConfig (as LlavaProcessor expands them), for the planner, which
+    runs before a base (and its processor) is downloaded. Everything else asks the processor
+    (`encoder_from_recipe`)."""
     vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
     has_cls = vision.model_type.startswith("clip")
@@ -121,7 +126,12 @@ def num_image_tokens(config) -> int:
 
 
 class Encoder:
-    """Sample -> token ids and labels: loss only on reply spans, `<image>` expanded, cut to max_length."""
+    """Sample -> token ids and labels: loss only on reply spans, `<image>` expanded, cut to max_length.
+
+    `image_tokens`: what one image becomes when that does not depend on its size (LLaVA-1.5), else a typical
+    count (for length grouping); `tokens_for_size((height, width))`, when given, is the count for an image of
+    that size (AnyRes), and every image's size must then be passed with its sample.
+    """
 
     def __init__(
         self,
@@ -132,6 +142,7 @@ class Encoder:
         image_tokens: int,
         max_length: int,
         system: str | None = None,
+        tokens_for_size: Callable[[tuple[int, int]], int] | None = None,
     ) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise QllavaError("a fast tokenizer (tokenizer.json) is needed to map reply spans to tokens")
@@ -141,16 +152,32 @@ class Encoder:
         self.image_tokens = image_tokens
         self.max_length = max_length
         self.system = system
+        self.tokens_for_size = tokens_for_size
+
+    @property
+    def sized(self) -> bool:
+        """Whether an image's token count depends on its size (then pass `image_size` with each sample)."""
+        return self.tokens_for_size is not None
+
+    def _tokens_per_image(self, size: tuple[int, int] | None, label: str) -> int:
+        if self.tokens_for_size is None:
+            return self.image_tokens
+        if size is None:
+            raise QllavaError(f"{label}: internal error: the image's size is needed to count its tokens")
+        return self.tokens_for_size(tuple(size))
 
     def _render(self, sample: Sample):
         return render(sample.turns, self.template, system=sample.system or self.system, tokenizer=self.tokenizer)
 
-    def _tokenize(self, rendered, images: int, label: str) -> tuple[list[int], list[int], int]:
+    def _tokenize(self, rendered, images: int, label: str, per_image: int) -> tuple[list[int], list[int], int]:
         enc = self.tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=True)
-        return self._expand(rendered, enc["input_ids"], enc["offset_mapping"], images, label)
+        return self._expand(rendered, enc["input_ids"], enc["offset_mapping"], images, label, per_image)
 
-    def _expand(self, rendered, token_ids, offsets, images: int, label: str) -> tuple[list[int], list[int], int]:
-        """Token ids with the image block expanded, labels (reply spans only) and where the image block ends."""
+    def _expand(
+        self, rendered, token_ids, offsets, images: int, label: str, per_image: int
+    ) -> tuple[list[int], list[int], int]:
+        """Token ids with each image tag expanded to `per_image` tokens, labels (reply spans only) and where the
+        image block ends."""
         ids, labels = [], []
         images_seen = 0
         image_end = 0
@@ -160,8 +187,8 @@ class Encoder:
         for tok, (start, end) in zip(token_ids, offsets):
             if tok == self.image_token_id:
                 images_seen += 1
-                ids += [tok] * self.image_tokens
-                labels += [IGNORE_INDEX] * self.image_tokens
+                ids += [tok] * per_image
+                labels += [IGNORE_INDEX] * per_image
                 image_end = len(ids)
                 continue
             while t < last and targets[t][1] <= start:
@@ -183,17 +210,21 @@ class Encoder:
             )
         return ids, labels
 
-    def encode_full(self, sample: Sample) -> tuple[list[int], list[int]]:
-        """Untruncated token ids and labels; raises if data.max_length would cut the image block."""
-        result = self.encode_full_batch([sample])[0]
+    def encode_full(self, sample: Sample, image_size: tuple[int, int] | None = None) -> tuple[list[int], list[int]]:
+        """Untruncated token ids and labels; raises if data.max_length would cut the image block.
+        `image_size`: (height, width) of the sample's image, needed when the encoder is `sized`."""
+        result = self.encode_full_batch([sample], [image_size])[0]
         if isinstance(result, QllavaError):
             raise result
         return result
 
-    def encode_full_batch(self, samples: list[Sample]) -> list[tuple[list[int], list[int]] | QllavaError]:
+    def encode_full_batch(
+        self, samples: list[Sample], image_sizes: list[tuple[int, int] | None] | None = None
+    ) -> list[tuple[list[int], list[int]] | QllavaError]:
         """`encode_full` of each sample, or the error naming it; one tokenizer call for all of them, which the
         fast tokenizer can spread over cores (train's start-up scan of a whole dataset; a training item is a
-        batch of one, so both encode alike)."""
+        batch of one, so both encode alike). `image_sizes`: each sample's image (height, width) or None."""
+        image_sizes = image_sizes or [None] * len(samples)
         results: list = [None] * len(samples)
         labels = [f"sample {sample.id!r} ({sample.where})" for sample in samples]
         rendered = {}
@@ -208,25 +239,32 @@ class Encoder:
         enc = self.tokenizer([rendered[i].text for i in order], return_offsets_mapping=True, add_special_tokens=True)
         for i, token_ids, offsets in zip(order, enc["input_ids"], enc["offset_mapping"]):
             try:
-                expanded = self._expand(rendered[i], token_ids, offsets, 1 if samples[i].image else 0, labels[i])
+                per_image = self._tokens_per_image(image_sizes[i], labels[i]) if samples[i].image else 0
+                expanded = self._expand(
+                    rendered[i], token_ids, offsets, 1 if samples[i].image else 0, labels[i], per_image
+                )
                 results[i] = self._cut_check(labels[i], *expanded)
             except QllavaError as exc:
                 results[i] = exc
         return results
 
-    def encode(self, sample: Sample) -> dict:
-        ids, labels = self.encode_full(sample)
+    def encode(self, sample: Sample, image_size: tuple[int, int] | None = None) -> dict:
+        ids, labels = self.encode_full(sample, image_size)
         truncated = len(ids) > self.max_length
         return {"input_ids": ids[: self.max_length], "labels": labels[: self.max_length], "truncated": truncated}
 
-    def prompt_ids(self, turns: list[tuple[str, str]], has_image: bool) -> list[int]:
-        """Token ids of a generation prompt (turns end with the user's), image tokens expanded."""
+    def prompt_ids(
+        self, turns: list[tuple[str, str]], has_image: bool, image_size: tuple[int, int] | None = None
+    ) -> list[int]:
+        """Token ids of a generation prompt (turns end with the user's), image tokens expanded (`image_size`:
+        the image's (height, width), needed when the encoder is `sized`)."""
         if has_image and IMAGE_TAG not in turns[0][1]:
             turns = [("user", f"{IMAGE_TAG}\n{turns[0][1]}")] + list(turns[1:])
         rendered = render(
             turns, self.template, system=self.system, tokenizer=self.tokenizer, add_generation_prompt=True
         )
-        return self._tokenize(rendered, 1 if has_image else 0, "prompt")[0]
+        per_image = self._tokens_per_image(image_size, "prompt") if has_image else 0
+        return self._tokenize(rendered, 1 if has_image else 0, "prompt", per_image)[0]
 
 
 class LlavaDataset(Dataset):
@@ -239,24 +277,27 @@ class LlavaDataset(Dataset):
         image_folder: str | Path | None,
         image_processor,
         image_aspect: str,
+        *,
+        tiles: bool = False,
     ) -> None:
+        """`tiles`: images become AnyRes tile stacks (`Family.tiles`), `image_aspect` does not apply."""
         self.samples = samples
         self.encoder = encoder
         self.image_folder = Path(image_folder) if image_folder else None
         self.image_processor = image_processor
         self.image_aspect = image_aspect
+        self.tiles = tiles
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        item = self.encoder.encode(sample)
-        item["pixel_values"] = None
+        inputs = {"pixel_values": None}
         if sample.image:
             path = self.image_folder / sample.image
             try:
-                item["pixel_values"] = load_image(path, self.image_aspect, self.image_processor)
+                inputs = image_inputs(path, self.image_aspect, self.image_processor, tiles=self.tiles)
             except Exception as exc:  # PIL raises many types for corrupt files
                 raise UnreadableImage(
                     f"sample {sample.id!r} ({sample.where}): cannot read image {path}: {exc}",
@@ -264,7 +305,8 @@ class LlavaDataset(Dataset):
                     path,
                     f"{type(exc).__name__}: {exc}",
                 ) from None
-        return item
+        # The image's own size, as the processor saw it: what its token count depends on (AnyRes).
+        return self.encoder.encode(sample, size_of(inputs)) | inputs
 
     def modality_lengths(self) -> list[int]:
         """Approximate lengths as LLaVA computes them: words plus image tokens, negative for text-only."""
@@ -288,7 +330,7 @@ class UnreadableImage(QllavaError):
 
 
 def collate(items: list[dict], pad_token_id: int) -> dict:
-    """Right-pad a micro-batch; images of the samples that have one are stacked in order."""
+    """Right-pad a micro-batch; images of the samples that have one are batched in order (`image_batch`)."""
     longest = max(len(it["input_ids"]) for it in items)
     input_ids = torch.full((len(items), longest), pad_token_id, dtype=torch.long)
     labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
@@ -298,18 +340,21 @@ def collate(items: list[dict], pad_token_id: int) -> dict:
         input_ids[row, :n] = torch.tensor(it["input_ids"])
         labels[row, :n] = torch.tensor(it["labels"])
         attention_mask[row, :n] = 1
-    images = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
     return {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
-        "pixel_values": torch.stack(images) if images else None,
+        **image_batch(items),
         "truncated": sum(int(it["truncated"]) for it in items),
     }
 
 
 def encoder_from_recipe(recipe, processor, config) -> Encoder:
-    """The tokenizer + template + image-token expansion a recipe implies, checked against the model."""
+    """The tokenizer + template + image-token expansion a recipe implies, checked against the model.
+
+    Image-token counts are the processor's own (`_get_num_multimodal_tokens`): one count for every image when
+    the family's images are one tile, else one per image size (asked once per size).
+    """
     tokenizer = processor.tokenizer
     image_token_id = config.image_token_id
     if tokenizer.convert_tokens_to_ids(IMAGE_TAG) != image_token_id:
@@ -318,11 +363,21 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
             f"but the model expects image_token_id {image_token_id}; is model.base a LLaVA checkpoint "
             "with its own processor files?"
         )
+    counts: dict[tuple[int, int], int] = {}
+
+    def tokens_for_size(size: tuple[int, int]) -> int:
+        if size not in counts:
+            counts[size] = processor_image_tokens(processor, [size])[0]
+        return counts[size]
+
+    # A square image of the vision tower's input size: the count of a one-tile family, a typical one otherwise.
+    typical = tokens_for_size(input_size(processor.image_processor))
     return Encoder(
         tokenizer,
         recipe.data.template,
         image_token_id=image_token_id,
-        image_tokens=num_image_tokens(config),
+        image_tokens=typical,
         max_length=recipe.data.max_length,
         system=recipe.data.system_prompt,
+        tokens_for_size=tokens_for_size if family_of(config).tiles else None,
     )

@@ -87,6 +87,43 @@ def load_image(path: str | Path, aspect: str, image_processor) -> torch.Tensor:
     return pixel_values(image, aspect, image_processor)
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file, from its header (nothing is decoded): what an AnyRes image's token
+    count depends on."""
+    with Image.open(path) as img:
+        width, height = img.size
+    return height, width
+
+
+def tiled_inputs(image: Image.Image, image_processor) -> dict[str, torch.Tensor]:
+    """An AnyRes image (`Family.tiles`) as the processor makes it from the unchanged image: `pixel_values`
+    (tiles, 3, H, W), the count depending on its size, and `image_sizes` (height, width)."""
+    out = image_processor(images=image, return_tensors="pt")
+    return {"pixel_values": out["pixel_values"][0], "image_sizes": out["image_sizes"][0]}
+
+
+def inputs_of_image(
+    image: Image.Image, aspect: str, image_processor, *, tiles: bool = False
+) -> dict[str, torch.Tensor]:
+    """An RGB image as the model's inputs: `pixel_values` (3, H, W) squared as `aspect` says (LLaVA-1.5) or,
+    with `tiles` (AnyRes families, which choose their own grid, so `aspect` does not apply), `tiled_inputs`."""
+    if tiles:
+        return tiled_inputs(image, image_processor)
+    return {"pixel_values": pixel_values(image, aspect, image_processor)}
+
+
+def image_inputs(path: str | Path, aspect: str, image_processor, *, tiles: bool = False) -> dict[str, torch.Tensor]:
+    """One image file as the model's inputs (`inputs_of_image`)."""
+    with Image.open(path) as img:
+        image = img.convert("RGB")
+    return inputs_of_image(image, aspect, image_processor, tiles=tiles)
+
+
+def size_of(inputs: dict[str, torch.Tensor]) -> tuple[int, int] | None:
+    """The original (height, width) an image's inputs carry (AnyRes: what its token count depends on), else None."""
+    return tuple(inputs["image_sizes"].tolist()) if "image_sizes" in inputs else None
+
+
 def processor_to_save(processor, aspect: str):
     """The processor to save beside trained weights (checkpoints, merged exports): one that, loaded with plain
     `AutoProcessor.from_pretrained`, computes the pixels training computed.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from qllava.data.dataset import IGNORE_INDEX
+from qllava.model.families import image_batch
 
 
 def collate_packed(items: list[dict], pad_token_id: int | None = None) -> dict:
@@ -30,14 +31,13 @@ def collate_packed(items: list[dict], pad_token_id: int | None = None) -> dict:
         input_ids += it["input_ids"]
         labels += sample_labels
         positions += range(n)
-    images = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
     return {
         "input_ids": torch.tensor([input_ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
         # Counts the tokens for tokens/s; the forward passes attention_mask=None for a packed batch.
         "attention_mask": torch.ones((1, len(input_ids)), dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
-        "pixel_values": torch.stack(images) if images else None,
+        **image_batch(items),
         "truncated": sum(int(it["truncated"]) for it in items),
     }
 

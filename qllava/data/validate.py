@@ -16,8 +16,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from qllava.data.dataset import IGNORE_INDEX, LlavaDataset, Sample, encoder_from_recipe, parse_sample, read_records
-from qllava.data.images import image_missing
+from qllava.data.images import image_missing, image_size
 from qllava.errors import QllavaError, problem_list
+from qllava.model.families import family_of
 
 # Samples tokenized per tokenizer call: the fast tokenizer runs a batch in parallel.
 _BATCH = 1024
@@ -131,9 +132,18 @@ def scan_file(data: DataFile, recipe, encoder, image_problem: Callable[[Path], s
     folder_found = folder is not None and folder.is_dir()
     bar = tqdm(total=len(parsed), desc=f"check {Path(data.path).name}", unit="sample", disable=None, leave=False)
     for start in range(0, len(parsed), _BATCH):
-        usable = []
+        usable, sizes = [], []
         for sample in parsed[start : start + _BATCH]:
             problem = sample.image and folder_found and image_problem(folder / sample.image)
+            size = None
+            if not problem and sample.image and folder_found and encoder.sized:
+                # The token count of an AnyRes image depends on its size: read from the header, not decoded.
+                try:
+                    size = image_size(folder / sample.image)
+                except Exception as exc:  # PIL raises many types for files that are no image
+                    problem = f"cannot be read ({type(exc).__name__}: {exc})"
+            if sample.image and encoder.sized and not folder_found:
+                continue  # its tokens cannot be counted without its image; the folder's error is reported
             if problem:
                 scan.errors.append(
                     f"sample {sample.id!r} ({sample.where}): image `{sample.image}` {problem} "
@@ -141,7 +151,8 @@ def scan_file(data: DataFile, recipe, encoder, image_problem: Callable[[Path], s
                 )
             else:
                 usable.append(sample)
-        for sample, encoded in zip(usable, encoder.encode_full_batch(usable)):
+                sizes.append(size)
+        for sample, encoded in zip(usable, encoder.encode_full_batch(usable, sizes)):
             if isinstance(encoded, QllavaError):
                 scan.errors.append(str(encoded))
             else:
@@ -188,8 +199,11 @@ def _datasets(files: list[DataFile], recipe, processor, config, warn: Callable[[
         for warning in (scan.duplicate_warning(), scan.truncation_warning(recipe.data.max_length)):
             if warning:
                 warn(f"qllava: warning: {warning}")
+    tiles = family_of(config).tiles
     return [
-        LlavaDataset(scan.samples, encoder, scan.data.folder, processor.image_processor, recipe.data.image_aspect)
+        LlavaDataset(
+            scan.samples, encoder, scan.data.folder, processor.image_processor, recipe.data.image_aspect, tiles=tiles
+        )
         for scan in scans
     ]
 

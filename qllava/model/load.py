@@ -17,20 +17,20 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoConfig, AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, BitsAndBytesConfig
 
 from qllava.errors import QllavaError
+from qllava.model.extras import extra_trainable
+from qllava.model.families import FAMILIES, Family, family_of, family_of_model
 from qllava.model.fingerprint import check_trained_on
 from qllava.model.precision import precision_for
 from qllava.model.projector import load_projector, projector_checkpoint, projector_of
 from qllava.recipe import Recipe
 
-# transformers 5 matches skip patterns against the full module name from its start: short names
-# like "vision_tower" no longer match and would silently quantize the vision tower,
-# the projector and lm_head (seen with transformers 5.24).
-SKIP_QUANTIZATION = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
-LLM_PREFIX = "model.language_model."
-PROJECTOR = "multi_modal_projector"
+# LLaVA-1.5's names, kept for callers from before the family layer; the library reads the model's `Family`.
+SKIP_QUANTIZATION = FAMILIES["llava"].skip_quantization
+LLM_PREFIX = FAMILIES["llava"].llm_prefix
+PROJECTOR = FAMILIES["llava"].projector_name
 
 
 def resolve_attention(choice: str, device: torch.device) -> str:
@@ -71,18 +71,22 @@ def check_base(base: str | Path) -> Path:
             "download the checkpoint once and pass its local path"
         )
     config = AutoConfig.from_pretrained(path)
-    if config.model_type != "llava":
-        raise QllavaError(
-            f"model.base `{base}` is a `{config.model_type}` model; a LLaVA "
-            "(LlavaForConditionalGeneration) checkpoint is needed"
-        )
+    try:
+        family_of(config)
+    except QllavaError as exc:
+        raise QllavaError(f"model.base `{base}`: {exc}") from None
     return path
 
 
 def quantization_config(
-    bits: int, dtype: torch.dtype, quant_storage: torch.dtype = torch.uint8
+    bits: int,
+    dtype: torch.dtype,
+    quant_storage: torch.dtype = torch.uint8,
+    family: Family = FAMILIES["llava"],
 ) -> BitsAndBytesConfig | None:
-    """`quant_storage`: the dtype the packed 4-bit bytes are viewed as (FSDP needs the compute dtype)."""
+    """`quant_storage`: the dtype the packed 4-bit bytes are viewed as (FSDP needs the compute dtype).
+    `family`: whose vision tower, projector and lm_head stay unquantized."""
+    skip = family.skip_quantization
     if bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -90,10 +94,10 @@ def quantization_config(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=quant_storage,
-            llm_int8_skip_modules=SKIP_QUANTIZATION,
+            llm_int8_skip_modules=skip,
         )
     if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_QUANTIZATION)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return None
 
 
@@ -119,7 +123,8 @@ def load_base(
     dtype: torch.dtype | None = None,
     fsdp: bool = False,
 ):
-    """The LLaVA base as trained: quantized LLM, 16/32-bit vision tower, projector and lm_head.
+    """The base as trained: quantized LLM, 16/32-bit vision tower, projector and lm_head (the class and the
+    module names are its family's).
 
     `dtype` (default: `precision_for(device)`'s, bf16 on GPU, fp32 on CPU) is the compute dtype and
     that of unquantized weights.
@@ -127,13 +132,14 @@ def load_base(
     integer tensors and needs one dtype per flat parameter; the 4-bit values are the same.
     """
     path = check_base(base)
+    family = family_of(AutoConfig.from_pretrained(path))
     dtype = dtype or precision_for(device).dtype
     attn = resolve_attention(attention, device)
     device_map = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = family.model_class().from_pretrained(
         path,
         dtype=dtype,
-        quantization_config=quantization_config(bits, dtype, dtype if fsdp else torch.uint8),
+        quantization_config=quantization_config(bits, dtype, dtype if fsdp else torch.uint8, family),
         device_map=device_map,
         attn_implementation={"text_config": attn, "vision_config": "sdpa" if attn == "flash_attention_2" else attn},
     )
@@ -152,11 +158,12 @@ def load_processor(base: str | Path):
 def lora_targets(model: torch.nn.Module, target_modules) -> str:
     """A peft regex that selects the language model's linear layers (never vision tower or projector)."""
     linear_types = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    prefix = family_of_model(model).llm_prefix
     available = sorted(
         {
             name.rsplit(".", 1)[-1]
             for name, m in model.named_modules()
-            if name.startswith(LLM_PREFIX) and isinstance(m, linear_types)
+            if name.startswith(prefix) and isinstance(m, linear_types)
         }
     )
     wanted = available if target_modules == "all-linear" else list(target_modules)
@@ -165,7 +172,7 @@ def lora_targets(model: torch.nn.Module, target_modules) -> str:
         raise QllavaError(
             f"lora.target_modules {unknown} are not linear layers of the language model; available: {available}"
         )
-    return rf"{re.escape(LLM_PREFIX)}.*\.({'|'.join(map(re.escape, wanted))})"
+    return rf"{re.escape(prefix)}.*\.({'|'.join(map(re.escape, wanted))})"
 
 
 def load_for_training(recipe: Recipe, device: torch.device, *, fsdp: bool = False):
@@ -192,6 +199,7 @@ def load_for_training(recipe: Recipe, device: torch.device, *, fsdp: bool = Fals
         fsdp=fsdp,
     )
     processor = load_processor(recipe.model.base)
+    family = family_of_model(model)
     if recipe.model.projector_from:
         load_projector(model, recipe.model.projector_from)
     model.requires_grad_(False)
@@ -209,13 +217,18 @@ def load_for_training(recipe: Recipe, device: torch.device, *, fsdp: bool = Fals
             lora_alpha=recipe.lora.alpha,
             lora_dropout=recipe.lora.dropout,
             target_modules=lora_targets(model, recipe.lora.target_modules),
-            modules_to_save=[PROJECTOR],
+            modules_to_save=[family.projector_name],
             bias="none",
         )
         torch.manual_seed(recipe.train.seed)
         model = get_peft_model(model, config)
         model.base_model.model.disable_input_require_grads()
+        # Bare parameters peft cannot hold (NeXT's image_newline) train with the projector; `qllava.model.extras`
+        # saves them into the adapter file.
+        for param in extra_trainable(model).values():
+            param.requires_grad_(True)
     else:
+        # Stage 1 saves the projector alone (projector.safetensors), so the extra parameters stay as composed.
         projector_of(model).requires_grad_(True)
     # Trainable weights stay fp32 for the optimizer; autocast joins them to the 16-bit base on GPU.
     for param in model.parameters():
@@ -227,19 +240,23 @@ def load_for_training(recipe: Recipe, device: torch.device, *, fsdp: bool = Fals
 def set_train_mode(model: torch.nn.Module) -> None:
     """Train mode for the adapters; the frozen vision tower always runs in eval mode."""
     model.train()
+    family = family_of_model(model)
     for name, module in model.named_modules():
-        if name.endswith("vision_tower"):
+        if family.is_module(name, "vision"):
             module.eval()
 
 
-def _group(name: str) -> str:
+def _group(name: str, family: Family) -> str:
     if "lora_" in name:
         return "LoRA adapters"
-    if PROJECTOR in name:
+    part = family.part_of(name)
+    if part == "projector":
         if "modules_to_save" in name:
             return "projector (trained copy)"
         return "projector (frozen original)" if "original_module" in name else "projector"
-    if "vision_tower" in name:
+    if part == "extra":
+        return name.rsplit(".", 1)[-1]
+    if part == "vision":
         return "vision tower"
     if "lm_head" in name:
         return "lm_head"
@@ -253,8 +270,9 @@ def _group(name: str) -> str:
 def parameter_groups(model: torch.nn.Module) -> dict[str, dict]:
     """Module group -> dtypes, quantized?, trainable parameter count, parameter count."""
     groups: dict[str, dict] = {}
+    family = family_of_model(model)
     for name, param in model.named_parameters():
-        g = groups.setdefault(_group(name), {"dtypes": set(), "quantized": False, "trainable": 0, "params": 0})
+        g = groups.setdefault(_group(name, family), {"dtypes": set(), "quantized": False, "trainable": 0, "params": 0})
         quantized = isinstance(param, (bnb.nn.Params4bit, bnb.nn.Int8Params)) or param.dtype == torch.uint8
         # Two 4-bit values per byte of storage, whatever dtype the bytes are viewed as (uint8, or bf16 for FSDP).
         count = param.numel() * (2 * param.element_size() if isinstance(param, bnb.nn.Params4bit) else 1)

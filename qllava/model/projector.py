@@ -16,25 +16,27 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qllava.errors import QllavaError
+from qllava.model.families import family_of_model
 
 PROJECTOR_FILE = "projector.safetensors"
-_PREFIX = "multi_modal_projector."
 # LLaVA's mlp2x_gelu is nn.Sequential(Linear, GELU, Linear): indices 0 and 2.
 _LLAVA_NAMES = {"0": "linear_1", "2": "linear_2"}
 
 
 def projector_of(model: torch.nn.Module) -> torch.nn.Module:
     """The projector module that trains (peft's trained copy when the model is wrapped)."""
-    found = [m for name, m in model.named_modules() if name.endswith(_PREFIX.rstrip("."))]
+    family = family_of_model(model)
+    found = [m for name, m in model.named_modules() if family.is_module(name, "projector")]
     if not found:
-        raise QllavaError("the model has no multi_modal_projector; is it a LLaVA model?")
+        raise QllavaError(f"the model has no {family.projector}; is it a {family.model_type} model?")
     copies = getattr(found[0], "modules_to_save", None)  # peft's wrapper: the trained copy is "default"
     return copies["default"] if copies is not None else found[0]
 
 
 def save_projector(model: torch.nn.Module, directory: Path) -> Path:
-    """Write the projector's weights as `multi_modal_projector.*` tensors (the names of an HF LLaVA)."""
-    state = {f"{_PREFIX}{k}": v.detach().contiguous().cpu() for k, v in projector_of(model).state_dict().items()}
+    """Write the projector's weights as `multi_modal_projector.*` tensors (its module name in the HF model)."""
+    prefix = f"{family_of_model(model).projector_name}."
+    state = {f"{prefix}{k}": v.detach().contiguous().cpu() for k, v in projector_of(model).state_dict().items()}
     path = Path(directory) / PROJECTOR_FILE
     save_file(state, str(path), metadata={"format": "pt"})
     return path
@@ -46,8 +48,9 @@ _ACCEPTED = (
 )
 
 
-def _read(source: Path) -> dict[str, torch.Tensor]:
-    """Tensors named like the module's own state dict (`linear_1.weight`, ...)."""
+def _read(source: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Tensors named like the module's own state dict (`linear_1.weight`, ...); `prefix`: the projector's
+    module name and a dot, which a projector.safetensors puts before them."""
     if source.suffix == ".bin":
         try:
             raw = torch.load(source, map_location="cpu", weights_only=True)
@@ -69,7 +72,7 @@ def _read(source: Path) -> dict[str, torch.Tensor]:
         raw = load_file(str(source))
     except SafetensorError as exc:
         raise QllavaError(f"{source} is not a safetensors file ({exc}); {_ACCEPTED}") from None
-    return {k.split(_PREFIX, 1)[1] if _PREFIX in k else k: v for k, v in raw.items()}
+    return {k.split(prefix, 1)[1] if prefix in k else k: v for k, v in raw.items()}
 
 
 def resolve_projector_file(source: str | Path) -> Path:
@@ -97,7 +100,7 @@ def projector_checkpoint(source: str | Path) -> Path | None:
 def load_projector(model: torch.nn.Module, source: str | Path) -> Path:
     """Copy projector weights from `source` (file or directory) into the model's projector."""
     path = resolve_projector_file(source)
-    tensors = _read(path)
+    tensors = _read(path, f"{family_of_model(model).projector_name}.")
     module = projector_of(model)
     expected = module.state_dict()
     if set(tensors) != set(expected):

@@ -146,20 +146,8 @@ def llava_processor(tokenizer, image_size: int, patch_size: int) -> LlavaProcess
     )
 
 
-def build_tiny_llava(
-    out_dir: str | Path,
-    corpus: list[str],
-    *,
-    seed: int = 0,
-    vision_hidden: int = 64,
-    text_hidden: int = 128,
-    text_layers: int = 2,
-    text_intermediate: int = 256,
-) -> Path:
-    """Create and save a randomly initialised tiny LLaVA with processor; return its directory."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(corpus)
+def _tiny_dims(vision_hidden: int, text_hidden: int, text_layers: int, text_intermediate: int) -> tuple[dict, dict]:
+    """(vision, text) config dimensions of the tiny models: 32 px images in 8 px patches, 2 vision layers."""
     vision = dict(
         hidden_size=vision_hidden,
         intermediate_size=2 * vision_hidden,
@@ -177,7 +165,24 @@ def build_tiny_llava(
         num_key_value_heads=2,
         max_position_embeddings=512,
     )
-    config = llava_config(tokenizer, vision, text)
+    return vision, text
+
+
+def build_tiny_llava(
+    out_dir: str | Path,
+    corpus: list[str],
+    *,
+    seed: int = 0,
+    vision_hidden: int = 64,
+    text_hidden: int = 128,
+    text_layers: int = 2,
+    text_intermediate: int = 256,
+) -> Path:
+    """Create and save a randomly initialised tiny LLaVA with processor; return its directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(corpus)
+    config = llava_config(tokenizer, *_tiny_dims(vision_hidden, text_hidden, text_layers, text_intermediate))
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -323,4 +328,141 @@ def build_tiny_llm(
     model = model_class(config).to(dtype)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return out
+
+
+# AnyRes grids of the tiny vision tower's 32 px tiles: 1x2, 2x1 and 2x2 tiles (LLaVA-NeXT's 336 px grid shrunk),
+# so that images of different shapes get 3 or 5 tiles (the base image plus the grid).
+NEXT_PINPOINTS = [[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+# OneVision's grids go up to 3 tiles a side; "anyres_max_2" pools the features of images whose grid holds more
+# than about 2 tiles' worth, so that the tiny model exercises both of AnyRes-max's paths.
+ONEVISION_PINPOINTS = [[IMAGE_SIZE * h, IMAGE_SIZE * w] for h in (1, 2, 3) for w in (1, 2, 3)]
+ONEVISION_ASPECT = "anyres_max_2"
+
+
+def build_tiny_llava_next(
+    out_dir: str | Path,
+    corpus: list[str],
+    *,
+    seed: int = 0,
+    vision_hidden: int = 64,
+    text_hidden: int = 128,
+    text_layers: int = 2,
+    text_intermediate: int = 256,
+) -> Path:
+    """Create and save a random tiny LLaVA-NeXT (v1.6: CLIP-style vision, Llama-style LLM, AnyRes over
+    `NEXT_PINPOINTS`) with its `LlavaNextProcessor`; return its directory."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next import LlavaNextImageProcessorPil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(corpus)
+    vision, text = _tiny_dims(vision_hidden, text_hidden, text_layers, text_intermediate)
+    base = llava_config(tokenizer, vision, text)
+    config = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_id=base.image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=NEXT_PINPOINTS,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_grid_pinpoints=NEXT_PINPOINTS,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    ).save_pretrained(out)
+    return out
+
+
+def build_tiny_llava_onevision(
+    out_dir: str | Path,
+    corpus: list[str],
+    *,
+    seed: int = 0,
+    vision_hidden: int = 64,
+    text_hidden: int = 128,
+    processor: bool = True,
+) -> Path:
+    """Create and save a random tiny LLaVA-OneVision (SigLIP-style vision, all its features; Qwen2-style LLM with
+    tied, padded embeddings; chatml; AnyRes-max over `ONEVISION_PINPOINTS`) with its processor.
+
+    transformers' `LlavaOnevisionProcessor` cannot be built, nor loaded, without torchvision (its video
+    processor needs it); `processor=False` saves the tokenizer alone, enough to load the model (`load_base`).
+    """
+    import importlib.util
+
+    if processor and importlib.util.find_spec("torchvision") is None:
+        raise RuntimeError(
+            "a LLaVA-OneVision processor needs torchvision (transformers' LlavaOnevisionVideoProcessor requires it)"
+        )
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_train_bpe(corpus, specials, unk=None, bos=None, vocab_size=512),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        additional_special_tokens=["<|im_start|>", "<image>", "<video>"],
+        model_max_length=512,
+    )
+    vision, text = _tiny_dims(vision_hidden, text_hidden, 2, 2 * text_hidden)
+    vision.pop("projection_dim")
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**vision),
+        text_config=Qwen2Config(
+            **text,
+            vocab_size=64 * (len(tokenizer) // 64 + 2),  # padded, as Qwen2's
+            tie_word_embeddings=True,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=ONEVISION_PINPOINTS,
+        vision_aspect_ratio=ONEVISION_ASPECT,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out)
+    if not processor:
+        tokenizer.save_pretrained(out)
+        return out
+    from transformers import LlavaOnevisionProcessor
+    from transformers.models.llava_onevision import LlavaOnevisionImageProcessorPil, LlavaOnevisionVideoProcessor
+
+    settings = dict(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
+    LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessorPil(image_grid_pinpoints=ONEVISION_PINPOINTS, **settings),
+        tokenizer=tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(**settings),
+        num_image_tokens=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=ONEVISION_ASPECT,
+    ).save_pretrained(out)
     return out

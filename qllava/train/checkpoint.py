@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from qllava.data.images import processor_to_save
 from qllava.errors import QllavaError
+from qllava.model.extras import load_extras, save_extras, split_extras
 from qllava.model.fingerprint import record_base
 from qllava.model.projector import PROJECTOR_FILE, load_projector, save_projector
 from qllava.recipe import Recipe, dump_recipe
@@ -162,6 +163,7 @@ def _write_checkpoint(
         model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         if weights is not None:  # FSDP: peft's keys keep the names of the nested FSDP units
             strip_wrapper_names(tmp / ADAPTER_FILE)
+        save_extras(model, tmp / ADAPTER_FILE, weights)  # bare trained parameters peft leaves out
     else:  # stage 1: only the projector trained
         save_projector(model, tmp)
     processor_to_save(processor, recipe.data.image_aspect).save_pretrained(tmp)
@@ -432,7 +434,9 @@ def _load_adapter(path: Path, model) -> None:
     if not (path / ADAPTER_FILE).is_file():
         raise QllavaError(f"checkpoint {path} holds no LoRA adapter (a stage-1 run?), but this recipe trains LoRA")
     try:
-        result = set_peft_model_state_dict(model, load_file(path / ADAPTER_FILE))
+        tensors = load_file(path / ADAPTER_FILE)
+        extras = split_extras(model, tensors)
+        result = set_peft_model_state_dict(model, tensors)
     except RuntimeError as exc:  # shape mismatch: another LoRA rank or base
         raise QllavaError(
             f"checkpoint {path} does not fit this model ({str(exc).splitlines()[-1].strip()}); "
@@ -444,3 +448,4 @@ def _load_adapter(path: Path, model) -> None:
             f"checkpoint {path} does not fit this model (unexpected weights such as {unexpected[0]}); "
             "was it trained from another model.base or LoRA setting?"
         )
+    load_extras(model, extras, path)

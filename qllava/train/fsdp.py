@@ -33,7 +33,7 @@ from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from qllava.errors import QllavaError
-from qllava.model.load import PROJECTOR
+from qllava.model.families import FAMILIES
 from qllava.recipe import Recipe
 
 DEEPSPEED_UNSUPPORTED = (
@@ -41,7 +41,8 @@ DEEPSPEED_UNSUPPORTED = (
     "DeepSpeed's engine does not allow); use recipes/accelerate/ddp.yaml or fsdp-qlora.yaml"
 )
 _PREFIX = "_fsdp_wrapped_module."
-_REPLICATED = ("vision_tower", PROJECTOR)
+# The vision towers and projectors (module names) of every family: each rank keeps them whole.
+_REPLICATED = tuple(sorted({path.rsplit(".", 1)[-1] for f in FAMILIES.values() for path in (f.vision, f.projector)}))
 
 
 def _env_flag(name: str) -> bool:

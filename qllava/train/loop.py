@@ -30,6 +30,7 @@ from qllava.data.sampler import GroupedSampler
 from qllava.data.templates import template_named_by
 from qllava.data.validate import datasets_from_recipe
 from qllava.errors import QllavaError
+from qllava.model.families import forward_image_inputs
 from qllava.model.fingerprint import check_trained_on
 from qllava.model.load import check_base, describe, load_processor, resolve_attention, set_train_mode
 from qllava.model.precision import default_device, precision_for
@@ -88,7 +89,6 @@ def _forward_loss(model, batch: dict, device: torch.device, dtype: torch.dtype, 
     A packed batch (`collate_packed`) runs with its position_ids and attention_mask=None, which is what
     makes transformers mask attention between the packed samples.
     """
-    pixel_values = batch["pixel_values"]
     packed = batch.get("position_ids") is not None
     return forward_loss_sum(
         model,
@@ -97,7 +97,7 @@ def _forward_loss(model, batch: dict, device: torch.device, dtype: torch.dtype, 
         input_ids=batch["input_ids"].to(device),
         attention_mask=None if packed else batch["attention_mask"].to(device),
         position_ids=batch["position_ids"].to(device) if packed else None,
-        pixel_values=None if pixel_values is None else pixel_values.to(device, dtype),
+        **forward_image_inputs(batch, device, dtype),  # pixel_values and the family's extra image inputs
         use_cache=False,
     )
 

@@ -8,7 +8,7 @@ import torch
 from transformers import get_scheduler
 
 from qllava.errors import QllavaError
-from qllava.model.load import PROJECTOR
+from qllava.model.families import family_of_model
 from qllava.model.precision import gpu_layout
 from qllava.recipe import Recipe
 
@@ -22,12 +22,15 @@ def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def param_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict]:
-    """LoRA at optim.lr, projector at optim.projector_lr; no weight decay on biases and norms."""
+    """LoRA at optim.lr, projector (and the family's extra trainables) at optim.projector_lr; no weight decay
+    on biases and norms."""
     buckets: dict[tuple[str, bool], list] = {}
+    family = family_of_model(model)
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        kind = "projector" if PROJECTOR in name else "lora"
+        # The family's extra trainable parameters (NeXT's image_newline) belong to the projector's features.
+        kind = "projector" if family.part_of(name) in ("projector", "extra") else "lora"
         buckets.setdefault((kind, _no_decay(name, param)), []).append(param)
     groups = []
     for (kind, no_decay), params in sorted(buckets.items()):

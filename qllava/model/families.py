@@ -1,0 +1,191 @@
+"""One entry per supported architecture (`model_type`): the facts about it that cannot be derived.
+
+Everything architecture-specific is read from here, never named elsewhere: the quantization skip list,
+the LoRA target regex, what trains and what stays frozen, the start-up table's groups, the merge, the
+planner. How many image tokens an image becomes is asked of the model's processor
+(`_get_num_multimodal_tokens`, what vLLM's transformers backend relies on), never copied as a formula.
+
+Adding an architecture is one entry here plus its tests (and a tiny builder in `qllava.model.tiny`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from qllava.errors import QllavaError
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the image-text-to-text architectures qllava trains."""
+
+    model_type: str
+    """`config.model_type` of the top-level config."""
+    class_name: str
+    """The transformers class a checkpoint of this type loads as (also what `AutoModelForImageTextToText` gives)."""
+    vision: str = "model.vision_tower"
+    """Module path of the vision encoder: frozen, never quantized."""
+    projector: str = "model.multi_modal_projector"
+    """Module path of the multimodal projector: trains fully, never quantized, saved inside the adapter."""
+    language_model: str = "model.language_model"
+    """Module path of the decoder: its linear layers are 4-bit and carry LoRA."""
+    extra_trainable: tuple[str, ...] = ()
+    """Bare parameters (not modules) that train with the projector, by full name: peft's `modules_to_save`
+    holds modules only, so these are saved into the adapter file and restored beside it (LLaVA-NeXT's
+    `model.image_newline`, the learned separator after each row of image features)."""
+    tiles: bool = False
+    """An image becomes a stack of tiles whose count depends on its size (AnyRes): per image, pixel_values is
+    (tiles, 3, H, W) and a batch concatenates the stacks, which the model splits again by `image_sizes`."""
+    image_inputs: tuple[str, ...] = ()
+    """Processor outputs the forward needs beside pixel_values, one row per image, stacked over the batch's
+    images in sample order (`image_sizes`: (height, width) of each original image, which the AnyRes forward
+    needs to split the tile stacks and unpad the features)."""
+    packing: bool = True
+    """Whether 1-D packing (position ids restarting per sample) is valid: false for 3-D (M-)RoPE models."""
+    default_template: str = "vicuna_v1"
+    """The template a recipe uses when the base names none (its tokenizer has no chat template)."""
+
+    @property
+    def skip_quantization(self) -> list[str]:
+        """`llm_int8_skip_modules`: full module names (transformers 5 anchors them at the start of the name;
+        short names like "vision_tower" silently match nothing). Passing a list also drops transformers' own
+        default skips, so lm_head is named here."""
+        return [self.vision, self.projector, "lm_head"]
+
+    @property
+    def llm_prefix(self) -> str:
+        return f"{self.language_model}."
+
+    @property
+    def projector_name(self) -> str:
+        """The projector module's own name, what peft's `modules_to_save` matches (`multi_modal_projector`)."""
+        return self.projector.rsplit(".", 1)[-1]
+
+    @cached_property
+    def _patterns(self) -> dict[str, re.Pattern]:
+        # A module path at a name-segment boundary, so that peft's prefixes ("base_model.model.") and
+        # wrappers ("modules_to_save.default.") around it do not matter.
+        def at_boundary(path: str) -> re.Pattern:
+            return re.compile(rf"(^|\.){re.escape(path)}(\.|$)")
+
+        return {
+            "projector": at_boundary(self.projector),
+            "vision": at_boundary(self.vision),
+            "llm": at_boundary(self.language_model),
+            "extra": re.compile(rf"(^|\.)({'|'.join(map(re.escape, self.extra_trainable)) or '(?!)'})$"),
+        }
+
+    def part_of(self, name: str) -> str | None:
+        """Which part a parameter or module name (peft-, DDP- or FSDP-wrapped or not) belongs to: `projector`,
+        `extra` (an extra trainable parameter), `vision`, `llm`, or None (lm_head, anything else).
+
+        The projector is asked first: in some architectures it lies inside the vision module."""
+        name = _unwrapped(name)
+        for part in ("projector", "extra", "vision", "llm"):
+            if self._patterns[part].search(name):
+                return part
+        return None
+
+    def is_module(self, name: str, part: str) -> bool:
+        """Whether `name` (wrapped or not) is the module of a part itself (`vision`, `projector`, `llm`), not
+        one inside it."""
+        path = {"vision": self.vision, "projector": self.projector, "llm": self.language_model}[part]
+        return re.search(rf"(^|\.){re.escape(path)}$", _unwrapped(name)) is not None
+
+    def model_class(self):
+        import transformers
+
+        return getattr(transformers, self.class_name)
+
+
+def _unwrapped(name: str) -> str:
+    # FSDP and activation checkpointing insert these between a module and its children.
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+_ANYRES = dict(extra_trainable=("model.image_newline",), tiles=True, image_inputs=("image_sizes",))
+
+FAMILIES: dict[str, Family] = {
+    family.model_type: family
+    for family in (
+        Family("llava", "LlavaForConditionalGeneration"),
+        # LLaVA-NeXT (v1.6): AnyRes tiles, an unpadded grid of features with a learned newline per row.
+        Family("llava_next", "LlavaNextForConditionalGeneration", **_ANYRES),
+        # LLaVA-OneVision: AnyRes-max (features pooled down above a tile budget), usually a Qwen2 LLM.
+        Family("llava_onevision", "LlavaOnevisionForConditionalGeneration", **_ANYRES, default_template="chatml"),
+    )
+}
+
+
+def family_named(model_type: str) -> Family:
+    """The entry for a `model_type`; an unsupported one is an error naming the supported ones."""
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise QllavaError(
+            f"`{model_type}` models are not supported; supported architectures (config.json model_type): "
+            f"{', '.join(FAMILIES)}"
+        )
+    return family
+
+
+def family_of(config) -> Family:
+    """The entry for a model config (a transformers config object, or config.json as a dict)."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return family_named(str(model_type))
+
+
+def family_of_model(model: torch.nn.Module) -> Family:
+    """The entry for a loaded model, through DDP / FSDP / peft wrappers."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "model_type", None) in FAMILIES:
+            return FAMILIES[config.model_type]
+    raise QllavaError(f"{type(model).__name__} is none of the supported architectures ({', '.join(FAMILIES)})")
+
+
+def image_tokens(processor, sizes: list[tuple[int, int]]) -> list[int]:
+    """Image tokens the processor expands each image of (height, width) into, as its own `__call__` does."""
+    from qllava.data.images import input_size
+
+    # transformers 5.24's LlavaProcessor counts from the image processor's crop_size even where it does not crop
+    # (SigLIP's has none; a padding LlavaImageProcessor keeps a 224 px default with do_center_crop off), while
+    # `__call__` counts from the pixels it made: tell it the size the pixels have. AnyRes processors count from
+    # `size` and ignore it.
+    height, width = input_size(processor.image_processor)
+    kwargs = {"crop_size": {"height": height, "width": width}}
+    counted = processor._get_num_multimodal_tokens(image_sizes=[list(s) for s in sizes], **kwargs)
+    return [int(n) for n in counted.num_image_tokens]
+
+
+IMAGE_INPUTS = tuple(sorted({key for family in FAMILIES.values() for key in family.image_inputs}))
+"""Every architecture's extra image inputs: the keys a dataset item or batch may carry beside pixel_values."""
+
+
+def image_batch(items: list[dict]) -> dict:
+    """The batch's image inputs from dataset items, samples in order: pixel_values stacked (one tensor of
+    3 dims per image) or concatenated (tile stacks of 4 dims, `Family.tiles`), each of the family's
+    `image_inputs` stacked; pixel_values None when no sample has an image."""
+    with_image = [it for it in items if it["pixel_values"] is not None]
+    if not with_image:
+        return {"pixel_values": None}
+    pixels = [it["pixel_values"] for it in with_image]
+    batch = {"pixel_values": torch.cat(pixels) if pixels[0].dim() == 4 else torch.stack(pixels)}
+    for key in IMAGE_INPUTS:
+        if key in with_image[0]:
+            batch[key] = torch.stack([it[key] for it in with_image])
+    return batch
+
+
+def forward_image_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """The forward's image keyword arguments from a collated batch: pixel_values in the vision dtype, the
+    other image inputs (`image_sizes`) as they are, on `device`."""
+    pixels = batch["pixel_values"]
+    inputs = {"pixel_values": None if pixels is None else pixels.to(device, dtype)}
+    for key in IMAGE_INPUTS:
+        if batch.get(key) is not None:
+            inputs[key] = batch[key].to(device)
+    return inputs
