@@ -264,6 +264,7 @@ NON_NEGATIVE = (
     "optim.warmup_ratio",
     "lora.dropout",
 )
+FRACTIONS = ("data.max_bad_fraction",)
 REQUIRED = ("model.base", "data.train")
 
 
@@ -497,6 +498,9 @@ def _check_values(recipe: Recipe) -> list[tuple[str, str]]:
     for key in NON_NEGATIVE:
         if isinstance(get(recipe, key), (int, float)) and get(recipe, key) < 0:
             problems.append((key, f"`{key}` must be >= 0, got {get(recipe, key)}"))
+    for key in FRACTIONS:
+        if isinstance(get(recipe, key), (int, float)) and get(recipe, key) > 1:
+            problems.append((key, f"`{key}` is a fraction between 0 and 1, got {get(recipe, key)} (0.02 for 2%)"))
     for key in REQUIRED:
         if not get(recipe, key):
             problems.append((key, f"`{key}` is required (set it in the recipe or as {key}=...)"))

@@ -70,7 +70,17 @@ class Scan:
     lost_part: int = 0
     """Samples that keep some trained tokens within data.max_length but not all."""
     duplicates: dict[str, int] = field(default_factory=dict)
+    unreadable: list[str] = field(default_factory=list)
+    """Image problems kept as samples (data.on_bad_sample=skip): the run skips them when they are drawn."""
     """Sample id -> how often it occurs, for ids that occur more than once."""
+
+    def unreadable_warning(self) -> str | None:
+        if not self.unreadable:
+            return None
+        return (
+            f"{len(self.unreadable)} sample(s) of {self.data.path} have no readable image, such as "
+            f"{self.unreadable[0]}; data.on_bad_sample=skip leaves them out when they are drawn (bad_samples.jsonl)"
+        )
 
     def duplicate_warning(self) -> str | None:
         if not self.duplicates:
@@ -92,10 +102,18 @@ class Scan:
         )
 
 
-def scan_file(data: DataFile, recipe, encoder, image_problem: Callable[[Path], str | None] = image_missing) -> Scan:
+def scan_file(
+    data: DataFile,
+    recipe,
+    encoder,
+    image_problem: Callable[[Path], str | None] = image_missing,
+    keep_unreadable: bool = False,
+) -> Scan:
     """Validate every sample of `data`; every problem is collected, each naming the sample and file.
 
-    `image_problem(path)` says what is wrong with an image file (None: nothing).
+    `image_problem(path)` says what is wrong with an image file (None: nothing). `keep_unreadable`: a sample
+    whose image has a problem stays in (a warning, not an error), for a run that skips it when drawn; the
+    epoch's order, drawn over all samples, stays that of the run's checkpoints.
     """
     scan = Scan(data)
     records = read_records(data.path)
@@ -144,7 +162,11 @@ def scan_file(data: DataFile, recipe, encoder, image_problem: Callable[[Path], s
                     problem = f"cannot be read ({type(exc).__name__}: {exc})"
             if sample.image and encoder.sized and not folder_found:
                 continue  # its tokens cannot be counted without its image; the folder's error is reported
-            if problem:
+            if problem and keep_unreadable and not encoder.sized:  # AnyRes needs the image to count its tokens
+                scan.unreadable.append(f"{sample.id!r} ({sample.where}): image `{sample.image}` {problem}")
+                usable.append(sample)
+                sizes.append(None)
+            elif problem:
                 scan.errors.append(
                     f"sample {sample.id!r} ({sample.where}): image `{sample.image}` {problem} "
                     f"in {data.folder_key} `{data.folder}`"
@@ -188,7 +210,8 @@ def _count(scan: Scan, sample: Sample, ids: list[int], labels: list[int], max_le
 
 def _datasets(files: list[DataFile], recipe, processor, config, warn: Callable[[str], None]) -> list[LlavaDataset]:
     encoder = encoder_from_recipe(recipe, processor, config)
-    scans = [scan_file(data, recipe, encoder) for data in files]
+    skip = recipe.data.on_bad_sample == "skip"
+    scans = [scan_file(data, recipe, encoder, keep_unreadable=skip and data.key == "data.train") for data in files]
     errors = list(dict.fromkeys(error for scan in scans for error in scan.errors))  # a shared folder: once
     if errors:
         raise QllavaError(
@@ -196,7 +219,12 @@ def _datasets(files: list[DataFile], recipe, processor, config, warn: Callable[[
             + problem_list(errors)
         )
     for scan in scans:
-        for warning in (scan.duplicate_warning(), scan.truncation_warning(recipe.data.max_length)):
+        warnings = (
+            scan.unreadable_warning(),
+            scan.duplicate_warning(),
+            scan.truncation_warning(recipe.data.max_length),
+        )
+        for warning in warnings:
             if warning:
                 warn(f"qllava: warning: {warning}")
     tiles = family_of(config).tiles

@@ -59,6 +59,10 @@ class TrainState:
     world_size and micro_batch it fixes the epoch's order, which `consumed` counts into."""
     samples: int = 0
     """Training samples the epoch's order was drawn from (0: not recorded)."""
+    samples_digest: str = ""
+    """A hash of their ids and images, in order: the same count of other samples is another order too."""
+    updated_at: int = 0
+    """The last step whose optimizer step updated the weights."""
     skipped_samples: int = 0
     """Samples left out so far because their image could not be read (data.on_bad_sample=skip)."""
     log_window: dict = field(default_factory=dict)

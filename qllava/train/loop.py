@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import importlib.util
 import math
 from collections.abc import Iterator
@@ -263,6 +264,7 @@ class _Run:
                     grad_norm = torch.zeros((), device=device)
                 else:
                     self.scheduler.step()
+                    self.state.updated_at = self.state.step + 1
             self.optimizer.zero_grad(set_to_none=True)
             outcome.sums.loss = step_loss
             outcome.sums.tokens = sum(b["attention_mask"].sum() for b in window)
@@ -321,14 +323,14 @@ class _Run:
         return nonfinite
 
     def _nonfinite_message(self) -> str:
-        last = self.state.step - self.nonfinite_in_a_row
+        first, last_update = self.state.step - self.nonfinite_in_a_row + 1, self.state.updated_at
         optim = self.recipe.optim
         return (
-            f"steps {last + 1}-{self.state.step}: the loss or gradient norm was NaN or inf "
+            f"steps {first}-{self.state.step}: the loss or gradient norm was NaN or inf "
             f"{self.nonfinite_in_a_row} times in a row (train.max_nonfinite_steps); none of them updated the "
-            f"weights, so the checkpoint holds those of step {last}, the last finite one. Try a lower optim.lr "
-            f"(now {optim.lr:g}) or optim.max_grad_norm (now {optim.max_grad_norm:g}), and look at the samples "
-            "of these steps (`qllava data show`)"
+            f"weights, so the checkpoint holds those of step {last_update}, the last step that did. Try a lower "
+            f"optim.lr (now {optim.lr:g}) or optim.max_grad_norm (now {optim.max_grad_norm:g}); if that step's "
+            "update was already harmful, resume from an earlier checkpoint instead"
         )
 
     def eval_due(self) -> bool:
@@ -487,13 +489,15 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     train_set, eval_set = datasets_from_recipe(
         recipe, processor, AutoConfig.from_pretrained(recipe.model.base), warn=say
     )
-    if state.samples and state.samples != len(train_set):
+    digest = hashlib.sha256("\n".join(f"{s.id}\t{s.image}" for s in train_set.samples).encode()).hexdigest()
+    if (state.samples, state.samples_digest) not in ((0, ""), (len(train_set), digest)):
+        now = f"now has {len(train_set)}" if state.samples != len(train_set) else "now holds others (or another order)"
         raise QllavaError(
             f"checkpoint {resume_from} was written by a run over {state.samples} training samples and data.train "
-            f"now has {len(train_set)}; the epoch's order depends on them, so resuming would repeat some samples "
-            "and skip others. Resume with the data it was written with, or start a new output.dir"
+            f"{now}; the epoch's order is drawn over them, so resuming would repeat some samples and skip others. "
+            "Resume with the data it was written with, or start a new output.dir"
         )
-    state.samples = len(train_set)
+    state.samples, state.samples_digest = len(train_set), digest
     model, _ = parallel.load_model()
     dtype = precision_for(device, recipe.train.mixed_precision).dtype
     say(

@@ -61,6 +61,24 @@ def test_skipped_bad_samples_are_listed_and_resume_is_exact(tiny_base, tiny_data
     assert [json.loads(line) for line in (resumed / "bad_samples.jsonl").read_text().splitlines()] == later
 
 
+def test_an_image_missing_at_start_up_is_skipped_under_skip(tiny_base, tiny_data, tmp_path, capsys):
+    """A run stopped by a deleted image resumes with data.on_bad_sample=skip: the sample stays in the order."""
+    (tiny_data / "images" / "5.png").unlink()
+    run = tmp_path / "run"
+    with pytest.raises(QllavaError, match="image `5.png` not found"):  # the default, stop: an error at start-up
+        train(make_recipe(tiny_base, tiny_data, run, train=SIX_STEPS), progress=False)
+    skip = {"on_bad_sample": "skip", "max_bad_fraction": 0.5}
+    train(make_recipe(tiny_base, tiny_data, run, train=SIX_STEPS, data=skip), progress=False)
+    assert "1 sample(s) of" in capsys.readouterr().out
+    listed = [json.loads(line)["id"] for line in (run / "bad_samples.jsonl").read_text().splitlines()]
+    assert listed == ["s5", "s5"] and sum(run_metrics(run, "skipped")) == 2
+
+
+def test_a_bad_fraction_above_one_is_refused(tiny_base, tiny_data, tmp_path):
+    with pytest.raises(QllavaError, match=r"data.max_bad_fraction` is a fraction between 0 and 1, got 2"):
+        make_recipe(tiny_base, tiny_data, tmp_path, data={"max_bad_fraction": 2})
+
+
 def test_too_many_skipped_samples_stop_the_run(tiny_base, tiny_data, tmp_path):
     for name in ("0.png", "1.png", "2.png"):
         corrupt(tiny_data, name)
@@ -100,9 +118,12 @@ def test_a_nan_step_is_skipped_and_counted(tiny_base, tiny_data, tmp_path, monke
 def test_nan_steps_in_a_row_stop_with_the_last_finite_weights(tiny_base, tiny_data, tmp_path, monkeypatch):
     poison(monkeypatch, {3, 4, 5})
     run = tmp_path / "run"
-    with pytest.raises(QllavaError, match=r"steps 3-5: the loss or gradient norm was NaN or inf 3 times in a row"):
+    with pytest.raises(
+        QllavaError, match=r"steps 3-5: the loss or gradient norm was NaN or inf 3 times in a row"
+    ) as stopped:
         train(make_recipe(tiny_base, tiny_data, run, train=SIX_STEPS), progress=False)
     assert run_metrics(run, "nonfinite_steps") == [0, 0, 1, 1, 1]  # the last one logged before the stop
+    assert "the checkpoint holds those of step 2, the last step that did" in str(stopped.value)
     last_finite = adapter_tensors(run, "checkpoint-2")
     assert max_abs_diff(adapter_tensors(run, "checkpoint-5"), last_finite) == 0
     assert max_abs_diff(adapter_tensors(run, "checkpoint-4"), last_finite) == 0

@@ -85,7 +85,7 @@ def test_resume_from_a_path_never_trains_over_a_finished_or_another_run(tiny_bas
     assert ckpt.find_resume(checkpoint, run) == run / "checkpoint-2"
 
 
-def test_resume_over_another_number_of_samples_is_refused(tiny_base, tiny_data, tmp_path):
+def test_resume_over_other_samples_is_refused(tiny_base, tiny_data, tmp_path):
     """The epoch's order is a permutation of the training set: a checkpoint's position means nothing in another."""
     run = tmp_path / "run"
     train(make_recipe(tiny_base, tiny_data, run, train={"max_steps": 4, "save_every": 2}), progress=False)
@@ -93,4 +93,7 @@ def test_resume_over_another_number_of_samples_is_refused(tiny_base, tiny_data, 
     (tiny_data / "train.json").write_text(json.dumps(samples[:-1]))
     resumed = make_recipe(tiny_base, tiny_data, tmp_path / "resumed", train={"resume": str(run / "checkpoint-2")})
     with pytest.raises(QllavaError, match="written by a run over 12 training samples and data.train now has 11"):
+        train(resumed, progress=False)
+    (tiny_data / "train.json").write_text(json.dumps(samples[::-1]))  # the same samples in another order
+    with pytest.raises(QllavaError, match="12 training samples and data.train now holds others"):
         train(resumed, progress=False)
