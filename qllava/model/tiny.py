@@ -168,6 +168,15 @@ def _tiny_dims(vision_hidden: int, text_hidden: int, text_layers: int, text_inte
     return vision, text
 
 
+def _save_random(model_class, config, tokenizer, out: Path, seed: int) -> None:
+    """Save a `model_class` with weights drawn from `seed` that generates with `tokenizer`'s pad and eos."""
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out)
+
+
 def build_tiny_llava(
     out_dir: str | Path,
     corpus: list[str],
@@ -183,11 +192,7 @@ def build_tiny_llava(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(corpus)
     config = llava_config(tokenizer, *_tiny_dims(vision_hidden, text_hidden, text_layers, text_intermediate))
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out)
+    _save_random(LlavaForConditionalGeneration, config, tokenizer, out, seed)
     llava_processor(tokenizer, IMAGE_SIZE, PATCH_SIZE).save_pretrained(out)
     return out
 
@@ -370,11 +375,7 @@ def build_tiny_llava_next(
         image_grid_pinpoints=NEXT_PINPOINTS,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out)
+    _save_random(LlavaNextForConditionalGeneration, config, tokenizer, out, seed)
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -445,11 +446,7 @@ def build_tiny_llava_onevision(
         vision_aspect_ratio=ONEVISION_ASPECT,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out)
+    _save_random(LlavaOnevisionForConditionalGeneration, config, tokenizer, out, seed)
     if not processor:
         tokenizer.save_pretrained(out)
         return out
