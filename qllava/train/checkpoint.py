@@ -11,6 +11,7 @@ leaves a directory that looks like a checkpoint. An FSDP run writes the same ada
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -280,6 +281,23 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
     if missing:
         raise QllavaError(f"train.resume `{resume}` is not a complete checkpoint (missing {', '.join(missing)})")
     return path
+
+
+def record_samples(state: TrainState, samples: list, checkpoint: Path | None) -> None:
+    """Record the training samples in `state`, refusing others than those its checkpoint was drawn over.
+
+    The epoch's order is a permutation of them: the same count of other samples, or the same samples in
+    another order, would make the checkpoint's data position repeat some samples and skip others.
+    """
+    digest = hashlib.sha256("\n".join(f"{s.id}\t{s.image}" for s in samples).encode()).hexdigest()
+    if (state.samples, state.samples_digest) not in ((0, ""), (len(samples), digest)):
+        now = f"now has {len(samples)}" if state.samples != len(samples) else "now holds others (or another order)"
+        raise QllavaError(
+            f"checkpoint {checkpoint} was written by a run over {state.samples} training samples and data.train "
+            f"{now}; the epoch's order is drawn over them, so resuming would repeat some samples and skip others. "
+            "Resume with the data it was written with, or start a new output.dir"
+        )
+    state.samples, state.samples_digest = len(samples), digest
 
 
 def resume_point(recipe: Recipe, *, world_size: int, fsdp: bool) -> tuple[Path | None, TrainState]:

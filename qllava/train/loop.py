@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import importlib.util
 import math
 from collections.abc import Iterator
@@ -43,6 +42,7 @@ from qllava.train.checkpoint import (
     gather_rng_states,
     load_weights,
     prepare_run_dir,
+    record_samples,
     resume_point,
     rotate,
     save_checkpoint,
@@ -228,8 +228,8 @@ class _Run:
             [sum(trained_tokens(b["labels"]) for b in window), torch.tensor(sum(len(b["unreadable"]) for b in window))]
         )
         global_tokens, unreadable = accelerator.reduce(local.to(device), "sum")
-        self.bad_samples.review(window, unreadable.item(), self.state)  # before the step: it may stop the run
         outcome.skipped = unreadable.item()
+        self.bad_samples.review(window, outcome.skipped, self.state)  # before the step: it may stop the run
         outcome.trained_tokens = global_tokens.item()
         if outcome.trained_tokens == 0:  # the same on every process, so all skip together
             # Nothing to learn from (every reply cut by data.max_length): a zero-gradient step would
@@ -489,15 +489,7 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
     train_set, eval_set = datasets_from_recipe(
         recipe, processor, AutoConfig.from_pretrained(recipe.model.base), warn=say
     )
-    digest = hashlib.sha256("\n".join(f"{s.id}\t{s.image}" for s in train_set.samples).encode()).hexdigest()
-    if (state.samples, state.samples_digest) not in ((0, ""), (len(train_set), digest)):
-        now = f"now has {len(train_set)}" if state.samples != len(train_set) else "now holds others (or another order)"
-        raise QllavaError(
-            f"checkpoint {resume_from} was written by a run over {state.samples} training samples and data.train "
-            f"{now}; the epoch's order is drawn over them, so resuming would repeat some samples and skip others. "
-            "Resume with the data it was written with, or start a new output.dir"
-        )
-    state.samples, state.samples_digest = len(train_set), digest
+    record_samples(state, train_set.samples, resume_from)
     model, _ = parallel.load_model()
     dtype = precision_for(device, recipe.train.mixed_precision).dtype
     say(
