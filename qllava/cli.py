@@ -242,6 +242,9 @@ def compose(
     ),
     vision_feature_layer: int = typer.Option(-2, help="Vision tower layer whose features feed the projector"),
     seed: int = typer.Option(0, help="Seed of the projector's initialisation"),
+    arch: str = typer.Option(
+        "llava", help="llava (LLaVA-1.5: one square image) or llava_next (LLaVA-NeXT: AnyRes tiles by image size)"
+    ),
 ) -> None:
     """Build a new LLaVA from a vision encoder and an LLM; its projector starts untrained."""
     from qllava.model.compose import compose_llava
@@ -255,6 +258,7 @@ def compose(
         template=template,
         vision_feature_layer=vision_feature_layer,
         seed=seed,
+        arch=arch,
     )
 
 

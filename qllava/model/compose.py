@@ -1,9 +1,11 @@
 """Compose a new LLaVA from a vision encoder and a language model (`qllava compose`).
 
-The result is a standard `LlavaForConditionalGeneration` directory with its processor: the encoder's
-and the LLM's weights unchanged, a freshly initialised projector, `<image>` (and `<pad>` when the LLM
-has none) added to the LLM's tokenizer, and the chat template qllava trains with. As in LLaVA, the
-projector then needs aligning (stage 1: `plain` template, captions) before instruction tuning.
+The result is a standard `LlavaForConditionalGeneration` (`--arch llava`, LLaVA-1.5) or
+`LlavaNextForConditionalGeneration` (`--arch llava_next`, LLaVA-NeXT's AnyRes) directory with its processor:
+the encoder's and the LLM's weights unchanged, a freshly initialised projector (and, for NeXT, the row
+separator `image_newline`), `<image>` (and `<pad>` when the LLM has none) added to the LLM's tokenizer, and the
+chat template qllava trains with. As in LLaVA, the projector then needs aligning (stage 1: `plain` template,
+captions) before instruction tuning.
 
 The sources are loaded once and the LLaVA is assembled around the loaded modules (built on the meta
 device, submodules assigned), so composing never holds two copies of the weights.
@@ -24,15 +26,18 @@ from transformers import (
     AutoTokenizer,
     CLIPVisionModel,
     LlavaConfig,
-    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextProcessor,
     LlavaProcessor,
     SiglipVisionModel,
 )
-from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+from transformers.models.llava_next import LlavaNextImageProcessorPil
 from transformers.utils import logging as hf_logging
 
+from qllava.data.images import input_size
 from qllava.data.templates import TEMPLATES, chat_template
 from qllava.errors import QllavaError
+from qllava.model.families import family_named
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -47,6 +52,33 @@ LLM_TYPES = ("llama", "mistral", "qwen2")
 DEFAULT_TEMPLATES = {"llama": "vicuna_v1", "mistral": "mistral_instruct", "qwen2": "chatml"}
 # projector name -> activation between linear_1 and linear_2 of transformers' LlavaMultiModalProjector
 PROJECTORS = {"mlp2x_gelu": "gelu", "linear": "linear", "mlp1x_gelu": "linear"}
+# --arch -> (config class, processor class); the model class is the family's (`qllava.model.families`).
+ARCHS = {"llava": (LlavaConfig, LlavaProcessor), "llava_next": (LlavaNextConfig, LlavaNextProcessor)}
+
+
+def anyres_pinpoints(side: int) -> list[list[int]]:
+    """LLaVA-1.6's AnyRes grids for an encoder of `side` pixels: 1x2, 2x1, 2x2, 3x1 and 1x3 tiles ((height, width);
+    336 -> [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]], llava-v1.6's `image_grid_pinpoints`)."""
+    return [[side * h, side * w] for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
+
+
+def _anyres_image_processor(encoder_processor, pinpoints: list[list[int]]):
+    """NeXT's tiling image processor with the encoder's own input size, resizing, crop and normalisation: every
+    tile, and the downscaled whole image, reach the encoder as its own processor would prepare them."""
+    height, width = input_size(encoder_processor)
+    size = encoder_processor.size
+    return LlavaNextImageProcessorPil(
+        size=dict(size) if "shortest_edge" in size else {"height": height, "width": width},
+        crop_size={"height": height, "width": width},
+        do_center_crop=bool(getattr(encoder_processor, "do_center_crop", False)),
+        resample=encoder_processor.resample,
+        do_rescale=encoder_processor.do_rescale,
+        rescale_factor=encoder_processor.rescale_factor,
+        do_normalize=encoder_processor.do_normalize,
+        image_mean=list(encoder_processor.image_mean),
+        image_std=list(encoder_processor.image_std),
+        image_grid_pinpoints=pinpoints,
+    )
 
 
 def projector_activation(projector: str) -> str:
@@ -146,14 +178,20 @@ def compose_llava(
     template: str | None = None,
     vision_feature_layer: int = -2,
     seed: int = 0,
+    arch: str = "llava",
 ) -> Path:
     """Write a new LLaVA (vision encoder + projector + LLM) with its processor to `out`; return `out`.
 
     `vision`: a CLIP or SigLIP checkpoint, vision-only or dual encoder. `llm`: a Llama, Mistral or
     Qwen2 causal LM. `template`: the conversation template written as the chat template (default by
-    LLM family); a training recipe's `data.template` must name the same one. Prints a summary.
+    LLM family); a training recipe's `data.template` must name the same one. `arch`: `llava` (one square
+    image of the encoder's size) or `llava_next` (AnyRes tiles over LLaVA-1.6's grids for the encoder's size).
+    Prints a summary.
     """
     vision, llm, out = Path(vision), Path(llm), Path(out)
+    if arch not in ARCHS:
+        raise QllavaError(f"unknown --arch `{arch}`; choose one of {', '.join(ARCHS)}")
+    config_class, processor_class = ARCHS[arch]
     act = projector_activation(projector)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise QllavaError(f"--out {out} exists and is not empty; choose a new directory (nothing was written)")
@@ -199,7 +237,11 @@ def compose_llava(
         text_config.pad_token_id = tokenizer.pad_token_id
 
     num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    config = LlavaConfig(
+    anyres = {}
+    if arch == "llava_next":
+        anyres = {"image_grid_pinpoints": anyres_pinpoints(vision_config.image_size)}
+        image_processor = _anyres_image_processor(image_processor, anyres["image_grid_pinpoints"])
+    config = config_class(
         vision_config=vision_model.config,
         text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -209,20 +251,24 @@ def compose_llava(
         vision_feature_select_strategy=strategy,
         multimodal_projector_bias=True,
         tie_word_embeddings=text_config.tie_word_embeddings,
+        **anyres,
     )
     for sub in (config, config.text_config, config.vision_config):
         sub.dtype = dtype
 
+    with torch.device("meta"):
+        model = family_named(arch).model_class()(config)
     torch.manual_seed(seed)
-    mm_projector = LlavaMultiModalProjector(config)  # torch's default nn.Linear init
+    mm_projector = type(model.model.multi_modal_projector)(config)  # torch's default nn.Linear init
     if act == "linear":
         with torch.no_grad():  # identity second layer: the projector is exactly linear_1 at composition
             mm_projector.linear_2.weight.copy_(torch.eye(text_config.hidden_size))
             mm_projector.linear_2.bias.zero_()
     mm_projector.to(dtype)
-
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+    if arch == "llava_next":
+        # LLaVA-1.6's (and transformers') initialisation of the learned row separator: normal, std 1/sqrt(hidden).
+        newline = torch.randn(text_config.hidden_size) / text_config.hidden_size**0.5
+        model.model.image_newline = torch.nn.Parameter(newline.to(dtype))
     model.model.vision_tower = vision_model
     model.model.multi_modal_projector = mm_projector
     model.model.language_model = language_model.model
@@ -236,7 +282,7 @@ def compose_llava(
     model.eval()
 
     tokenizer.chat_template = jinja
-    processor = LlavaProcessor(
+    processor = processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=vision_config.patch_size,
@@ -260,10 +306,15 @@ def compose_llava(
 
     encoder = vision_kind if vision_kind in VISION_ENCODERS else f"{vision_kind} (its vision tower)"
     counts = [_count(vision_model), _count(mm_projector), _count(language_model)]
+    image = f"{num_patches} image tokens"
+    if arch == "llava_next":
+        counts[1] += text_config.hidden_size  # image_newline trains with the projector
+        grids = ", ".join(f"{h}x{w}" for h, w in anyres["image_grid_pinpoints"])
+        image = f"AnyRes tiles over {grids} (+ newline), {num_patches} tokens per tile"
     print(
-        f"qllava compose: {encoder} {counts[0]:,} + projector {projector} {counts[1]:,} + "
+        f"qllava compose: {arch}: {encoder} {counts[0]:,} + projector {projector} {counts[1]:,} + "
         f"{llm_config.model_type} {counts[2]:,} = {sum(counts):,} parameters ({str(dtype).removeprefix('torch.')})\n"
-        f"  image: feature layer {vision_feature_layer}, strategy {strategy}, {num_patches} image tokens, "
+        f"  image: feature layer {vision_feature_layer}, strategy {strategy}, {image}, "
         f"<image> id {config.image_token_id}\n"
         f"  tokenizer: added {', '.join(added_tokens) or 'nothing'}; "
         f"embedding rows {rows} -> {text_config.vocab_size}\n"

@@ -12,16 +12,19 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
+    AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
     GPT2Config,
     LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
     ViTConfig,
 )
 
 from qllava.data.templates import render
 from qllava.errors import QllavaError
-from qllava.model.compose import compose_llava
+from qllava.model.compose import anyres_pinpoints, compose_llava
+from qllava.model.families import image_tokens
 from qllava.model.tiny import IMAGE_SIZE, PATCH_SIZE, build_tiny_llm, build_tiny_vision
 from tests.test_cli import qllava_here
 
@@ -31,6 +34,11 @@ CASES = {
     "clip+llama": ("clip", False, "llama", torch.float32, "default", "vicuna_v1"),
     "siglip+mistral": ("siglip", False, "mistral", torch.bfloat16, "full", "mistral_instruct"),
     "clipfull+qwen2": ("clip", True, "qwen2", torch.float32, "default", "chatml"),
+}
+# name -> the same as CASES, composed as LLaVA-NeXT (`--arch llava_next`)
+NEXT_CASES = {
+    "next:clip+llama": ("clip", False, "llama", torch.float32, "default", "vicuna_v1"),
+    "next:siglip+mistral": ("siglip", False, "mistral", torch.bfloat16, "full", "mistral_instruct"),
 }
 
 
@@ -56,20 +64,21 @@ def sources(tmp_path_factory) -> dict[str, Path]:
 def composed(sources, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("composed")
     outs = {}
-    for name, (kind, full, family, *_) in CASES.items():
+    for name, (kind, full, family, *_) in {**CASES, **NEXT_CASES}.items():
         vision = sources["clipfull" if full else kind]
-        outs[name] = compose_llava(vision, sources[family], root / name, seed=0)
+        arch = "llava_next" if name in NEXT_CASES else "llava"
+        outs[name] = compose_llava(vision, sources[family], root / name, seed=0, arch=arch)
     return outs
 
 
 def _load(out: Path):
-    model = LlavaForConditionalGeneration.from_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out)
     return model, AutoProcessor.from_pretrained(out)
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", [*CASES, *NEXT_CASES])
 def test_every_source_tensor_lands_unchanged(name, sources, composed):
-    kind, full, family, dtype, *_ = CASES[name]
+    kind, full, family, dtype, *_ = {**CASES, **NEXT_CASES}[name]
     model, processor = _load(composed[name])
     assert model.dtype == dtype
     composed_state = model.state_dict()
@@ -110,9 +119,12 @@ def test_every_source_tensor_lands_unchanged(name, sources, composed):
         assert "lm_head.weight" not in llm_file
         placed.add("lm_head.weight")
 
-    # Everything else is the freshly initialised projector: torch's nn.Linear init under the seed.
+    # Everything else is the freshly initialised projector: torch's nn.Linear init under the seed; then, for NeXT,
+    # the row separator as LLaVA-1.6 initialises it (normal, std 1/sqrt(hidden)).
     rest = set(composed_state) - placed
-    assert rest == {f"model.multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    projector_keys = {f"model.multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    next_arch = name in NEXT_CASES
+    assert rest == projector_keys | ({"model.image_newline"} if next_arch else set())
     torch.manual_seed(0)
     vision_hidden, text_hidden = model.config.vision_config.hidden_size, model.config.text_config.hidden_size
     expected = [torch.nn.Linear(vision_hidden, text_hidden), torch.nn.Linear(text_hidden, text_hidden)]
@@ -120,6 +132,9 @@ def test_every_source_tensor_lands_unchanged(name, sources, composed):
     for layer, reference in zip((projector.linear_1, projector.linear_2), expected):
         assert torch.equal(layer.weight, reference.weight.to(dtype))
         assert torch.equal(layer.bias, reference.bias.to(dtype))
+    if next_arch:
+        newline = torch.randn(text_hidden) / text_hidden**0.5
+        assert torch.equal(model.model.image_newline, newline.to(dtype))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -190,6 +205,41 @@ def test_it_trains(composed):
     assert all(p.grad is None for p in model.model.language_model.parameters())
 
 
+@pytest.mark.parametrize("name", NEXT_CASES)
+def test_next_tiles_every_image_as_its_processor_counts(name, sources, composed):
+    """`--arch llava_next`: LLaVA-1.6's grids for the encoder's size, the encoder's own resize/crop/normalisation
+    for every tile, and an image-token count per image size that the processor, qllava and the forward agree on."""
+    kind, _, family, dtype, strategy, template = NEXT_CASES[name]
+    model, processor = _load(composed[name])
+    assert isinstance(model, LlavaNextForConditionalGeneration) and model.dtype == dtype
+    config = model.config
+    assert (
+        config.image_grid_pinpoints
+        == anyres_pinpoints(IMAGE_SIZE)
+        == [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+    )
+    assert config.vision_feature_select_strategy == strategy and config.image_seq_length == NUM_PATCHES
+    encoder = AutoProcessor.from_pretrained(sources[kind])
+    tiles = processor.image_processor
+    assert type(processor).__name__ == "LlavaNextProcessor"
+    assert tiles.crop_size["height"] == tiles.crop_size["width"] == IMAGE_SIZE
+    assert tiles.do_center_crop == bool(getattr(encoder, "do_center_crop", False))
+    assert list(tiles.image_mean) == list(encoder.image_mean) and list(tiles.image_std) == list(encoder.image_std)
+    assert tiles.resample == encoder.resample
+
+    model.eval()
+    text = render([("user", "<image>\nWhat color is the shape?")], template, add_generation_prompt=True).text
+    # (height, width): square, wide, tall, huge, tiny, and a 5x300 strip that keeps no unpadded row
+    for size in [(32, 32), (20, 70), (90, 30), (500, 400), (3, 4), (5, 300)]:
+        image = Image.new("RGB", (size[1], size[0]), (220, 30, 30))
+        inputs = processor(images=image, text=text, return_tensors="pt")
+        expanded = int((inputs.input_ids == config.image_token_id).sum())
+        assert expanded == image_tokens(processor, [size])[0], size
+        with torch.no_grad():
+            out = model(**inputs.to(dtype=dtype))
+        assert torch.isfinite(out.logits).all(), size
+
+
 @pytest.mark.parametrize("projector", ["linear", "mlp1x_gelu"])
 def test_linear_projector_is_one_linear_layer(projector, sources, tmp_path):
     out = compose_llava(sources["clip"], sources["llama"], tmp_path / "out", projector=projector)
@@ -215,6 +265,7 @@ def test_linear_projector_is_one_linear_layer(projector, sources, tmp_path):
         ("clip", "llama", {"vision_feature_layer": 5}, "the encoder has 2 layers"),
         ("empty", "llama", {}, "--vision `.*empty` is not a model directory \\(no config.json\\)"),
         ("clip", "empty", {}, "--llm `.*empty` is not a model directory \\(no config.json\\)"),
+        ("clip", "llama", {"arch": "qwen2_vl"}, "unknown --arch `qwen2_vl`; choose one of llava, llava_next"),
     ],
 )
 def test_refusals_name_the_problem(vision, llm, kwargs, message, sources, tmp_path):
@@ -258,6 +309,14 @@ def test_cli(sources, tmp_path):
     assert "template: chatml" in result.stdout and "strategy full" in result.stdout
     assert (out / "model.safetensors").is_file() and (out / "processor_config.json").is_file()
     assert LlavaForConditionalGeneration.from_pretrained(out).config.vision_feature_select_strategy == "full"
+
+    out = tmp_path / "next"
+    result = qllava_here(
+        "compose", "--vision", sources["clip"], "--llm", sources["llama"], "--out", out, "--arch", "llava_next"
+    )
+    assert result.exit_code == 0, result.output
+    assert "qllava compose: llava_next:" in result.stdout and "AnyRes tiles over 32x64" in result.stdout
+    assert LlavaNextForConditionalGeneration.from_pretrained(out).config.image_grid_pinpoints[0] == [32, 64]
 
     result = qllava_here("compose", "--vision", sources["clip"], "--llm", sources["gpt2"], "--out", tmp_path / "bad")
     assert result.exit_code == 1

@@ -1,4 +1,5 @@
-"""A new LLaVA end to end: compose (SigLIP + Qwen2) -> stage 1 -> stage 2 -> merge -> plain transformers."""
+"""A new LLaVA end to end: compose (SigLIP + Qwen2; LLaVA-1.5 and LLaVA-NeXT) -> stage 1 -> stage 2 -> merge ->
+plain transformers."""
 
 import dataclasses
 import json
@@ -6,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from qllava.export import merge_checkpoint
 from qllava.model.compose import compose_llava
@@ -20,12 +21,16 @@ pytestmark = pytest.mark.recipe
 CORPUS = ["What color is the shape?", "a red square", "a green square", "a blue square", "red green blue"]
 
 
-def _data(root, captions: bool):
+# (width, height) of the images: one square size, or (for NeXT's tiles) square, wide and tall ones.
+SQUARE, MIXED = [(32, 32)], [(32, 32), (64, 32), (32, 64), (48, 40)]
+
+
+def _data(root, captions: bool, sizes=SQUARE):
     (root / "images").mkdir(parents=True)
     records = []
     for i in range(16):
         name, rgb = list(COLORS.items())[i % 3]
-        write_image(root / "images" / f"{i}.png", rgb, size=(32, 32))
+        write_image(root / "images" / f"{i}.png", rgb, size=sizes[i % len(sizes)])
         if captions:  # LLaVA's stage-1 format: the image, then its caption
             convs = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"a {name} square"}]
         else:
@@ -39,16 +44,18 @@ def _losses(run):
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_composed_model_trains_in_two_stages_and_merges(tmp_path, capsys):
+@pytest.mark.parametrize("arch", ["llava", "llava_next"])
+def test_composed_model_trains_in_two_stages_and_merges(arch, tmp_path, capsys):
     vision = build_tiny_vision(tmp_path / "siglip", "siglip")
     llm = build_tiny_llm(tmp_path / "qwen2", "qwen2", CORPUS)
-    base = compose_llava(vision, llm, tmp_path / "composed")  # template chatml, strategy full
+    base = compose_llava(vision, llm, tmp_path / "composed", arch=arch)  # template chatml, strategy full
     composed = load_file(base / "model.safetensors")
+    sizes = MIXED if arch == "llava_next" else SQUARE
 
     stage1_run = tmp_path / "stage1"
     stage1 = make_recipe(
         base,
-        _data(tmp_path / "captions", captions=True),
+        _data(tmp_path / "captions", captions=True, sizes=sizes),
         stage1_run,
         lora={"enabled": False},
         data={"template": "plain"},
@@ -65,7 +72,7 @@ def test_composed_model_trains_in_two_stages_and_merges(tmp_path, capsys):
     stage2_run = tmp_path / "stage2"
     stage2 = make_recipe(
         base,
-        _data(tmp_path / "qa", captions=False),
+        _data(tmp_path / "qa", captions=False, sizes=sizes),
         stage2_run,
         model={"projector_from": str(stage1_final)},
         data={"template": "chatml"},
@@ -84,12 +91,20 @@ def test_composed_model_trains_in_two_stages_and_merges(tmp_path, capsys):
     report = merge_checkpoint(stage2_final, merged, dtype="fp32", device="cpu")
     assert report.passed and report.top1_agreement == 1.0 and report.max_abs_logit_diff < 1e-3
 
-    model = LlavaForConditionalGeneration.from_pretrained(merged)
+    model = AutoModelForImageTextToText.from_pretrained(merged)
     processor = AutoProcessor.from_pretrained(merged)
+    assert model.config.model_type == arch
     assert model.config.vision_feature_select_strategy == "full" and model.config.tie_word_embeddings
     adapter = load_file(stage2_final / "adapter_model.safetensors")
     trained = next(v for k, v in adapter.items() if k.endswith("multi_modal_projector.linear_1.weight"))
     assert torch.equal(model.model.multi_modal_projector.linear_1.weight, trained)
+    if arch == "llava_next":
+        # Stage 1 aligns the projector alone (as LLaVA-1.6 reused LLaVA-1.5's stage-1 projector): the row separator
+        # keeps its composed value there and trains in stage 2, whose adapter file carries it into the merge.
+        assert sorted(projector) == sorted(k for k in composed if k.startswith("multi_modal_projector."))
+        newline = next(v for k, v in adapter.items() if k.endswith("image_newline"))
+        assert not torch.equal(newline, next(v for k, v in composed.items() if k.endswith("image_newline")))
+        assert torch.equal(model.model.image_newline, newline)
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}],
         add_generation_prompt=True,
