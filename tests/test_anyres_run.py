@@ -5,13 +5,18 @@ import json
 
 import pytest
 import torch
+from accelerate.utils import FullyShardedDataParallelPlugin
+from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from qllava.errors import QllavaError
 from qllava.export import merge_checkpoint
 from qllava.generate import generate_answers, load_for_inference
-from qllava.recipe import load_recipe
+from qllava.model.precision import GPU_LAYOUT_ENV
+from qllava.recipe import dump_recipe, load_recipe
+from qllava.train.fsdp import check
 from qllava.train.loop import train
-from tests.conftest import adapter_tensors, make_recipe, max_abs_diff, write_color_data
+from tests.conftest import adapter_tensors, make_recipe, max_abs_diff, run_launcher, run_metrics, write_color_data
 
 NEWLINE = "base_model.model.model.image_newline"
 
@@ -72,3 +77,55 @@ def test_generation_runs_on_anyres_images(next_run):
     questions = [("0.png", "What color is the shape?"), ("1.png", "What color is the shape?"), (None, "Say a color.")]
     answers = generate_answers(model, processor, recipe, questions, image_folder=data / "images")
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+
+
+def test_the_gpu_layout_trains_packs_evaluates_merges_and_generates(next_run, tmp_path, monkeypatch):
+    """NeXT in the dtypes a CUDA device gets (bf16 base, tiles and vision tower; fp32 projector and image_newline;
+    bf16 autocast; 8-bit AdamW): packed and padded batches with evaluation, a bf16 merge that passes its
+    verification, and generation from the merged export."""
+    base, data, _ = next_run
+    monkeypatch.setenv(GPU_LAYOUT_ENV, "1")
+    for packing in (False, True):
+        run = tmp_path / f"packing-{packing}"
+        recipe = make_recipe(
+            base,
+            data,
+            run,
+            optim={"name": "auto", "lr": 1e-2, "projector_lr": 1e-2},
+            data={"eval": str(data / "train.json"), "packing": packing},
+            train={"max_steps": 4, "eval_every": 2},
+        )
+        final = train(recipe, progress=False)
+        losses, evals = run_metrics(run, "loss"), run_metrics(run, "eval_loss")
+        assert all(torch.isfinite(torch.tensor(losses + evals))) and evals[-1] < evals[0], (losses, evals)
+        assert adapter_tensors(run)[NEWLINE].dtype == torch.float32
+    report = merge_checkpoint(final, tmp_path / "merged", dtype="bf16", verify_samples=6)
+    assert report.verified and report.passed, report.summary()
+    model, processor = load_for_inference(tmp_path / "merged", None)
+    assert model.model.image_newline.dtype == torch.bfloat16
+    recipe = load_recipe(final / "recipe.yaml")
+    answers = generate_answers(model, processor, recipe, [("1.png", "What color?")], image_folder=data / "images")
+    assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_ddp_in_the_gpu_layout_and_fsdp_refused(next_run, tmp_path, monkeypatch):
+    """Two gloo processes over AnyRes batches (tile stacks of different counts per rank) with image_newline trained
+    beside the projector. FSDP cannot keep that bare parameter out of its sharded root unit: refused up front."""
+    base, data, _ = next_run
+    monkeypatch.setenv(GPU_LAYOUT_ENV, "1")
+    recipe = make_recipe(
+        base,
+        data,
+        tmp_path / "run",
+        optim={"name": "auto", "lr": 1e-2, "projector_lr": 1e-2},
+        train={"max_steps": 3, "save_every": 3},
+    )
+    with pytest.raises(QllavaError, match="`llava_next` bases train model.image_newline .* use DDP"):
+        check(FullyShardedDataParallelPlugin(fsdp_version=1), recipe)
+    dump_recipe(recipe, tmp_path / "recipe.yaml")
+    run_launcher(["qllava", "train", str(tmp_path / "recipe.yaml"), "--num-processes", "2"])
+    assert all(torch.isfinite(torch.tensor(run_metrics(tmp_path / "run", "loss"))))
+    initial = load_file(base / "model.safetensors")
+    newline = next(v for k, v in initial.items() if k.endswith("image_newline"))
+    trained = adapter_tensors(tmp_path / "run")[NEWLINE]
+    assert not torch.equal(trained.float(), newline.float())  # it trained, and was saved

@@ -31,9 +31,11 @@ from peft.utils.other import fsdp_auto_wrap_policy
 from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from transformers import AutoConfig
 
 from qllava.errors import QllavaError
-from qllava.model.families import FAMILIES
+from qllava.model.families import FAMILIES, family_of
+from qllava.model.load import check_base
 from qllava.recipe import Recipe
 
 DEEPSPEED_UNSUPPORTED = (
@@ -99,6 +101,15 @@ def check(plugin: FullyShardedDataParallelPlugin, recipe: Recipe) -> None:
         )
     if recipe.model.bits == 8:
         problems.append("model.bits=8 cannot be sharded (FSDP cannot flatten int8 weights); use model.bits=4")
+    family = family_of(AutoConfig.from_pretrained(check_base(recipe.model.base)))
+    if family.extra_trainable:
+        # FSDP1 leaves modules out of its units (the projector is replicated that way), not bare parameters: the
+        # root unit would flatten the fp32 trained parameter with the 16-bit frozen embeddings ("uniform dtype").
+        problems.append(
+            f"`{family.model_type}` bases train {', '.join(family.extra_trainable)} beside the projector, a bare "
+            "parameter that FSDP cannot keep out of its sharded root unit; use DDP (recipes/accelerate/ddp.yaml), "
+            "where each process holds the whole 4-bit model"
+        )
     if problems:
         raise QllavaError("the FSDP accelerate config does not work for qllava:\n  " + "\n  ".join(problems))
 
