@@ -129,3 +129,9 @@ def test_ddp_in_the_gpu_layout_and_fsdp_refused(next_run, tmp_path, monkeypatch)
     newline = next(v for k, v in initial.items() if k.endswith("image_newline"))
     trained = adapter_tensors(tmp_path / "run")[NEWLINE]
     assert not torch.equal(trained.float(), newline.float())  # it trained, and was saved
+
+
+def test_an_adapter_of_one_architecture_is_refused_on_another(next_run, tiny_base):
+    _, _, straight = next_run
+    with pytest.raises(QllavaError, match=r"\(llava_next, .*\(llava, "):
+        load_for_inference(tiny_base, straight / "final")
