@@ -123,12 +123,17 @@ def demo(
     two_stage: bool = typer.Option(
         False, "--two-stage", help="Compose a fresh LLaVA, align its projector (stage 1), then instruction-tune"
     ),
+    arch: str = typer.Option(
+        "llava",
+        help="llava (the default demo) or llava_next (wide images with one small shape: the demo base as LLaVA-NeXT "
+        "and as LLaVA-1.5, trained alike, compared)",
+    ),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """The embedded default: a tiny LLaVA learns visual QA with QLoRA on CPU; prints accuracy before/after."""
     from qllava.demo import run_demo
 
-    _run(run_demo, out, overrides or [], two_stage)
+    _run(run_demo, out, overrides or [], two_stage, arch=arch)
 
 
 @app.command()

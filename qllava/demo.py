@@ -171,6 +171,37 @@ def make_dataset(root: Path, seed: int = 0) -> None:
         (root / f"{split}.json").write_text(json.dumps(records, indent=1))
 
 
+# The resolution demo (`qllava demo --arch llava_next`): wide images of WIDE_PANELS demo-sized panels, one shape in
+# one of them. A single square downscale (LLaVA-1.5) shrinks the shape by the panel count on top of the demo's own
+# 2x; LLaVA-NeXT's tiles show each panel at the scale the demo base was pretrained on.
+WIDE_PANELS = 3
+WIDE_SPLITS = {"train": 1200, "eval": 200}
+WIDE_QUESTION = "What kind of shape is shown?"
+
+
+def make_wide_dataset(root: Path, seed: int = 0) -> None:
+    """Write wide-images/ and wide-train.json, wide-eval.json: which kind of shape one panel of a wide image holds."""
+    rng = random.Random(seed)
+    images = root / "wide-images"
+    images.mkdir(parents=True, exist_ok=True)
+    for split, n in WIDE_SPLITS.items():
+        records = []
+        for i in range(n):
+            scene = _scene(rng, count=1)
+            canvas = Image.new("RGB", (IMAGE_PX * WIDE_PANELS, IMAGE_PX), (245, 245, 245))
+            canvas.paste(_draw(scene), (IMAGE_PX * rng.randrange(WIDE_PANELS), 0))
+            name = f"{split}-{i:05d}.png"
+            canvas.save(images / name)
+            records.append(
+                {
+                    "id": f"wide-{split}-{i}",
+                    "image": name,
+                    "conversations": _turns([(WIDE_QUESTION, scene["kind"])], True),
+                }
+            )
+        (root / f"wide-{split}.json").write_text(json.dumps(records, indent=1))
+
+
 def _corpus(root: Path) -> list[str]:
     texts = []
     for split in SPLITS:
@@ -359,6 +390,35 @@ def materialize_two_stage() -> Path:
     return target
 
 
+def materialize_wide() -> Path:
+    """The resolution demo's assets, built once from the demo cache: the wide-image data, and the demo base as a
+    LLaVA-NeXT (`compose --arch llava_next` of its own vision tower and LLM, with its trained projector), so that
+    both architectures start from the same weights and differ only in how an image reaches the vision tower."""
+    from filelock import FileLock
+    from transformers import AutoModelForImageTextToText
+
+    from qllava.model.compose import compose_llava
+
+    root = materialize()
+    split = materialize_two_stage()
+    target = root / "wide"
+    with FileLock(str(target) + ".lock"):
+        if (target / "COMPLETE").is_file():
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir()
+        make_wide_dataset(target)
+        compose_llava(
+            split / "vision", split / "llm", target / "tiny-llava-next", template="vicuna_v1", arch="llava_next"
+        )
+        base = AutoModelForImageTextToText.from_pretrained(root / "tiny-llava", dtype=torch.float32)
+        next_model = AutoModelForImageTextToText.from_pretrained(target / "tiny-llava-next", dtype=torch.float32)
+        next_model.model.multi_modal_projector.load_state_dict(base.model.multi_modal_projector.state_dict())
+        next_model.save_pretrained(target / "tiny-llava-next")
+        (target / "COMPLETE").write_text("ok\n")
+    return target
+
+
 def resolve_demo_paths(recipe: Recipe) -> Recipe:
     """Replace `demo:NAME` paths in a recipe with files of the materialized demo cache."""
     values = {key: str(get(recipe, key)) for key in PATH_KEYS}
@@ -372,9 +432,15 @@ def resolve_demo_paths(recipe: Recipe) -> Recipe:
         "demo:images": root / "images",
         "demo:composed": root / "two-stage" / "composed",
         "demo:captions": root / "two-stage" / "captions.json",
+        "demo:tiny-llava-next": root / "wide" / "tiny-llava-next",
+        "demo:wide-train": root / "wide" / "wide-train.json",
+        "demo:wide-eval": root / "wide" / "wide-eval.json",
+        "demo:wide-images": root / "wide" / "wide-images",
     }
     if any(v in ("demo:composed", "demo:captions") for v in values.values()):
         materialize_two_stage()
+    if any(v.startswith(("demo:wide", "demo:tiny-llava-next")) for v in values.values()):
+        materialize_wide()
     resolved = {}
     for key, value in values.items():
         if value.startswith("demo:"):
@@ -413,14 +479,24 @@ def _fresh_run_dir(out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def run_demo(out: Path, overrides: list[str] | None = None, two_stage: bool = False) -> dict:
+def run_demo(out: Path, overrides: list[str] | None = None, two_stage: bool = False, arch: str = "llava") -> dict:
     """Materialize, evaluate the base, train with recipes/demo.yaml, evaluate again; write metrics.json.
 
     `two_stage`: start from the composed model (fresh projector), run stage 1 then stage 2 into
     out/stage1 and out/stage2, and evaluate after each. `overrides` apply to recipes/demo.yaml.
+    `arch="llava_next"`: the resolution demo instead (`run_wide_demo`).
     """
     from qllava.recipe import load_recipe
     from qllava.train.loop import train
+
+    if arch not in ("llava", "llava_next"):
+        raise QllavaError(f"unknown --arch `{arch}`; choose llava (the default demo) or llava_next")
+    if arch == "llava_next":
+        if two_stage:
+            raise QllavaError(
+                "--two-stage belongs to the default demo (--arch llava); the resolution demo has one stage"
+            )
+        return run_wide_demo(out, overrides)
 
     start = time.perf_counter()
     out = Path(out)
@@ -450,6 +526,46 @@ def run_demo(out: Path, overrides: list[str] | None = None, two_stage: bool = Fa
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(
         f"qllava demo: held-out accuracy before {before:.3f}, after {after:.3f} "
+        f"({metrics['wall_time_s']:.0f}s); written to {out / 'metrics.json'}",
+        flush=True,
+    )
+    return metrics
+
+
+def run_wide_demo(out: Path, overrides: list[str] | None = None) -> dict:
+    """The resolution demo: recipes/demo-next.yaml trains the demo base as LLaVA-NeXT (out/llava_next) and, with the
+    same settings and steps, as LLaVA-1.5 (out/llava); both are evaluated before and after; metrics.json holds both.
+    `overrides` apply to both runs."""
+    from qllava.recipe import load_recipe
+    from qllava.train.loop import train
+
+    start = time.perf_counter()
+    out = Path(out)
+    _fresh_run_dir(out)
+    metrics = {}
+    for arch, base in (("llava_next", "demo:tiny-llava-next"), ("llava", "demo:tiny-llava")):
+        shutil.rmtree(out / arch, ignore_errors=True)
+        recipe = load_recipe("demo-next", [*(overrides or []), f"model.base={base}", f"output.dir={out / arch}"])
+        recipe = resolve_demo_paths(recipe)
+        before = held_out_accuracy(recipe, None)
+        print(f"qllava demo: {arch}: held-out accuracy before training {before:.3f}", flush=True)
+        arch_start = time.perf_counter()
+        after = held_out_accuracy(recipe, train(recipe))
+        metrics[arch] = {
+            "accuracy_before": before,
+            "accuracy_after": after,
+            "train_and_eval_s": round(time.perf_counter() - arch_start, 1),
+        }
+        print(f"qllava demo: {arch}: held-out accuracy after {recipe.train.max_steps} steps {after:.3f}", flush=True)
+    metrics["wall_time_s"] = round(time.perf_counter() - start, 1)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    rows = "\n".join(
+        f"  {arch:<11} {m['accuracy_before']:.3f}   {m['accuracy_after']:.3f}"
+        for arch, m in metrics.items()
+        if arch != "wall_time_s"
+    )
+    print(
+        f"qllava demo: which kind of shape a wide image holds (held-out accuracy)\n  {'':<11} before  after\n{rows}\n"
         f"({metrics['wall_time_s']:.0f}s); written to {out / 'metrics.json'}",
         flush=True,
     )
