@@ -531,8 +531,8 @@ def render(shape: Shape, recipe: Recipe, seq_len: int, gpu_gb: float | None) -> 
     if shape.image_tokens > seq_len:
         lines.append(
             f"warning: the largest image becomes {shape.image_tokens} tokens, more than seq_len={seq_len}: "
-            "data.max_length must exceed the image tokens of every sample (`qllava data check` reports them), so this plan "
-            "understates such a run; plan with a larger data.max_length or --seq-len"
+            "data.max_length must exceed the image tokens of every sample (`qllava data check` reports them), "
+            "so this plan understates such a run; plan with a larger data.max_length or --seq-len"
         )
     lines += [f"{n:{width}}  {b:15,d}  {_gib(b)}  {note}" for n, b, note in e.rows]
     lines += [
