@@ -1,6 +1,7 @@
 """Benchmark qllava's training step: tokens/s, samples/s, padding, peak memory and MFU per variant.
 
-    PYTHONPATH=. python tools/bench.py [--tiny | --layers L] [--arch llava|llava_next] [--steps N] [--micro-batch B] [--seq-len S] [--lora-r R]
+    PYTHONPATH=. python tools/bench.py [--tiny | --layers L] [--arch llava|llava_next] [--steps N] [--micro-batch B]
+        [--seq-len S] [--lora-r R]
         [--out DIR] [--packing] [--loss-chunk-size C] [--length-bucket K] [--compare] [--no-baseline]
         [--attention auto|sdpa|flash_attention_2|eager] [--full-length]
 
@@ -193,9 +194,7 @@ def build_base(out: Path, tiny: bool, layers: int = 0, arch: str = "llava") -> P
     return out
 
 
-def write_data(
-    root: Path, n: int, image_size: int | tuple[int, int], seed: int = 0, full_length: int = 0
-) -> Path:
+def write_data(root: Path, n: int, image_size: int | tuple[int, int], seed: int = 0, full_length: int = 0) -> Path:
     """n LLaVA records with padding_report's lengths (text counted in words ~ tokens of the tiny BPE).
 
     `image_size`: the images' side, or (height, width). `full_length` > 0: every record has an image and an
