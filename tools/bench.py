@@ -194,12 +194,20 @@ def build_base(out: Path, tiny: bool, layers: int = 0, arch: str = "llava") -> P
     return out
 
 
-def write_data(root: Path, n: int, image_size: int | tuple[int, int], seed: int = 0, full_length: int = 0) -> Path:
+def write_data(
+    root: Path,
+    n: int,
+    image_size: int | tuple[int, int],
+    seed: int = 0,
+    full_length: int = 0,
+    image_tokens: int = IMAGE_TOKENS,
+) -> Path:
     """n LLaVA records with padding_report's lengths (text counted in words ~ tokens of the tiny BPE).
 
     `image_size`: the images' side, or (height, width). `full_length` > 0: every record has an image and an
     answer of that many words (the caller's sequence limit), so that the Encoder cuts each sample to exactly
-    the limit.
+    the limit; its question leaves the answer at least an eighth of the limit after the `image_tokens` the
+    image becomes (a LLaVA-NeXT image takes most of it).
     """
     from PIL import Image
 
@@ -217,6 +225,8 @@ def write_data(root: Path, n: int, image_size: int | tuple[int, int], seed: int 
         text = t if m < 0 else t - IMAGE_TOKENS
         words = [rng.choice(WORDS) for _ in range(max(text, 4))]
         cut = max(1, len(words) // 4)  # a short question, a long answer
+        if full_length:
+            cut = min(cut, max(1, full_length - image_tokens - full_length // 8))
         question, answer = " ".join(words[:cut]), " ".join(words[cut:])
         if m < 0:
             convs = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
@@ -572,7 +582,13 @@ def main(argv: list[str] | None = None) -> dict:
         full = args.seq_len if args.full_length else 0
         # Each micro-batch its own samples: warmup + timed + the memory step, as many as the steps take.
         data = {
-            m: write_data(tmp / f"data-{m}", m * (args.warmup + args.steps + 1), image_size, full_length=full)
+            m: write_data(
+                tmp / f"data-{m}",
+                m * (args.warmup + args.steps + 1),
+                image_size,
+                full_length=full,
+                image_tokens=shape.image_tokens,
+            )
             for m in sorted({v[-1] for v in variants})
         }
         rows = [
