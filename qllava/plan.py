@@ -1,8 +1,10 @@
 """Predict the peak GPU memory of a training recipe before renting the GPU: `qllava plan`.
 
 Everything is computed from the base's config.json (read with AutoConfig, the model is built on the
-`meta` device to count parameters per group: no weights are read) and the recipe. The estimate is a
-function of (shape, recipe, micro_batch, seq_len), so the largest fitting micro-batch is a search.
+`meta` device to count parameters per group: no weights are read), for AnyRes bases its processor settings
+(the image-token count of the worst image), and the recipe. Before a shipped recipe's base is downloaded, the
+copies of those files in `qllava.bases` stand in for it. The estimate is a function of (shape, recipe,
+micro_batch, seq_len), so the largest fitting micro-batch is a search.
 
 Where the bytes go, per component (B = micro-batch, S = seq_len image tokens included, H = hidden,
 I = MLP intermediate, V = vocab, L = decoder layers, dt = activation dtype bytes: 2 on GPU, 4 on CPU):

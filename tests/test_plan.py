@@ -408,3 +408,12 @@ def test_plan_base_prefers_the_local_base(base_7b):
     assert read_shape("llava-hf/llava-1.5-13b-hf").layers == 40
     with pytest.raises(QllavaError, match="hf download someone/other-model"):
         plan_base("someone/other-model")
+
+
+def test_plan_warns_when_the_largest_image_does_not_fit_the_length():
+    from qllava.plan import plan
+    from qllava.recipe import load_recipe
+
+    recipe = load_recipe(str(RECIPES_DIR / "llava-v1.6-mistral-7b-qlora.yaml"), ["data.max_length=2048"])
+    assert "the largest image becomes 2928 tokens, more than seq_len=2048" in plan(recipe, gpu_memory=24)
+    assert "warning" not in plan(load_recipe(str(RECIPES_DIR / "llava-v1.6-mistral-7b-qlora.yaml"), []), 24)

@@ -1,6 +1,7 @@
 """The settings of the bases the shipped recipes name (config.json and, for AnyRes bases, the processor settings that
 image-token counts need), so that `qllava plan` works before a base is downloaded. SOURCES.md says where each
-value comes from. Nothing but the planner reads them: training needs the real checkpoint.
+value comes from. Only the planner (and tools/bench.py, for the LLaVA-NeXT 7B shape) reads them: training needs
+the real checkpoint.
 """
 
 from __future__ import annotations
