@@ -73,7 +73,7 @@ class Shape:
     tile_tokens: int
     """Vision features per tile that the projector reads (its input: tiles x tile_tokens per image)."""
     worst_image: tuple[int, int] | None = None
-    """AnyRes: the (height, width) whose image-token count `image_tokens` is (the largest the grid admits)."""
+    """AnyRes: the (height, width) of `image_tokens`, the image_grid_pinpoints size that gets the most tokens."""
     params: dict[str, int] = field(default_factory=dict)
     linears: list[tuple[str, int, int]] = field(default_factory=list)  # (LLM linear name, in, out)
     tiles: int = 1
@@ -88,9 +88,10 @@ def shape_from_config(config, processor=None) -> Shape:
     """Count parameters per group on a `meta`-device model built from the config (any supported family).
 
     AnyRes families (`Family.tiles`) need the base's `processor` (`counting_processor`): an image's token count
-    depends on its size, and the plan assumes the worst the config admits, the largest of `image_grid_pinpoints`
-    (an image of a grid's own size fills it without padding, so no image gets more tokens, as the processor
-    counts them), through the vision tower as the base image plus that grid's tiles."""
+    depends on its size, and the plan assumes the worst the config admits: the `image_grid_pinpoints` size that
+    the processor counts the most tokens for (an image of a grid's own size fills it without padding, so no image
+    of that grid gets more; AnyRes-max pools the largest grids down, so it need not be the largest grid), and
+    the vision tower and projector over the base image plus the largest grid's tiles."""
     import torch
 
     from qllava.data.dataset import num_image_tokens
