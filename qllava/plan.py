@@ -1,8 +1,10 @@
 """Predict the peak GPU memory of a training recipe before renting the GPU: `qllava plan`.
 
 Everything is computed from the base's config.json (read with AutoConfig, the model is built on the
-`meta` device to count parameters per group: no weights are read) and the recipe. The estimate is a
-function of (shape, recipe, micro_batch, seq_len), so the largest fitting micro-batch is a search.
+`meta` device to count parameters per group: no weights are read), for AnyRes bases its processor settings
+(the image-token count of the worst image), and the recipe. Before a shipped recipe's base is downloaded, the
+copies of those files in `qllava.bases` stand in for it. The estimate is a function of (shape, recipe,
+micro_batch, seq_len), so the largest fitting micro-batch is a search.
 
 Where the bytes go, per component (B = micro-batch, S = seq_len image tokens included, H = hidden,
 I = MLP intermediate, V = vocab, L = decoder layers, dt = activation dtype bytes: 2 on GPU, 4 on CPU):
@@ -36,9 +38,11 @@ by nvidia-smi, not by torch's allocator) and the caching allocator's fragmentati
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from qllava.errors import QllavaError
 from qllava.recipe import Recipe
@@ -66,30 +70,34 @@ class Shape:
     vision_layers: int
     image_size: int
     tied: bool
+    tile_tokens: int
+    """Vision features per tile that the projector reads (its input: tiles x tile_tokens per image)."""
+    worst_image: tuple[int, int] | None = None
+    """AnyRes: the (height, width) of `image_tokens`, the image_grid_pinpoints size that gets the most tokens."""
     params: dict[str, int] = field(default_factory=dict)
     linears: list[tuple[str, int, int]] = field(default_factory=list)  # (LLM linear name, in, out)
+    tiles: int = 1
+    """Tiles of the largest image through the vision tower (AnyRes: the base image + the largest grid)."""
 
     @property
     def largest_linear(self) -> int:
         return max(i * o for _, i, o in self.linears)
 
 
-def shape_from_config(config) -> Shape:
-    """Count parameters per group on a `meta`-device model built from the config (any supported family)."""
+def shape_from_config(config, processor=None) -> Shape:
+    """Count parameters per group on a `meta`-device model built from the config (any supported family).
+
+    AnyRes families (`Family.tiles`) need the base's `processor` (`counting_processor`): an image's token count
+    depends on its size, and the plan assumes the worst the config admits: the `image_grid_pinpoints` size that
+    the processor counts the most tokens for (an image of a grid's own size fills it without padding, so no image
+    of that grid gets more; AnyRes-max pools the largest grids down, so it need not be the largest grid), and
+    the vision tower and projector over the base image plus the largest grid's tiles."""
     import torch
 
     from qllava.data.dataset import num_image_tokens
-    from qllava.errors import QllavaError
-    from qllava.model.families import family_of
+    from qllava.model.families import family_of, image_tokens
 
     family = family_of(config)
-    if family.tiles:
-        # The image-token count of an AnyRes model depends on each image's size: the plan would have to
-        # assume one from the recipe's image limits, which it does not do yet.
-        raise QllavaError(
-            f"qllava plan does not estimate `{family.model_type}` models yet: their image tokens depend on each "
-            "image's size"
-        )
     with torch.device("meta"):
         model = family.model_class()(config)
     params: dict[str, int] = {}
@@ -105,14 +113,27 @@ def shape_from_config(config) -> Shape:
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     patches = (vision.image_size // vision.patch_size) ** 2
+    has_cls = vision.model_type.startswith("clip")
+    tiles, worst = 1, None
+    if family.tiles:
+        if processor is None:
+            raise QllavaError(f"planning a `{family.model_type}` base needs its processor settings")
+        grids = [tuple(pinpoint) for pinpoint in config.image_grid_pinpoints]
+        counts = image_tokens(processor, grids)
+        worst = grids[counts.index(max(counts))]
+        tokens = max(counts)
+        tiles = 1 + max((h // vision.image_size) * (w // vision.image_size) for h, w in grids)
+        tile_tokens = patches + int(has_cls) - int(config.vision_feature_select_strategy == "default")
+    else:
+        tokens = tile_tokens = num_image_tokens(config)
     return Shape(
         hidden=text.hidden_size,
         layers=text.num_hidden_layers,
         intermediate=text.intermediate_size,
         vocab=text.vocab_size,
         kv_dim=(getattr(text, "num_key_value_heads", None) or heads) * head_dim,
-        image_tokens=num_image_tokens(config),
-        vision_tokens=patches + int(vision.model_type.startswith("clip")),
+        image_tokens=tokens,
+        vision_tokens=patches + int(has_cls),
         vision_hidden=vision.hidden_size,
         vision_intermediate=vision.intermediate_size,
         vision_layers=vision.num_hidden_layers,
@@ -120,6 +141,9 @@ def shape_from_config(config) -> Shape:
         tied="lm_head" not in params,
         params=params,
         linears=linears,
+        tiles=tiles,
+        tile_tokens=tile_tokens,
+        worst_image=worst,
     )
 
 
@@ -138,12 +162,64 @@ def _group(name: str, family) -> str:
     return "llm_norms"
 
 
+def plan_base(base: str) -> tuple[Path, str | None]:
+    """The folder whose config.json (and processor settings) the plan reads for model.base, and a note when that
+    is not model.base itself: a Hub id's copy in the Hugging Face cache, or, before the base is downloaded,
+    qllava's shipped copy of its settings (`qllava.bases`)."""
+    from qllava.bases import cached_snapshot, shipped_base
+    from qllava.model.load import _looks_like_hub_id, check_base
+
+    path = Path(base)
+    if (path / "config.json").is_file():
+        return path, None
+    if not path.exists() and _looks_like_hub_id(str(base)):
+        cached = cached_snapshot(str(base))
+        if cached is not None:
+            return cached, f"model.base `{base}`: read from the Hugging Face cache ({cached})"
+    shipped = shipped_base(str(base))
+    if shipped is not None:
+        folder, described = shipped
+        return folder, (
+            f"model.base `{base}` is not there yet: planned from the config.json (and processor settings) of "
+            f"{described} that qllava ships"
+        )
+    return check_base(base), None  # its error says how to download a base
+
+
+def counting_processor(folder: Path):
+    """The base's processor class holding its image processor and its processor_config.json settings: all that
+    `_get_num_multimodal_tokens` reads. Made without `__init__`, which wants the tokenizer (shipped settings have
+    none) and, for OneVision, a video processor that transformers cannot build without torchvision; counting
+    reads neither."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    settings_file = folder / "processor_config.json"
+    if not settings_file.is_file():
+        raise QllavaError(f"{folder} has no processor_config.json: the image-token counts of an AnyRes base need it")
+    settings = json.loads(settings_file.read_text())
+    settings.pop("image_processor", None)  # transformers 5 nests the image processor's settings here
+    settings.pop("chat_template", None)
+    processor_class = getattr(transformers, settings.pop("processor_class"))
+    processor = processor_class.__new__(processor_class)
+    processor.image_processor = AutoImageProcessor.from_pretrained(folder)
+    for key, value in settings.items():
+        setattr(processor, key, value)
+    return processor
+
+
 def read_shape(base: str) -> Shape:
     from transformers import AutoConfig
 
-    from qllava.model.load import check_base
+    from qllava.model.families import family_of
 
-    return shape_from_config(AutoConfig.from_pretrained(check_base(base)))
+    folder, _ = plan_base(base)
+    config = AutoConfig.from_pretrained(folder)
+    try:
+        family = family_of(config)
+    except QllavaError as exc:
+        raise QllavaError(f"model.base `{base}`: {exc}") from None
+    return shape_from_config(config, counting_processor(folder) if family.tiles else None)
 
 
 def lora_modules(shape: Shape, target_modules) -> list[tuple[str, int, int]]:
@@ -374,8 +450,9 @@ def estimate(shape: Shape, recipe: Recipe, micro_batch: int, seq_len: int, devic
         # not measured on a GPU). Below the recompute moment for the shipped 7B recipes.
         logits += 2 * trained
     # Projector (trained, so its activations are kept): the vision features it reads (copied by the
-    # reshape of the non-contiguous [:, 1:] slice), linear_1's output (kept by GELU), GELU's output.
-    proj_act = B * shape.image_tokens * (shape.vision_hidden + 2 * H) * dt
+    # reshape of the non-contiguous [:, 1:] slice), linear_1's output (kept by GELU), GELU's output; AnyRes: of
+    # every tile.
+    proj_act = B * shape.tiles * shape.tile_tokens * (shape.vision_hidden + 2 * H) * dt
     if recipe.model.gradient_checkpointing:
         persistent = L * checkpoint + proj_act + tokens * final_keep
         phases = {"logits + loss": logits, "one layer recomputed in backward": recompute}
@@ -396,8 +473,9 @@ def estimate(shape: Shape, recipe: Recipe, micro_batch: int, seq_len: int, devic
         phases = {"logits + loss": logits, "backward gradients": last_layer - tokens * final_keep}
         phases["optimizer step"] = grads + step_temp - persistent
         rows_act = [("activations: every layer saved", L * tokens * layer_tok, "no checkpointing")]
-    vt = B * (shape.vision_tokens * shape.vision_hidden * dt * (shape.vision_layers + 1 + 4))
-    vt += B * shape.vision_tokens * shape.vision_intermediate * dt + B * 3 * shape.image_size**2 * dt
+    images = B * shape.tiles  # AnyRes: every tile of every image runs through the tower in one batch
+    vt = images * (shape.vision_tokens * shape.vision_hidden * dt * (shape.vision_layers + 1 + 4))
+    vt += images * shape.vision_tokens * shape.vision_intermediate * dt + images * 3 * shape.image_size**2 * dt
     rows += rows_act + [
         ("gradients (LoRA + projector)", grads, "fp32, all alive at the optimizer step"),
         ("optimizer step temporaries", step_temp, "torch AdamW foreach" if opt == "adamw" else "one tensor"),
@@ -440,11 +518,25 @@ def render(shape: Shape, recipe: Recipe, seq_len: int, gpu_gb: float | None) -> 
     mb = recipe.train.micro_batch_size
     e = estimate(shape, recipe, mb, seq_len)
     width = max(len(n) for n, _, _ in e.rows)
+    if shape.worst_image is None:
+        images = f"image tokens {shape.image_tokens} included"
+    else:
+        h, w = shape.worst_image
+        images = (
+            f"image tokens {shape.image_tokens} included: the most an image gets, at {h}x{w}, of the "
+            f"image_grid_pinpoints; the vision tower runs up to {shape.tiles} tiles per image"
+        )
     lines = [
-        f"plan for micro_batch={mb}, seq_len={seq_len} (image tokens {shape.image_tokens} included), "
+        f"plan for micro_batch={mb}, seq_len={seq_len} ({images}), "
         f"bits={recipe.model.bits}, gradient_checkpointing={recipe.model.gradient_checkpointing}",
         f"{'component':{width}}  {'bytes':>15}  {'GiB':>8}  note",
     ]
+    if shape.image_tokens > seq_len:
+        lines.append(
+            f"warning: the largest image becomes {shape.image_tokens} tokens, more than seq_len={seq_len}: "
+            "data.max_length must exceed the image tokens of every sample (`qllava data check` reports them), "
+            "so this plan understates such a run; plan with a larger data.max_length or --seq-len"
+        )
     lines += [f"{n:{width}}  {b:15,d}  {_gib(b)}  {note}" for n, b, note in e.rows]
     lines += [
         f"{'torch peak allocated':{width}}  {e.peak:15,d}  {_gib(e.peak)}  "
@@ -487,5 +579,10 @@ def plan(recipe: Recipe, gpu_memory: float | None = None, seq_len: int | None = 
             "qllava plan models the 16-bit GPU layout; train.mixed_precision=no loads the base in fp32, "
             "which about doubles its 16-bit rows: plan with train.mixed_precision=auto"
         )
-    shape = read_shape(recipe.model.base)
-    return render(shape, recipe, seq_len or recipe.data.max_length, gpu_memory)
+    from qllava.demo import resolve_demo_paths
+
+    recipe = resolve_demo_paths(recipe)  # the demo's tiny bases are generated (and cached) on first use
+    folder, note = plan_base(recipe.model.base)
+    shape = read_shape(str(folder))
+    text = render(shape, recipe, seq_len or recipe.data.max_length, gpu_memory)
+    return f"{note}\n{text}" if note else text

@@ -64,3 +64,21 @@ def test_baseline_tokenizes_the_samples_as_qllava(tmp_path):
         assert ("pixel_values" in batch) == ("image" in record)
         kinds.add("image" in record)
     assert kinds == {True, False}
+
+
+def test_bench_tiny_next(tmp_path):
+    """--arch llava_next: a tiny LLaVA-NeXT, every image the plan's worst (5 tiles), qllava and the TRL baseline."""
+    out = tmp_path / "bench"
+    argv = ["--tiny", "--arch", "llava_next", "--steps", "1", "--warmup", "1", "--micro-batch", "2", "--full-length"]
+    result = main([*argv, "--seq-len", "384", "--out", str(out)])
+    assert result["meta"]["arch"] == "llava_next" and "llava_next" in result["meta"]["model"]
+    qllava, baseline = result["rows"]
+    assert baseline["variant"].startswith("baseline: TRL ")
+    for row in (qllava, baseline):
+        assert row["tokens_per_s"] > 0 and math.isfinite(row["loss"]) and 0 < row["loss"] < 2 * math.log(512)
+    assert 0 <= qllava["real_tokens"] - baseline["real_tokens"] <= 2
+    # The same model FLOPs: both count every tile through the vision tower (TRL batches them per image, 5-D).
+    assert abs(qllava["model_tflop_per_step"] / baseline["model_tflop_per_step"] - 1) < 0.01
+    # --full-length: every sample the plan's shape (its worst image, seq-len tokens, trained answers after it).
+    assert qllava["real_tokens"] == 2 * 384 and qllava["loss"] > 0
+    assert abs(qllava["plan_peak_mib"] / qllava["peak_mem_mib"] - 1) < 0.05, qllava

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from qllava.model.tiny import LLAVA_1_5_7B, build_tiny_llava, llava_config
 from qllava.plan import estimate, largest_micro_batch, read_shape, shape_from_config
 from qllava.recipe import RECIPES_DIR, build_recipe
+from tests.conftest import needs_processor
 from tools.peak_memory import tensor_peak
 
 CORPUS = ["What color is the shape?", "red blue green", "Describe the image.", "a red circle"]
@@ -76,7 +78,8 @@ def measure_cpu_peak(recipe, micro_batch: int, seq_len: int) -> int:
     set_train_mode(model)
     optimizer = build_optimizer(model, recipe, device)
     config = AutoConfig.from_pretrained(recipe.model.base)
-    image_tokens = read_shape(recipe.model.base).image_tokens
+    shape = read_shape(recipe.model.base)
+    image_tokens = shape.image_tokens
     size = config.vision_config.image_size
     g = torch.Generator().manual_seed(0)
     items = []
@@ -85,18 +88,21 @@ def measure_cpu_peak(recipe, micro_batch: int, seq_len: int) -> int:
         ids[:image_tokens] = config.image_token_id
         labels = ids.clone()
         labels[:image_tokens] = -100
-        items.append(
-            {
-                "input_ids": ids.tolist(),
-                "labels": labels.tolist(),
-                "pixel_values": torch.randn(3, size, size, generator=g),
-                "truncated": False,
-            }
-        )
+        item = {"input_ids": ids.tolist(), "labels": labels.tolist(), "truncated": False}
+        if shape.worst_image is None:
+            item["pixel_values"] = torch.randn(3, size, size, generator=g)
+        else:
+            # AnyRes: the plan's worst image, as its processor tiles it.
+            height, width = shape.worst_image
+            image = Image.fromarray(torch.randint(0, 255, (height, width, 3), generator=g, dtype=torch.uint8).numpy())
+            pixels = processor.image_processor(images=image, return_tensors="pt")
+            item["pixel_values"], item["image_sizes"] = pixels["pixel_values"][0], pixels["image_sizes"][0]
+        items.append(item)
     batch = collate(items, processor.tokenizer.pad_token_id)
 
     def step():
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+        inputs = {k: batch[k] for k in keys if k in batch}
         loss = forward_loss_sum(model, batch["labels"], recipe.train.loss_chunk_size, **inputs, use_cache=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -157,6 +163,127 @@ def test_estimate_matches_measured_cpu_peak(small_base, case):
     predicted = estimate(read_shape(str(small_base)), recipe, micro_batch, seq_len, device="cpu").peak
     measured = measure_cpu_peak(recipe, micro_batch, seq_len)
     assert abs(predicted / measured - 1) <= TOLERANCE, (name, predicted, measured)
+
+
+NEXT_PINPOINTS = [[64, 128], [128, 64], [128, 128]]  # 1x2, 2x1 and 2x2 grids of 64 px tiles
+
+
+def build_llava_next(out: Path, processor_from: Path, **dims) -> Path:
+    """`build_llava`'s shape as a LLaVA-NeXT: AnyRes over NEXT_PINPOINTS (the worst image: 5 tiles of 64 tokens)."""
+    from transformers import AutoProcessor, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next import LlavaNextImageProcessorPil
+
+    from qllava.model.tiny import CLIP_MEAN, CLIP_STD
+
+    tokenizer = AutoProcessor.from_pretrained(processor_from).tokenizer
+    base = AutoConfig.from_pretrained(build_llava(out / "llava", processor_from, **dims))
+    config = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_id=base.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=NEXT_PINPOINTS,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlavaNextForConditionalGeneration(config).save_pretrained(out / "next")
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 64},
+        crop_size={"height": 64, "width": 64},
+        image_grid_pinpoints=NEXT_PINPOINTS,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    ).save_pretrained(out / "next")
+    return out / "next"
+
+
+def _image_token_count(processor, height: int, width: int) -> int:
+    """Image tokens the processor's own `__call__` puts in a prompt for one image of this size."""
+    image = Image.new("RGB", (width, height), (120, 60, 30))
+    ids = processor(images=image, text="<image>\nhi", return_tensors="pt")["input_ids"][0]
+    return int((ids == processor.tokenizer.convert_tokens_to_ids("<image>")).sum())
+
+
+# Sizes around and beyond the grids (tall, wide, tiny, huge): none may get more image tokens than the plan assumes.
+SWEEP = [(1, 1), (20, 700), (700, 20), (33, 65), (64, 128), (128, 64), (127, 129), (128, 128), (300, 300), (999, 500)]
+
+
+def test_next_plan_assumes_the_processors_worst_image(tiny_next):
+    from transformers import AutoProcessor
+
+    shape = read_shape(str(tiny_next))
+    processor = AutoProcessor.from_pretrained(tiny_next)
+    assert shape.worst_image is not None and shape.tiles == 5  # base image + the 2x2 grid
+    assert shape.image_tokens == _image_token_count(processor, *shape.worst_image)
+    assert max(_image_token_count(processor, h, w) for h, w in SWEEP) == shape.image_tokens
+
+
+@pytest.mark.parametrize("name", ["llava-v1.6-mistral-7b-hf", "llava-v1.6-vicuna-7b-hf"])
+def test_shipped_next_settings_count_as_their_processor(name):
+    """The shipped settings, made into a real LlavaNextProcessor (a tiny tokenizer: counts never read it), give the
+    plan's worst image the tokens the plan assumes: 2928 for 672x672 with CLIP-L/336."""
+    from transformers import AutoImageProcessor, LlavaNextProcessor
+
+    from qllava.bases import BASES_DIR
+    from qllava.model.tiny import build_tokenizer
+
+    folder = BASES_DIR / name
+    settings = json.loads((folder / "processor_config.json").read_text())
+    settings.pop("processor_class")
+    processor = LlavaNextProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(folder), tokenizer=build_tokenizer(CORPUS), **settings
+    )
+    shape = read_shape(f"llava-hf/{name}")
+    assert (shape.worst_image, shape.image_tokens, shape.tiles) == ((672, 672), 2928, 5)
+    assert _image_token_count(processor, 672, 672) == 2928
+    assert _image_token_count(processor, 336, 336) == 1176
+    assert max(_image_token_count(processor, 2 * h, 2 * w) for h, w in SWEEP) <= 2928
+
+
+def test_shipped_onevision_settings_count_as_their_processor():
+    """OneVision's worst image lies just under AnyRes-max's pooling threshold (1920x768: 5x2 tiles, unpooled)."""
+    shape = read_shape("llava-hf/llava-onevision-qwen2-7b-ov-hf")
+    assert (shape.worst_image, shape.image_tokens, shape.tiles) == ((1920, 768), 8154, 37)
+    needs_processor("llava_onevision")
+    from transformers import AutoImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    from qllava.bases import BASES_DIR
+    from qllava.model.tiny import build_tokenizer
+
+    folder = BASES_DIR / "llava-onevision-qwen2-7b-ov-hf"
+    settings = json.loads((folder / "processor_config.json").read_text())
+    for key in ("processor_class", "video_token"):
+        settings.pop(key)
+    processor = LlavaOnevisionProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(folder),
+        tokenizer=build_tokenizer(CORPUS),
+        video_processor=LlavaOnevisionVideoProcessor(),
+        **settings,
+    )
+    assert _image_token_count(processor, 1920, 768) == 8154
+    assert max(_image_token_count(processor, 6 * h, 6 * w) for h, w in SWEEP) <= 8154
+
+
+@pytest.fixture(scope="module")
+def next_base(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("plan-next")
+    return build_llava_next(root / "model", build_tiny_llava(root / "tiny", CORPUS, seed=0), **S)
+
+
+def test_next_estimate_matches_measured_cpu_peak(next_base):
+    """The worst image's 5 tiles through the vision tower and the projector, at full logits and checkpointing."""
+    recipe = make_recipe(next_base, train__loss_chunk_size=0)
+    predicted = estimate(read_shape(str(next_base)), recipe, 2, 512, device="cpu").peak
+    measured = measure_cpu_peak(recipe, 2, 512)
+    assert abs(predicted / measured - 1) <= TOLERANCE, (predicted, measured)
 
 
 def _config_7b(vocab: int = 32064) -> LlavaConfig:
@@ -252,3 +379,41 @@ def test_plan_refuses_the_fp32_base_it_does_not_model():
     recipe = build_recipe({"model": {"base": "unused"}, "data": {"train": "t"}, "train": {"mixed_precision": "no"}})
     with pytest.raises(QllavaError, match="mixed_precision=no"):
         plan(recipe, gpu_memory=24)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RECIPES_DIR.glob("*.yaml")))
+def test_every_shipped_recipe_plans_before_its_base_is_downloaded(name, tmp_path, monkeypatch):
+    """No recipe's base exists here: the hub bases are planned from the settings qllava ships, the demo's built."""
+    from typer.testing import CliRunner
+
+    from qllava.cli import app
+
+    monkeypatch.chdir(tmp_path)  # the recipes' `checkpoints/...` bases are relative paths: none exists here
+    result = CliRunner().invoke(app, ["plan", str(RECIPES_DIR / name), "--gpu-memory", "24"])
+    assert result.exit_code == 0, result.output
+    assert "largest micro-batch that fits" in result.output
+    assert "does NOT fit" not in result.output  # every shipped recipe's micro-batch is meant for 24 GB or less
+    base = yaml.safe_load((RECIPES_DIR / name).read_text())["model"]["base"]
+    if not base.startswith("demo:"):
+        assert f"model.base `{base}` is not there yet" in result.output and "that qllava ships" in result.output
+
+
+def test_plan_base_prefers_the_local_base(base_7b):
+    from qllava.errors import QllavaError
+    from qllava.plan import plan_base
+
+    assert plan_base(str(base_7b)) == (base_7b, None)
+    folder, note = plan_base("llava-hf/llava-1.5-13b-hf")
+    assert folder.name == "llava-1.5-13b-hf" and "llava-hf/llava-1.5-13b-hf" in note
+    assert read_shape("llava-hf/llava-1.5-13b-hf").layers == 40
+    with pytest.raises(QllavaError, match="hf download someone/other-model"):
+        plan_base("someone/other-model")
+
+
+def test_plan_warns_when_the_largest_image_does_not_fit_the_length():
+    from qllava.plan import plan
+    from qllava.recipe import load_recipe
+
+    recipe = load_recipe(str(RECIPES_DIR / "llava-v1.6-mistral-7b-qlora.yaml"), ["data.max_length=2048"])
+    assert "the largest image becomes 2928 tokens, more than seq_len=2048" in plan(recipe, gpu_memory=24)
+    assert "warning" not in plan(load_recipe(str(RECIPES_DIR / "llava-v1.6-mistral-7b-qlora.yaml"), []), 24)

@@ -1,6 +1,7 @@
 """Benchmark qllava's training step: tokens/s, samples/s, padding, peak memory and MFU per variant.
 
-    PYTHONPATH=. python tools/bench.py [--tiny | --layers L] [--steps N] [--micro-batch B] [--seq-len S] [--lora-r R]
+    PYTHONPATH=. python tools/bench.py [--tiny | --layers L] [--arch llava|llava_next] [--steps N] [--micro-batch B]
+        [--seq-len S] [--lora-r R]
         [--out DIR] [--packing] [--loss-chunk-size C] [--length-bucket K] [--compare] [--no-baseline]
         [--attention auto|sdpa|flash_attention_2|eager] [--full-length]
 
@@ -9,7 +10,10 @@ What it builds (in a temporary directory, nothing downloaded):
   real path (`build_recipe` with model.base pointing at it, then `load_for_training`). `--tiny`: the
   shapes of qllava/model/tiny.py (CPU, the tested path). Default: LLaVA-1.5-7B's shape (CLIP-L/336
   vision, Llama-2-7B text, vocab 32064, mlp2x_gelu), generated in bf16 on the GPU and saved (about
-  14 GB of disk); it needs a CUDA GPU and has not been run yet.
+  14 GB of disk); it needs a CUDA GPU and has not been run yet. `--arch llava_next`: a LLaVA-NeXT
+  instead (tiny: `build_tiny_llava_next`; 7B: LLaVA-v1.6-Mistral-7B's shape from the settings qllava
+  ships for `qllava plan`), every image of the size that gets the most image tokens (and tiles) its
+  AnyRes grid admits, the image `qllava plan` assumes (672x672: 2928 tokens, 5 tiles at 7B).
 - a LLaVA JSON with PNG images whose token lengths follow tools/padding_report.py's synthetic
   LLaVA-1.5-mix distribution (image samples: every image token + long-tailed text; 12% text-only),
   in random order, cut to --seq-len by qllava's Encoder. Every variant runs the same samples: the
@@ -107,19 +111,55 @@ NO_TRL = "baseline not run: trl is not installed (pip install 'qllava[bench]')"
 WORDS = ["What", "color", "is", "the", "shape", "red", "blue", "green", "Describe", "image", "a", "circle"]
 
 
-def build_base(out: Path, tiny: bool, layers: int = 0) -> Path:
-    """Save a random LLaVA (tiny, or LLaVA-1.5-7B-shaped in bf16) with its processor.
+ARCHS = ("llava", "llava_next")
+"""--arch: LLaVA-1.5 (one 336 px tile per image), LLaVA-NeXT (AnyRes: 1 + up to 4 tiles per image)."""
+NEXT_7B = "llava-v1.6-mistral-7b-hf"
+"""The LLaVA-NeXT 7B shape: the settings qllava ships for `qllava plan` (qllava/bases)."""
+
+
+def _next_7b(tokenizer, layers: int):
+    """LLaVA-v1.6-Mistral-7B's config (CLIP-L/336, Mistral-7B, AnyRes over 336 px tiles, vocab 32064) with the
+    bench tokenizer's token ids, and its LlavaNextProcessor."""
+    from transformers import AutoConfig, LlavaNextProcessor
+    from transformers.models.llava_next import LlavaNextImageProcessorPil
+
+    from qllava.bases import BASES_DIR
+
+    folder = BASES_DIR / NEXT_7B
+    config = AutoConfig.from_pretrained(folder)
+    config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    text = config.text_config
+    text.bos_token_id, text.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    text.pad_token_id = config.pad_token_id = tokenizer.pad_token_id
+    if layers:
+        text.num_hidden_layers = layers
+        config.vision_config.num_hidden_layers = layers + 1  # the features come from layer -2
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    settings.pop("image_processor_type")
+    processor_settings = json.loads((folder / "processor_config.json").read_text())
+    processor_settings.pop("processor_class")
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(**settings), tokenizer=tokenizer, **processor_settings
+    )
+    return config, processor
+
+
+def build_base(out: Path, tiny: bool, layers: int = 0, arch: str = "llava") -> Path:
+    """Save a random LLaVA (tiny, or 7B-shaped in bf16) with its processor; `arch` llava: LLaVA-1.5-7B's shape,
+    llava_next: LLaVA-v1.6-Mistral-7B's.
 
     `layers` > 0 keeps only that many decoder and vision layers of the 7B shape (every width, the
-    vocabulary, the 336 px images and their 576 tokens stay): the 7B path then fits a CPU, to check
+    vocabulary, the 336 px tiles and their tokens stay): the 7B path then fits a CPU, to check
     it end to end before a GPU is at hand; its speed says nothing about a GPU.
     """
+    if arch not in ARCHS:
+        raise SystemExit(f"bench: --arch must be one of {', '.join(ARCHS)}, not {arch!r}")
     if tiny:
-        from qllava.model.tiny import build_tiny_llava
+        from qllava.model.tiny import build_tiny_llava, build_tiny_llava_next
 
-        return build_tiny_llava(out, [" ".join(WORDS)], seed=0)
-    from transformers import LlavaForConditionalGeneration
-
+        build = build_tiny_llava_next if arch == "llava_next" else build_tiny_llava
+        return build(out, [" ".join(WORDS)], seed=0)
+    from qllava.model.families import family_of
     from qllava.model.tiny import LLAVA_1_5_7B, build_tokenizer, llava_config, llava_processor
 
     cuda = torch.cuda.is_available()
@@ -129,20 +169,23 @@ def build_base(out: Path, tiny: bool, layers: int = 0) -> Path:
         )
     tokenizer = build_tokenizer([" ".join(WORDS)])
     tokenizer.model_max_length = 4096
-    shape = {part: dict(dims) for part, dims in LLAVA_1_5_7B.items()}
-    if layers:
-        shape["text"]["num_hidden_layers"] = layers
-        shape["vision"]["num_hidden_layers"] = layers + 1  # the features come from layer -2
-    config = llava_config(tokenizer, **shape)
+    if arch == "llava_next":
+        config, processor = _next_7b(tokenizer, layers)
+    else:
+        shape = {part: dict(dims) for part, dims in LLAVA_1_5_7B.items()}
+        if layers:
+            shape["text"]["num_hidden_layers"] = layers
+            shape["vision"]["num_hidden_layers"] = layers + 1  # the features come from layer -2
+        config = llava_config(tokenizer, **shape)
+        processor = llava_processor(tokenizer, 336, 14)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda" if cuda else "cpu"):
-            model = LlavaForConditionalGeneration(config)
+            model = family_of(config).model_class()(config)
     finally:
         torch.set_default_dtype(previous)
-    processor = llava_processor(tokenizer, 336, 14)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     del model
@@ -151,18 +194,28 @@ def build_base(out: Path, tiny: bool, layers: int = 0) -> Path:
     return out
 
 
-def write_data(root: Path, n: int, image_size: int, seed: int = 0, full_length: int = 0) -> Path:
+def write_data(
+    root: Path,
+    n: int,
+    image_size: int | tuple[int, int],
+    seed: int = 0,
+    full_length: int = 0,
+    image_tokens: int = IMAGE_TOKENS,
+) -> Path:
     """n LLaVA records with padding_report's lengths (text counted in words ~ tokens of the tiny BPE).
 
-    `full_length` > 0: every record has an image and an answer of that many words (the caller's
-    sequence limit), so that the Encoder cuts each sample to exactly the limit.
+    `image_size`: the images' side, or (height, width). `full_length` > 0: every record has an image and an
+    answer of that many words (the caller's sequence limit), so that the Encoder cuts each sample to exactly
+    the limit; its question leaves the answer at least an eighth of the limit after the `image_tokens` the
+    image becomes (a LLaVA-NeXT image takes most of it).
     """
     from PIL import Image
 
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     (root / "images").mkdir(parents=True, exist_ok=True)
     colors = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (200, 200, 30)]
     for i, rgb in enumerate(colors):
-        Image.new("RGB", (image_size, image_size), rgb).save(root / "images" / f"{i}.png")
+        Image.new("RGB", (width, height), rgb).save(root / "images" / f"{i}.png")
     tokens, modality = synthetic_lengths(n, seed)
     if full_length:
         tokens, modality = [IMAGE_TOKENS + 2 * full_length] * n, [1] * n
@@ -172,6 +225,8 @@ def write_data(root: Path, n: int, image_size: int, seed: int = 0, full_length: 
         text = t if m < 0 else t - IMAGE_TOKENS
         words = [rng.choice(WORDS) for _ in range(max(text, 4))]
         cut = max(1, len(words) // 4)  # a short question, a long answer
+        if full_length:
+            cut = min(cut, max(1, full_length - image_tokens - full_length // 8))
         question, answer = " ".join(words[:cut]), " ".join(words[cut:])
         if m < 0:
             convs = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
@@ -446,12 +501,19 @@ def versus(rows: list[dict], baseline: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny random model (CPU); default: LLaVA-1.5-7B shape")
+    parser.add_argument("--tiny", action="store_true", help="tiny random model (CPU); default: the 7B shape")
+    parser.add_argument(
+        "--arch",
+        default="llava",
+        choices=ARCHS,
+        help="llava: LLaVA-1.5 (7B: LLaVA-1.5-7B's shape); llava_next: LLaVA-NeXT, every image the largest the "
+        "AnyRes grid admits, as `qllava plan` assumes (7B: LLaVA-v1.6-Mistral-7B's shape)",
+    )
     parser.add_argument(
         "--layers", type=int, default=0, help="7B shape with only this many layers (a CPU check of the 7B path)"
     )
     parser.add_argument("--steps", type=int, default=16, help="timed optimizer steps (after 2 warmup steps)")
-    parser.add_argument("--micro-batch", type=int, default=None, help="default 4 (tiny) / 8 (7B)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="default 4 (tiny, NeXT 7B) / 8 (7B)")
     parser.add_argument("--seq-len", type=int, default=None, help="data.max_length; default 512 (tiny) / 2048 (7B)")
     parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed steps first (default 2)")
     parser.add_argument("--lora-r", type=int, default=None, help="default 8 (tiny) / 128 (7B)")
@@ -484,9 +546,10 @@ def main(argv: list[str] | None = None) -> dict:
         "optimizer step of grad_accum --steps, as recipes/llava-1.5-7b-qlora.yaml's 16); 0: file order",
     )
     args = parser.parse_args(argv)
-    args.micro_batch = args.micro_batch or (4 if args.tiny else 8)
+    args.micro_batch = args.micro_batch or (4 if args.tiny or args.arch == "llava_next" else 8)
     args.lora_r = args.lora_r or (8 if args.tiny else 128)
-    args.seq_len = args.seq_len or (512 if args.tiny else 2048)  # the tiny model has 512 positions
+    # The tiny model has 512 positions; a NeXT 7B image can take 2928 tokens (its recipes' limit is 4096).
+    args.seq_len = args.seq_len or (512 if args.tiny else 4096 if args.arch == "llava_next" else 2048)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bucket = args.steps if args.length_bucket is None else args.length_bucket
@@ -510,14 +573,22 @@ def main(argv: list[str] | None = None) -> dict:
     peak_rate = matmul_flops(device)
     with tempfile.TemporaryDirectory(prefix="qllava-bench-") as tmp:
         tmp = Path(tmp)
-        base = build_base(tmp / "model", args.tiny, args.layers)
-        from transformers import AutoConfig
+        base = build_base(tmp / "model", args.tiny, args.layers, args.arch)
+        from qllava.plan import read_shape
 
-        vision = AutoConfig.from_pretrained(base).vision_config
+        shape = read_shape(str(base))
+        # AnyRes: every image the one the plan assumes, the most image tokens (and tiles) the grid admits.
+        image_size = shape.worst_image or shape.image_size
         full = args.seq_len if args.full_length else 0
         # Each micro-batch its own samples: warmup + timed + the memory step, as many as the steps take.
         data = {
-            m: write_data(tmp / f"data-{m}", m * (args.warmup + args.steps + 1), vision.image_size, full_length=full)
+            m: write_data(
+                tmp / f"data-{m}",
+                m * (args.warmup + args.steps + 1),
+                image_size,
+                full_length=full,
+                image_tokens=shape.image_tokens,
+            )
             for m in sorted({v[-1] for v in variants})
         }
         rows = [
@@ -534,10 +605,12 @@ def main(argv: list[str] | None = None) -> dict:
                 base, records, data[args.micro_batch] / "images", tmp / "runs" / "trl", args, peak_rate, measured_row
             )
             baseline_note = f"{baseline['variant']}, same model, samples and settings (tools/trl_baseline.py)"
+    name = {"llava": "LLaVA-1.5-7B", "llava_next": "LLaVA-v1.6-Mistral-7B"}[args.arch]
     meta = {
-        "model": "tiny (qllava.model.tiny)"
+        "model": f"tiny (qllava.model.tiny, {args.arch})"
         if args.tiny
-        else f"LLaVA-1.5-7B shape{f' cut to {args.layers} layer(s)' if args.layers else ''}, random weights",
+        else f"{name} shape{f' cut to {args.layers} layer(s)' if args.layers else ''}, random weights",
+        "arch": args.arch,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
         "peak_tflops": peak_rate / 1e12,
         "matmul": "bf16 4096^3" if device.type == "cuda" else f"fp32 512^3, {torch.get_num_threads()} threads",

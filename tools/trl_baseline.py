@@ -12,7 +12,8 @@ Made equal to qllava so that the two rows compare the tools and not the settings
   vision tower, projector and lm_head left unquantized: TRL's examples quantize the vision tower
   too, which would make it a different model; the same attention kernel), in bf16;
 - LoRA on the same modules with the same rank, alpha and dropout; the projector trained fully
-  (`modules_to_save`), as qllava trains it;
+  (`modules_to_save`, named by the model's family), as qllava trains it; LLaVA-NeXT's `image_newline`,
+  a bare parameter that `modules_to_save` cannot hold, stays frozen here (qllava trains it too);
 - the same samples in file order (a sequential sampler: the synthetic file is in random order, as
   TRL's default random sampler would give them), the same micro-batch, sequence limit
   (truncation keeps the start, as qllava's Encoder does) and the same chat template (qllava's
@@ -46,6 +47,7 @@ from pathlib import Path
 import torch
 
 from qllava.data.templates import chat_template
+from qllava.model.families import family_of_model
 from qllava.model.load import load_base, load_processor, lora_targets
 from tools.peak_memory import PeakMemory
 
@@ -110,7 +112,7 @@ def run(base: Path, records: list[dict], image_folder: Path, out: Path, args, pe
         lora_alpha=2 * args.lora_r,
         lora_dropout=0.05,
         target_modules=lora_targets(model, "all-linear"),
-        modules_to_save=["multi_modal_projector"],
+        modules_to_save=[family_of_model(model).projector_name],
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -195,6 +197,8 @@ class _StepClock:
     def batch(self, inputs: dict, loss: torch.Tensor) -> None:
         # Kept on the device until the step ends: reading them now would add a sync to the timed step.
         pixels = inputs.get("pixel_values")
+        if pixels is not None and pixels.dim() == 5:  # AnyRes: (images, tiles, 3, H, W); every tile runs
+            pixels = pixels.flatten(0, 1)
         images = pixels[:, :1, :1, :1] if pixels is not None else None  # step_flops needs only the count
         self.batches.append({"attention_mask": inputs["attention_mask"], "pixel_values": images})
         self._pending_loss = loss.detach()

@@ -67,13 +67,22 @@ def _describe(scan: Scan, encoder, report: Report) -> None:
         report.lines.append(f"  warning: {scan.duplicate_warning()}")
     if scan.lengths:
         lengths = scan.lengths
-        # AnyRes: the count depends on each image's size (its distribution is not reported yet).
         per_image = "by image size" if encoder.sized else f"{encoder.image_tokens} per image"
         report.lines.append(
             f"  tokens per sample (image tokens included, {per_image}): min {min(lengths)}, "
             f"mean {statistics.fmean(lengths):.0f}, median {statistics.median(lengths):.0f}, "
             f"p95 {percentile(lengths, 95):.0f}, max {max(lengths)}"
         )
+        if scan.image_tokens:
+            # AnyRes: what sizes the images have decides how much of data.max_length they take.
+            counts = scan.image_tokens
+            report.lines.append(
+                f"  image tokens per image (by its size): min {min(counts)}, median {statistics.median(counts):.0f}, "
+                f"max {max(counts)} over {len(counts)} image{'' if len(counts) == 1 else 's'}"
+            )
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        sample = scan.samples[longest]
+        report.lines.append(f"  longest sample: {sample.id!r} ({sample.where}), {lengths[longest]} tokens")
         report.lines.append(
             f"  over data.max_length={encoder.max_length}: {scan.over} sample(s), cut on the right "
             f"({len(scan.lost_all)} of them lose every trained token, {scan.lost_part} part of their replies)"

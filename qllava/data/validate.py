@@ -59,6 +59,8 @@ class Scan:
     errors: list[str] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     """Untruncated token count of each of `samples`, image tokens included."""
+    image_tokens: list[int] = field(default_factory=list)
+    """Sized (AnyRes) encoders: the image-token count of each image of `samples`, as its size makes it."""
     kept_tokens: int = 0
     kept_trained: int = 0
     over: int = 0
@@ -174,11 +176,13 @@ def scan_file(
             else:
                 usable.append(sample)
                 sizes.append(size)
-        for sample, encoded in zip(usable, encoder.encode_full_batch(usable, sizes)):
+        for sample, size, encoded in zip(usable, sizes, encoder.encode_full_batch(usable, sizes)):
             if isinstance(encoded, QllavaError):
                 scan.errors.append(str(encoded))
-            else:
-                _count(scan, sample, *encoded, encoder.max_length)
+                continue
+            _count(scan, sample, *encoded, encoder.max_length)
+            if size is not None and scan.samples and scan.samples[-1] is sample:  # counted as trainable
+                scan.image_tokens.append(encoder.tokens_for_size(tuple(size)))
         bar.update(min(_BATCH, len(parsed) - start))
     bar.close()
     return scan

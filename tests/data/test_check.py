@@ -172,3 +172,44 @@ def test_check_header_on_a_single_sample(tiny_base, tiny_data, tmp_path):
     assert "1 sample: 1 valid (1 with an image, 0 text-only), 0 broken" in text, text
     lengths = text.split("tokens per sample")[1]
     assert _stat(lengths, "min") == _stat(lengths, "p95") == _stat(lengths, "max"), lengths
+
+
+def test_check_reports_the_anyres_image_token_distribution(tiny_next, tmp_path):
+    """min / median / max image tokens per image equal the counts the HF processor's own `__call__` gives those
+    images, and the longest sample is named with its length."""
+    import statistics
+
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from tests.conftest import write_color_data
+
+    sizes = ((40, 28), (64, 64), (5, 300), (300, 64), (33, 65))  # (width, height): wide, square, tall, tiny
+    (tmp_path / "data").mkdir()
+    data = write_color_data(tmp_path / "data", 12, sizes=sizes)
+    recipe = make_recipe(tiny_next, data, tmp_path / "run", data={"max_length": 256})
+    text = check_dataset(recipe).render()
+
+    processor = AutoProcessor.from_pretrained(tiny_next)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    records = json.loads((data / "train.json").read_text())
+    counts = {}
+    for record in records:
+        if "image" in record:
+            image = Image.open(data / "images" / record["image"]).convert("RGB")
+            ids = processor(images=image, text="<image>", return_tensors="pt")["input_ids"][0]
+            counts[record["id"]] = int((ids == image_id).sum())
+    values = list(counts.values())
+    assert len(set(values)) >= 3, values  # the sizes make different tile grids
+    expected = (
+        f"image tokens per image (by its size): min {min(values)}, median {statistics.median(values):.0f}, "
+        f"max {max(values)} over {len(values)} images"
+    )
+    assert expected in text, text
+    longest = text.split("longest sample: ")[1].splitlines()[0]
+    most = int(text.split("tokens per sample")[1].split("max ")[1].split()[0])
+    assert longest.endswith(f", {most} tokens"), text
+    sid = longest.split("'")[1]
+    # The longest is a two-turn sample (odd index) whose image gets the most tokens among two-turn samples.
+    two_turn = {r["id"]: counts[r["id"]] for r in records if "image" in r and int(r["id"][1:]) % 2}
+    assert sid in two_turn and two_turn[sid] == max(two_turn.values()), (sid, two_turn)
