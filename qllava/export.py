@@ -41,7 +41,7 @@ from qllava.data.templates import chat_template, end_of_turn
 from qllava.data.validate import eval_image_folder
 from qllava.errors import QllavaError
 from qllava.generate import MERGED_RECIPE, attach_adapter
-from qllava.model.families import family_of, family_of_model, forward_image_inputs, image_batch
+from qllava.model.families import config_of_model, family_of, family_of_model, forward_image_inputs, image_batch
 from qllava.model.fingerprint import check_trained_on
 from qllava.model.load import check_base, load_base, load_processor
 from qllava.model.precision import autocast_for, precision_for
@@ -300,8 +300,9 @@ def _text_logits(model, inputs: list[dict], image_token_id: int) -> torch.Tensor
     result = []
     for item in inputs:
         ids = torch.tensor([item["input_ids"]], device=device)
+        images = forward_image_inputs(image_batch([item]) | {"input_ids": ids}, device, dtype, config_of_model(model))
         with autocast_for(model):
-            logits = model(input_ids=ids, **forward_image_inputs(image_batch([item]), device, dtype), use_cache=False)
+            logits = model(input_ids=ids, **images, use_cache=False)
         logits = logits.logits[0]
         result.append(logits[ids[0] != image_token_id].float().cpu())
     return torch.cat(result)

@@ -18,7 +18,7 @@ from qllava.data.images import image_inputs, size_of
 from qllava.data.templates import end_of_turn
 from qllava.errors import QllavaError
 from qllava.model.extras import load_extras, split_extras
-from qllava.model.families import family_of_model, forward_image_inputs, image_batch
+from qllava.model.families import config_of_model, family_of_model, forward_image_inputs, image_batch
 from qllava.model.fingerprint import MERGED_RECIPE, check_trained_on, is_merged_export
 from qllava.model.load import check_base, load_base, load_processor
 from qllava.model.precision import autocast_for, default_device, precision_for
@@ -187,7 +187,9 @@ def generate_batch(
         for (image, turns), inputs in zip(batch, images)
     ]
     input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id)
-    vision = forward_image_inputs(image_batch(images), device, vision_dtype)
+    vision = forward_image_inputs(
+        image_batch(images) | {"input_ids": input_ids}, device, vision_dtype, config_of_model(model)
+    )
     if vision["pixel_values"] is None:
         vision = {}  # transformers 5 runs the vision tower for any `pixel_values` key in generate's kwargs, None too
     with autocast_for(model):

@@ -189,3 +189,13 @@ def tiny_onevision(tmp_path_factory) -> Path:
 
     needs_processor("llava_onevision")
     return build_tiny_llava_onevision(tmp_path_factory.mktemp("ov") / "model", CORPUS, seed=0)
+
+
+# --- relatives of LLaVA (Gemma 3, Qwen2.5-VL) ---
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    from qllava.model.tiny import build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("gemma3") / "model", CORPUS, seed=0)

@@ -45,9 +45,20 @@ class Family:
     images in sample order (`image_sizes`: (height, width) of each original image, which the AnyRes forward
     needs to split the tile stacks and unpad the features)."""
     packing: bool = True
-    """Whether 1-D packing (position ids restarting per sample) is valid: false for 3-D (M-)RoPE models."""
+    """Whether 1-D packing (position ids restarting per sample, `data.packing`) is valid: false for 3-D (M-)RoPE
+    models, and for Gemma 3, whose image-block mask (token_type_ids) in transformers 5.24 undoes the packed
+    samples' separation (measured: packed logits off by up to 0.6 from each sample's own)."""
     default_template: str = "vicuna_v1"
     """The template a recipe uses when the base names none (its tokenizer has no chat template)."""
+    image_text: str = "<image>"
+    """What a sample's `<image>` tag becomes in the prompt text: the text the model's processor puts there, with
+    the image token (`config.image_token_id`) once; the encoder repeats that token as many times as the processor
+    counts. LLaVA's processors expand the tag itself; Gemma 3's wraps its soft tokens in begin/end-of-image tokens
+    and blank lines; Qwen2.5-VL's chat format wraps its pad token in vision start/end tokens."""
+    token_types: str | None = None
+    """The forward's per-token modality input (1 on image tokens, 0 elsewhere), made from input_ids for each batch:
+    Gemma 3's `token_type_ids` (image tokens attend to their whole block, both ways), Qwen2.5-VL's
+    `mm_token_type_ids` (where its 3-D M-RoPE positions come from). None when the forward takes none."""
 
     @property
     def skip_quantization(self) -> list[str]:
@@ -117,6 +128,16 @@ FAMILIES: dict[str, Family] = {
         Family("llava_next", "LlavaNextForConditionalGeneration", **_ANYRES),
         # LLaVA-OneVision: AnyRes-max (features pooled down above a tile budget), usually a Qwen2 LLM.
         Family("llava_onevision", "LlavaOnevisionForConditionalGeneration", **_ANYRES, default_template="chatml"),
+        # Gemma 3: SigLIP, a projector that pools the patch features to a fixed count, bidirectional attention
+        # inside each image block (token_type_ids).
+        Family(
+            "gemma3",
+            "Gemma3ForConditionalGeneration",
+            default_template="gemma",
+            packing=False,
+            image_text="\n\n<start_of_image><image_soft_token><end_of_image>\n\n",
+            token_types="token_type_ids",
+        ),
     )
 }
 
@@ -138,13 +159,18 @@ def family_of(config) -> Family:
     return family_named(str(model_type))
 
 
-def family_of_model(model: torch.nn.Module) -> Family:
-    """The entry for a loaded model, through DDP / FSDP / peft wrappers."""
+def config_of_model(model: torch.nn.Module):
+    """The top-level config of a loaded model of a supported family, through DDP / FSDP / peft wrappers."""
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and getattr(config, "model_type", None) in FAMILIES:
-            return FAMILIES[config.model_type]
+            return config
     raise QllavaError(f"{type(model).__name__} is none of the supported architectures ({', '.join(FAMILIES)})")
+
+
+def family_of_model(model: torch.nn.Module) -> Family:
+    """The entry for a loaded model, through DDP / FSDP / peft wrappers."""
+    return FAMILIES[config_of_model(model).model_type]
 
 
 def image_tokens(processor, sizes: list[tuple[int, int]]) -> list[int]:
@@ -180,12 +206,16 @@ def image_batch(items: list[dict]) -> dict:
     return batch
 
 
-def forward_image_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """The forward's image keyword arguments from a collated batch: pixel_values in the vision dtype, the
-    other image inputs (`image_sizes`) as they are, on `device`."""
+def forward_image_inputs(batch: dict, device: torch.device, dtype: torch.dtype, config) -> dict:
+    """The forward's image keyword arguments from a collated batch and the model's config: pixel_values in the
+    vision dtype, the other image inputs (`image_sizes`) as they are and, for a family with `token_types`, that
+    input marking the batch's image tokens (from its input_ids), on `device`."""
     pixels = batch["pixel_values"]
     inputs = {"pixel_values": None if pixels is None else pixels.to(device, dtype)}
     for key in IMAGE_INPUTS:
         if batch.get(key) is not None:
             inputs[key] = batch[key].to(device)
+    key = family_of(config).token_types
+    if key is not None:
+        inputs[key] = (batch["input_ids"] == config.image_token_id).long().to(device)
     return inputs

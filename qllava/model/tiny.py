@@ -463,3 +463,80 @@ def build_tiny_llava_onevision(
         vision_aspect_ratio=ONEVISION_ASPECT,
     ).save_pretrained(out)
     return out
+
+
+GEMMA3_SPECIALS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+]
+GEMMA3_IMAGE_TOKENS = 4
+"""Image tokens of the tiny Gemma 3: its projector pools the 4x4 patches of a 32 px image to 2x2."""
+
+
+def build_tiny_gemma3(
+    out_dir: str | Path, corpus: list[str], *, seed: int = 0, vision_hidden: int = 64, text_hidden: int = 128
+) -> Path:
+    """Create and save a random tiny Gemma 3 (SigLIP-style vision, Gemma 3 LLM with tied embeddings, the `gemma`
+    turn format) with its `Gemma3Processor`; return its directory."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3TextConfig
+    from transformers.models.gemma3 import Gemma3ImageProcessorPil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_train_bpe(
+            list(corpus) + ["user\n model\n"], GEMMA3_SPECIALS, unk="<unk>", bos="<bos>", vocab_size=512
+        ),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={
+            "image_token": "<image_soft_token>",
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+        },
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        model_max_length=512,
+    )
+    vision, _ = _tiny_dims(vision_hidden, text_hidden, 2, 2 * text_hidden)
+    vision.pop("projection_dim")
+    vision["vision_use_head"] = False  # Gemma 3's SigLIP has no pooling head
+    head_dim = text_hidden // 4
+    config = Gemma3Config(
+        vision_config=SiglipVisionConfig(**vision),
+        text_config=Gemma3TextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden,
+            intermediate_size=2 * text_hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        mm_tokens_per_image=GEMMA3_IMAGE_TOKENS,
+        boi_token_index=tokenizer.boi_token_id,
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tokenizer.image_token_id,
+        tie_word_embeddings=True,
+    )
+    _save_random(Gemma3ForConditionalGeneration, config, tokenizer, out, seed)
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD
+    )
+    Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=GEMMA3_IMAGE_TOKENS
+    ).save_pretrained(out)
+    return out
