@@ -90,6 +90,12 @@ def shape_from_config(config) -> Shape:
             f"qllava plan does not estimate `{family.model_type}` models yet: their image tokens depend on each "
             "image's size"
         )
+    if not hasattr(config, "vision_feature_select_strategy"):
+        # `num_image_tokens` counts from a LLaVA config; other families' counts live in their processors.
+        raise QllavaError(
+            f"qllava plan does not estimate `{family.model_type}` models yet: it counts image tokens from LLaVA "
+            "configs only"
+        )
     with torch.device("meta"):
         model = family.model_class()(config)
     params: dict[str, int] = {}

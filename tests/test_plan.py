@@ -18,6 +18,7 @@ import torch
 import yaml
 from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from qllava.errors import QllavaError
 from qllava.model.tiny import LLAVA_1_5_7B, build_tiny_llava, llava_config
 from qllava.plan import estimate, largest_micro_batch, read_shape, shape_from_config
 from qllava.recipe import RECIPES_DIR, build_recipe
@@ -252,3 +253,9 @@ def test_plan_refuses_the_fp32_base_it_does_not_model():
     recipe = build_recipe({"model": {"base": "unused"}, "data": {"train": "t"}, "train": {"mixed_precision": "no"}})
     with pytest.raises(QllavaError, match="mixed_precision=no"):
         plan(recipe, gpu_memory=24)
+
+
+def test_plan_refuses_relatives_it_does_not_count(tiny_gemma3):
+    """Gemma 3 counts image tokens in its processor, not in a LLaVA config: a clear refusal, not a traceback."""
+    with pytest.raises(QllavaError, match="does not estimate `gemma3` models yet"):
+        shape_from_config(AutoConfig.from_pretrained(tiny_gemma3))

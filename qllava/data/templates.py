@@ -277,14 +277,18 @@ _DEFAULT_SYSTEMS = {
 }
 
 
-def chat_template(template: str, system: str | None = None) -> str | None:
-    """The Jinja chat template equal to `render` for a built-in template (None for `tokenizer`)."""
+def chat_template(template: str, system: str | None = None, image: str = "<image>") -> str | None:
+    """The Jinja chat template equal to `render` for a built-in template (None for `tokenizer`); an image part of a
+    message becomes `image` (the model's processor's image text, `Family.image_prompt`) and a newline."""
     if template == "tokenizer":
         return None
     if template not in _JINJA_BODIES:
         raise QllavaError(f"unknown template `{template}`; choose one of {', '.join(TEMPLATES)}")
     default = _DEFAULT_SYSTEMS[template] if system is None else system
-    return f"{{%- set default_system = {json.dumps(default)} -%}}" + _JINJA_CONTENT + _JINJA_BODIES[template]
+    content = _JINJA_CONTENT
+    if image != "<image>":
+        content = content.replace("'<image>\\n'", json.dumps(f"{image}\n"))
+    return f"{{%- set default_system = {json.dumps(default)} -%}}" + content + _JINJA_BODIES[template]
 
 
 def template_named_by(jinja: str | None) -> str | None:

@@ -18,10 +18,12 @@ from tests.conftest import CORPUS, make_recipe, needs_processor
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     llm = build_tiny_llm(tmp_path / "llama", "llama")
-    with pytest.raises(QllavaError, match="`llama` models are not supported.*llava, llava_next, llava_onevision"):
+    with pytest.raises(
+        QllavaError, match="`llama` models are not supported.*llava, llava_next, llava_onevision, qwen2_5_vl, gemma3"
+    ):
         check_base(llm)
     with pytest.raises(QllavaError, match="supported architectures"):
-        family_of({"model_type": "qwen2_5_vl"})
+        family_of({"model_type": "idefics3"})
 
 
 def test_every_family_names_a_transformers_class_of_its_model_type():
@@ -134,11 +136,11 @@ def test_anyres_family_policy(kind, request, tmp_path):
     )
 
 
-# Relatives of LLaVA: the builder fixture and the template of each.
-RELATIVES = {"gemma3": ("tiny_gemma3", "gemma")}
+# Relatives of LLaVA: the builder fixture and the template of each; Qwen2.5-VL's processor needs torchvision.
+RELATIVES = {"gemma3": ("tiny_gemma3", "gemma"), "qwen2_5_vl": ("tiny_qwen2_5_vl", "chatml")}
 
 
-@pytest.mark.parametrize("kind", sorted(RELATIVES))
+@pytest.mark.parametrize("kind", ["gemma3", pytest.param("qwen2_5_vl", marks=pytest.mark.torchvision)])
 def test_relative_family_policy(kind, request, tmp_path):
     """4-bit only on the LLM's linear layers, LoRA only there, the projector trained and saved in the adapter, the
     vision tower frozen, unquantized and absent from the adapter."""
