@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from qllava.data.check import check_dataset
 from qllava.data.dataset import collate, encoder_from_recipe
 from qllava.data.templates import render
 from qllava.data.validate import datasets_from_recipe
@@ -29,6 +30,7 @@ RELATIVES = {
 }
 # Qwen2.5-VL's processor needs torchvision (the `torchvision` tier); Gemma 3's runs in the default one.
 KINDS = [pytest.param(kind, marks=pytest.mark.torchvision) if kind == "qwen2_5_vl" else kind for kind in RELATIVES]
+END_OF_TURN = {"gemma": "<end_of_turn>", "chatml": "<|im_end|>"}
 SIZES = ((32, 32), (28, 40), (64, 20), (100, 300))
 
 
@@ -68,6 +70,10 @@ def test_encoded_sample_equals_the_hf_processor(kind, request, tmp_path):
         with Image.open(data / "images" / sample.image) as img:
             theirs = hf(images=img.convert("RGB"), text=text, return_tensors="pt")
         assert item["input_ids"] == theirs["input_ids"][0].tolist(), sample.id
+        # Loss only on the replies and their end-of-turn token.
+        replies = [text for role, text in sample.turns if role == "assistant"]
+        trained = processor.tokenizer.decode([t for t in item["labels"] if t != -100])
+        assert trained == "".join(f"{reply}{END_OF_TURN[recipe.data.template]}" for reply in replies), sample.id
         # One image: Qwen2.5-VL's processor returns its patches (patches, dim), the others a batch of one.
         pixels = theirs["pixel_values"]
         torch.testing.assert_close(item["pixel_values"], pixels if pixels.dim() == 2 else pixels[0])
@@ -126,7 +132,10 @@ def test_packing_is_refused_at_start_up(kind, request, tmp_path):
     base = _base(kind, request)
     data = write_color_data(tmp_path, 4)
     recipe = _recipe(kind, base, data, tmp_path / "out", data={"packing": True})
-    with pytest.raises(QllavaError, match=f"data.packing=true cannot train `{kind}` models.*set data.packing=false"):
+    refused = f"data.packing=true cannot train `{kind}` models.*set data.packing=false"
+    with pytest.raises(QllavaError, match=refused):
+        check_dataset(recipe)  # `qllava data check`
+    with pytest.raises(QllavaError, match=refused):
         train(recipe, progress=False)
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
@@ -209,3 +218,18 @@ def test_merge_verifies_and_the_export_loads_with_plain_transformers(relative_ru
         theirs = exported(text=text, images=img.convert("RGB"), return_tensors="pt")["input_ids"][0].tolist()
         size = (img.height, img.width)
     assert theirs == encoder.prompt_ids([("user", question)], has_image=True, image_size=size)
+
+
+def test_generation_runs_on_the_trained_adapter(relative_run):
+    """`qllava answer`'s path (base + adapter, the family's extra inputs in generate) on images and text alone."""
+    from qllava.generate import generate_answers, load_for_inference
+
+    _, _, data, run = relative_run
+    recipe = load_recipe(run / "final" / "recipe.yaml")
+    model, processor = load_for_inference(recipe.model.base, run / "final")
+    questions = [("0.png", "What color is the shape?"), ("1.png", "What color is the shape?"), (None, "Say a color.")]
+    answers = generate_answers(model, processor, recipe, questions, image_folder=data / "images")
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    # Left-padded together, each prompt gets the greedy answer it gets alone (positions and image inputs per row).
+    alone = generate_answers(model, processor, recipe, questions, image_folder=data / "images", batch_size=1)
+    assert answers == alone

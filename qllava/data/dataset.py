@@ -371,6 +371,12 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
     tokenizer = processor.tokenizer
     image_token_id = config.image_token_id
     family = family_of(config)
+    if recipe.data.packing and not family.packing:
+        # Refused where `qllava data check` and train's start-up check meet, before any weights are loaded.
+        raise QllavaError(
+            f"data.packing=true cannot train `{family.model_type}` models: packed samples would get wrong positions "
+            "(3-D M-RoPE) or see each other (an image-block attention mask); set data.packing=false"
+        )
     placed = tokenizer(family.image_text, add_special_tokens=False)["input_ids"].count(image_token_id)
     if placed != 1:
         raise QllavaError(

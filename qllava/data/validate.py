@@ -209,12 +209,6 @@ def _count(scan: Scan, sample: Sample, ids: list[int], labels: list[int], max_le
 
 
 def _datasets(files: list[DataFile], recipe, processor, config, warn: Callable[[str], None]) -> list[LlavaDataset]:
-    family = family_of(config)
-    if recipe.data.packing and not family.packing:
-        raise QllavaError(
-            f"data.packing=true cannot train `{family.model_type}` models: their position ids are not one index "
-            "per token (3-D M-RoPE), so restarting them per packed sample is wrong; set data.packing=false"
-        )
     encoder = encoder_from_recipe(recipe, processor, config)
     skip = recipe.data.on_bad_sample == "skip"
     scans = [scan_file(data, recipe, encoder, keep_unreadable=skip and data.key == "data.train") for data in files]
@@ -233,7 +227,7 @@ def _datasets(files: list[DataFile], recipe, processor, config, warn: Callable[[
         for warning in warnings:
             if warning:
                 warn(f"qllava: warning: {warning}")
-    tiles = family.tiles
+    tiles = family_of(config).tiles
     return [
         LlavaDataset(
             scan.samples, encoder, scan.data.folder, processor.image_processor, recipe.data.image_aspect, tiles=tiles
