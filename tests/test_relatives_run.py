@@ -140,6 +140,15 @@ def test_packing_is_refused_at_start_up(kind, request, tmp_path):
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
+def test_pad_is_refused_where_the_export_could_not_pad(tiny_gemma3, tmp_path):
+    """Gemma 3's processor cannot call a LLaVA padding image processor (measured: a TypeError on its pan-and-scan
+    options), so `pad` is refused at start-up instead of making an export that cannot preprocess."""
+    data = write_color_data(tmp_path, 4)
+    recipe = _recipe("gemma3", tiny_gemma3, data, tmp_path / "out", data={"image_aspect": "pad"})
+    with pytest.raises(QllavaError, match="data.image_aspect=pad cannot be used with `gemma3` models.*=resize"):
+        check_dataset(recipe)
+
+
 def _run_recipe(kind, base, data, out):
     steps = RELATIVES[kind][3]
     return _recipe(

@@ -377,6 +377,11 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
             f"data.packing=true cannot train `{family.model_type}` models: packed samples would get wrong positions "
             "(3-D M-RoPE) or see each other (an image-block attention mask); set data.packing=false"
         )
+    if recipe.data.image_aspect == "pad" and not (family.pad or family.tiles):
+        raise QllavaError(
+            f"data.image_aspect=pad cannot be used with `{family.model_type}` models: their processor cannot pad as "
+            "training did, so a merged export would see other pixels; set data.image_aspect=resize"
+        )
     placed = tokenizer(family.image_text, add_special_tokens=False)["input_ids"].count(image_token_id)
     if placed != 1:
         raise QllavaError(

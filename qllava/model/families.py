@@ -58,6 +58,10 @@ class Family:
     the image token (`config.image_token_id`) once; the encoder repeats that token as many times as the processor
     counts. LLaVA's processors expand the tag itself; Gemma 3's wraps its soft tokens in begin/end-of-image tokens
     and blank lines; Qwen2.5-VL's chat format wraps its pad token in vision start/end tokens."""
+    pad: bool = True
+    """Whether `data.image_aspect: pad` is available: a merged export then pads through a LLaVA padding image
+    processor inside the family's processor, which Gemma 3's processor cannot call (it passes its pan-and-scan
+    options to its image processor). Families with `tiles` never pad."""
     image_prompt: str = "<image>"
     """What the model's processor takes in the text for one image, and what the chat template written into a merged
     export puts for an image part: Gemma 3's `<start_of_image>` (its processor expands it to `image_text`), Qwen2.5-VL's
@@ -157,6 +161,7 @@ FAMILIES: dict[str, Family] = {
             "Gemma3ForConditionalGeneration",
             default_template="gemma",
             packing=False,
+            pad=False,
             image_text="\n\n<start_of_image><image_soft_token><end_of_image>\n\n",
             image_prompt="<start_of_image>",
             token_types="token_type_ids",

@@ -198,3 +198,27 @@ def test_relative_family_policy(kind, request, tmp_path):
     assert not any(family.part_of(k) == "vision" for k in keys)
     lora = {k for k in keys if "lora_" in k}
     assert lora and keys == lora | {k for k in keys if family.part_of(k) == "projector"}
+
+
+def test_qwen2_5_vl_loading_policy_without_its_processor(tmp_path):
+    """The default tier's check of Qwen2.5-VL (its processor needs torchvision): 4-bit only on the LLM's linear
+    layers; the ViT and its patch merger (the projector, inside the vision module) keep their float weights."""
+    from qllava.model.tiny import build_tiny_qwen2_5_vl
+
+    base = build_tiny_qwen2_5_vl(tmp_path / "model", CORPUS, processor=False)
+    family = family_of(AutoConfig.from_pretrained(base))
+    assert (family.vision, family.projector) == ("model.visual", "model.visual.merger")
+    plain = load_base(base, bits=16, device=torch.device("cpu"))
+    llm_linears = {
+        n for n, m in plain.named_modules() if n.startswith(family.llm_prefix) and isinstance(m, torch.nn.Linear)
+    }
+    model = load_base(base, bits=4, device=torch.device("cpu"))
+    quantized = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert quantized == llm_linears and llm_linears
+    parts = {family.part_of(n) for n, _ in model.named_parameters()}
+    assert {"vision", "projector", "llm"} <= parts
+    for name, param in model.named_parameters():
+        if family.part_of(name) in ("vision", "projector") or name.startswith("lm_head"):
+            assert not isinstance(param, bnb.nn.Params4bit) and param.dtype == torch.float32, name
+    assert family.part_of("base_model.model.model.visual.merger.modules_to_save.default.mlp.0.weight") == "projector"
+    assert family.part_of("model.visual.blocks.0.attn.qkv.weight") == "vision"
