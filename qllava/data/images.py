@@ -10,6 +10,8 @@ from PIL import Image
 from transformers.image_processing_backends import PilBackend
 from transformers.models.llava import LlavaImageProcessorPil
 
+from qllava.model.families import IMAGE_INPUTS
+
 # What a padding image processor copies from the base's, so that resizing and normalization stay the same.
 _COPIED_SETTINGS = (
     "do_resize",
@@ -99,8 +101,6 @@ def tiled_inputs(image: Image.Image, image_processor) -> dict:
     """An image of a `Family.tiles` family as the processor makes it from the unchanged image: `pixel_values`
     (AnyRes: (tiles, 3, H, W); Qwen2.5-VL: (patches, dim)), the count depending on its size, the family's image
     inputs of this image (`image_sizes`, `image_grid_thw`) and `size`, its (height, width)."""
-    from qllava.model.families import IMAGE_INPUTS
-
     out = image_processor(images=image, return_tensors="pt")
     pixels = out["pixel_values"]
     # AnyRes processors return one tile stack per image (images, tiles, 3, H, W); Qwen2.5-VL's the images' patches
