@@ -174,6 +174,8 @@ def needs_processor(kind: str) -> None:
 
     if kind == "llava_onevision" and importlib.util.find_spec("torchvision") is None:
         pytest.skip("transformers' LlavaOnevisionProcessor cannot be built without torchvision")
+    if kind == "qwen2_5_vl" and importlib.util.find_spec("torchvision") is None:
+        pytest.skip("transformers' Qwen2_5_VLProcessor cannot be built without torchvision")
 
 
 @pytest.fixture(scope="session")
@@ -189,3 +191,21 @@ def tiny_onevision(tmp_path_factory) -> Path:
 
     needs_processor("llava_onevision")
     return build_tiny_llava_onevision(tmp_path_factory.mktemp("ov") / "model", CORPUS, seed=0)
+
+
+# --- relatives of LLaVA (Gemma 3, Qwen2.5-VL) ---
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    from qllava.model.tiny import build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("gemma3") / "model", CORPUS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
+    from qllava.model.tiny import build_tiny_qwen2_5_vl
+
+    needs_processor("qwen2_5_vl")
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl") / "model", CORPUS, seed=0)

@@ -10,6 +10,8 @@ from PIL import Image
 from transformers.image_processing_backends import PilBackend
 from transformers.models.llava import LlavaImageProcessorPil
 
+from qllava.model.families import IMAGE_INPUTS
+
 # What a padding image processor copies from the base's, so that resizing and normalization stay the same.
 _COPIED_SETTINGS = (
     "do_resize",
@@ -95,11 +97,17 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return height, width
 
 
-def tiled_inputs(image: Image.Image, image_processor) -> dict[str, torch.Tensor]:
-    """An AnyRes image (`Family.tiles`) as the processor makes it from the unchanged image: `pixel_values`
-    (tiles, 3, H, W), the count depending on its size, and `image_sizes` (height, width)."""
+def tiled_inputs(image: Image.Image, image_processor) -> dict:
+    """An image of a `Family.tiles` family as the processor makes it from the unchanged image: `pixel_values`
+    (AnyRes: (tiles, 3, H, W); Qwen2.5-VL: (patches, dim)), the count depending on its size, the family's image
+    inputs of this image (`image_sizes`, `image_grid_thw`) and `size`, its (height, width)."""
     out = image_processor(images=image, return_tensors="pt")
-    return {"pixel_values": out["pixel_values"][0], "image_sizes": out["image_sizes"][0]}
+    pixels = out["pixel_values"]
+    # AnyRes processors return one tile stack per image (images, tiles, 3, H, W); Qwen2.5-VL's the images' patches
+    # back to back (patches, dim), here those of the one image.
+    inputs = {"pixel_values": pixels if pixels.dim() == 2 else pixels[0]}
+    inputs |= {key: out[key][0] for key in IMAGE_INPUTS if key in out}
+    return inputs | {"size": (image.height, image.width)}
 
 
 def inputs_of_image(
@@ -119,9 +127,9 @@ def image_inputs(path: str | Path, aspect: str, image_processor, *, tiles: bool 
     return inputs_of_image(image, aspect, image_processor, tiles=tiles)
 
 
-def size_of(inputs: dict[str, torch.Tensor]) -> tuple[int, int] | None:
-    """The original (height, width) an image's inputs carry (AnyRes: what its token count depends on), else None."""
-    return tuple(inputs["image_sizes"].tolist()) if "image_sizes" in inputs else None
+def size_of(inputs: dict) -> tuple[int, int] | None:
+    """The original (height, width) a tiled image's inputs carry (what its token count depends on), else None."""
+    return inputs.get("size")
 
 
 def processor_to_save(processor, aspect: str):

@@ -38,16 +38,38 @@ class Family:
     holds modules only, so these are saved into the adapter file and restored beside it (LLaVA-NeXT's
     `model.image_newline`, the learned separator after each row of image features)."""
     tiles: bool = False
-    """An image becomes a stack of tiles whose count depends on its size (AnyRes): per image, pixel_values is
-    (tiles, 3, H, W) and a batch concatenates the stacks, which the model splits again by `image_sizes`."""
+    """An image goes to the processor as it is and becomes a number of pieces that depends on its size: AnyRes
+    tiles (pixel_values (tiles, 3, H, W) per image) or Qwen2.5-VL's flattened patches at the image's own
+    resolution ((patches, dim) per image). A batch concatenates them; the model splits them again by the
+    family's `image_inputs`, and the image's token count is asked of the processor for its size."""
     image_inputs: tuple[str, ...] = ()
     """Processor outputs the forward needs beside pixel_values, one row per image, stacked over the batch's
     images in sample order (`image_sizes`: (height, width) of each original image, which the AnyRes forward
-    needs to split the tile stacks and unpad the features)."""
+    needs to split the tile stacks and unpad the features; `image_grid_thw`: Qwen2.5-VL's (frames, rows, columns)
+    of patches per image, which splits the patches and places the 3-D positions)."""
     packing: bool = True
-    """Whether 1-D packing (position ids restarting per sample) is valid: false for 3-D (M-)RoPE models."""
+    """Whether 1-D packing (position ids restarting per sample, `data.packing`) is valid: false for 3-D (M-)RoPE
+    models, and for Gemma 3, whose image-block mask (token_type_ids) in transformers 5.24 undoes the packed
+    samples' separation (measured: packed logits off by up to 0.6 from each sample's own)."""
     default_template: str = "vicuna_v1"
     """The template a recipe uses when the base names none (its tokenizer has no chat template)."""
+    image_text: str = "<image>"
+    """What a sample's `<image>` tag becomes in the prompt text: the text the model's processor puts there, with
+    the image token (`config.image_token_id`) once; the encoder repeats that token as many times as the processor
+    counts. LLaVA's processors expand the tag itself; Gemma 3's wraps its soft tokens in begin/end-of-image tokens
+    and blank lines; Qwen2.5-VL's chat format wraps its pad token in vision start/end tokens."""
+    pad: bool = True
+    """Whether `data.image_aspect: pad` is available: a merged export then pads through a LLaVA padding image
+    processor inside the family's processor, which Gemma 3's processor cannot call (it passes its pan-and-scan
+    options to its image processor). Families with `tiles` never pad."""
+    image_prompt: str = "<image>"
+    """What the model's processor takes in the text for one image, and what the chat template written into a merged
+    export puts for an image part: Gemma 3's `<start_of_image>` (its processor expands it to `image_text`), Qwen2.5-VL's
+    pad token between vision start/end tokens."""
+    token_types: str | None = None
+    """The forward's per-token modality input (1 on image tokens, 0 elsewhere), made from input_ids for each batch:
+    Gemma 3's `token_type_ids` (image tokens attend to their whole block, both ways), Qwen2.5-VL's
+    `mm_token_type_ids` (where its 3-D M-RoPE positions come from). None when the forward takes none."""
 
     @property
     def skip_quantization(self) -> list[str]:
@@ -117,6 +139,33 @@ FAMILIES: dict[str, Family] = {
         Family("llava_next", "LlavaNextForConditionalGeneration", **_ANYRES),
         # LLaVA-OneVision: AnyRes-max (features pooled down above a tile budget), usually a Qwen2 LLM.
         Family("llava_onevision", "LlavaOnevisionForConditionalGeneration", **_ANYRES, default_template="chatml"),
+        # Qwen2.5-VL: a windowed ViT at each image's own resolution whose patch merger (the projector) lies inside the
+        # vision module; 3-D M-RoPE positions, placed from mm_token_type_ids and image_grid_thw.
+        Family(
+            "qwen2_5_vl",
+            "Qwen2_5_VLForConditionalGeneration",
+            vision="model.visual",
+            projector="model.visual.merger",
+            tiles=True,
+            image_inputs=("image_grid_thw",),
+            packing=False,
+            default_template="chatml",
+            image_text="<|vision_start|><|image_pad|><|vision_end|>",
+            image_prompt="<|vision_start|><|image_pad|><|vision_end|>",
+            token_types="mm_token_type_ids",
+        ),
+        # Gemma 3: SigLIP, a projector that pools the patch features to a fixed count, bidirectional attention
+        # inside each image block (token_type_ids).
+        Family(
+            "gemma3",
+            "Gemma3ForConditionalGeneration",
+            default_template="gemma",
+            packing=False,
+            pad=False,
+            image_text="\n\n<start_of_image><image_soft_token><end_of_image>\n\n",
+            image_prompt="<start_of_image>",
+            token_types="token_type_ids",
+        ),
     )
 }
 
@@ -138,13 +187,18 @@ def family_of(config) -> Family:
     return family_named(str(model_type))
 
 
-def family_of_model(model: torch.nn.Module) -> Family:
-    """The entry for a loaded model, through DDP / FSDP / peft wrappers."""
+def config_of_model(model: torch.nn.Module):
+    """The top-level config of a loaded model of a supported family, through DDP / FSDP / peft wrappers."""
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and getattr(config, "model_type", None) in FAMILIES:
-            return FAMILIES[config.model_type]
+            return config
     raise QllavaError(f"{type(model).__name__} is none of the supported architectures ({', '.join(FAMILIES)})")
+
+
+def family_of_model(model: torch.nn.Module) -> Family:
+    """The entry for a loaded model, through DDP / FSDP / peft wrappers."""
+    return FAMILIES[config_of_model(model).model_type]
 
 
 def image_tokens(processor, sizes: list[tuple[int, int]]) -> list[int]:
@@ -166,26 +220,30 @@ IMAGE_INPUTS = tuple(sorted({key for family in FAMILIES.values() for key in fami
 
 
 def image_batch(items: list[dict]) -> dict:
-    """The batch's image inputs from dataset items, samples in order: pixel_values stacked (one tensor of
-    3 dims per image) or concatenated (tile stacks of 4 dims, `Family.tiles`), each of the family's
-    `image_inputs` stacked; pixel_values None when no sample has an image."""
+    """The batch's image inputs from dataset items, samples in order: pixel_values stacked (one (3, H, W) image
+    each) or concatenated (`Family.tiles`: tile stacks of 4 dims, or blocks of flattened patches of 2), each of
+    the family's `image_inputs` stacked; pixel_values None when no sample has an image."""
     with_image = [it for it in items if it["pixel_values"] is not None]
     if not with_image:
         return {"pixel_values": None}
     pixels = [it["pixel_values"] for it in with_image]
-    batch = {"pixel_values": torch.cat(pixels) if pixels[0].dim() == 4 else torch.stack(pixels)}
+    batch = {"pixel_values": torch.stack(pixels) if pixels[0].dim() == 3 else torch.cat(pixels)}
     for key in IMAGE_INPUTS:
         if key in with_image[0]:
             batch[key] = torch.stack([it[key] for it in with_image])
     return batch
 
 
-def forward_image_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """The forward's image keyword arguments from a collated batch: pixel_values in the vision dtype, the
-    other image inputs (`image_sizes`) as they are, on `device`."""
+def forward_image_inputs(batch: dict, device: torch.device, dtype: torch.dtype, config) -> dict:
+    """The forward's image keyword arguments from a collated batch and the model's config: pixel_values in the
+    vision dtype, the other image inputs (`image_sizes`) as they are and, for a family with `token_types`, that
+    input marking the batch's image tokens (from its input_ids), on `device`."""
     pixels = batch["pixel_values"]
     inputs = {"pixel_values": None if pixels is None else pixels.to(device, dtype)}
     for key in IMAGE_INPUTS:
         if batch.get(key) is not None:
             inputs[key] = batch[key].to(device)
+    key = family_of(config).token_types
+    if key is not None:
+        inputs[key] = (batch["input_ids"] == config.image_token_id).long().to(device)
     return inputs
