@@ -112,16 +112,52 @@ def inputs_of_image(
     return {"pixel_values": pixel_values(image, aspect, image_processor)}
 
 
-def image_inputs(path: str | Path, aspect: str, image_processor, *, tiles: bool = False) -> dict[str, torch.Tensor]:
-    """One image file as the model's inputs (`inputs_of_image`)."""
+def images_inputs(
+    images: list[Image.Image], aspect: str, image_processor, *, tiles: bool = False, sample_inputs: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """A sample's RGB images as the model's inputs. One image as `inputs_of_image` makes it; several each so,
+    stacked in order: pixel_values (3-D images stacked, tile stacks concatenated) and `image_sizes` (one row
+    per image). `sample_inputs` (`Family.sample_inputs`, OneVision's `batch_num_images`): the processor
+    processes an image by how many the sample has, so the sample's images go through it together, as its
+    `__call__` passes a sample's images."""
+    if sample_inputs:
+        out = image_processor(images=[images], return_tensors="pt")
+        # (images, tiles, 3, H, W), padded to the most tiles; an image among several is one tile: nothing is padded.
+        inputs = {"pixel_values": out["pixel_values"].flatten(0, 1), "image_sizes": out["image_sizes"]}
+        if len(images) == 1:  # as `tiled_inputs` gives one image
+            inputs = {"pixel_values": out["pixel_values"][0], "image_sizes": out["image_sizes"][0]}
+        inputs |= {key: torch.as_tensor(out[key]) for key in sample_inputs}
+    elif len(images) == 1:
+        inputs = inputs_of_image(images[0], aspect, image_processor, tiles=tiles)
+    else:
+        each = [inputs_of_image(image, aspect, image_processor, tiles=tiles) for image in images]
+        # Tile stacks are concatenated (the forward splits them by image_sizes); single-tile images are stacked.
+        join = {key: torch.cat if tiles and key == "pixel_values" else torch.stack for key in each[0]}
+        inputs = {key: join[key]([e[key] for e in each]) for key in each[0]}
+    return inputs
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """An image file decoded to RGB."""
     with Image.open(path) as img:
-        image = img.convert("RGB")
-    return inputs_of_image(image, aspect, image_processor, tiles=tiles)
+        return img.convert("RGB")
 
 
-def size_of(inputs: dict[str, torch.Tensor]) -> tuple[int, int] | None:
-    """The original (height, width) an image's inputs carry (AnyRes: what its token count depends on), else None."""
-    return tuple(inputs["image_sizes"].tolist()) if "image_sizes" in inputs else None
+def image_inputs(
+    paths: list[str | Path], aspect: str, image_processor, *, tiles: bool = False, sample_inputs: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """A sample's image files as the model's inputs (`images_inputs`)."""
+    images = [open_rgb(path) for path in paths]
+    return images_inputs(images, aspect, image_processor, tiles=tiles, sample_inputs=sample_inputs)
+
+
+def sizes_of(inputs: dict[str, torch.Tensor]) -> list[tuple[int, int]] | None:
+    """The original (height, width) of each image the inputs carry (AnyRes: what its token count depends on),
+    else None."""
+    if "image_sizes" not in inputs:
+        return None
+    sizes = inputs["image_sizes"]
+    return [tuple(size) for size in (sizes[None] if sizes.dim() == 1 else sizes).tolist()]
 
 
 def processor_to_save(processor, aspect: str):
