@@ -189,7 +189,7 @@ def generate_batch(
         for image, _ in batch
     ]
     prompts = [
-        encoder.prompt_ids(turns, has_image=image is not None, image_size=(sizes_of(inputs) or [None])[0])
+        encoder.prompt_ids(turns, has_image=image is not None, image_sizes=sizes_of(inputs))
         for (image, turns), inputs in zip(batch, images)
     ]
     input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id)

@@ -259,15 +259,17 @@ class Encoder:
         truncated = len(ids) > self.max_length
         return {"input_ids": ids[: self.max_length], "labels": labels[: self.max_length], "truncated": truncated}
 
-    def prompt_ids(self, turns: list[tuple[str, str]], has_image: bool, image_size: Size | None = None) -> list[int]:
-        """Token ids of a generation prompt (turns end with the user's), image tokens expanded (`image_size`:
-        the image's (height, width), needed when the encoder is `sized`)."""
+    def prompt_ids(
+        self, turns: list[tuple[str, str]], has_image: bool, image_sizes: list[Size] | None = None
+    ) -> list[int]:
+        """Token ids of a generation prompt (turns end with the user's), image tokens expanded (`image_sizes`:
+        the image's (height, width) in a list, as `sizes_of` gives it, needed when the encoder is `sized`)."""
         if has_image and IMAGE_TAG not in turns[0][1]:
             turns = [("user", f"{IMAGE_TAG}\n{turns[0][1]}")] + list(turns[1:])
         rendered = render(
             turns, self.template, system=self.system, tokenizer=self.tokenizer, add_generation_prompt=True
         )
-        counts = self.image_counts(1, [image_size] if image_size else None, "prompt") if has_image else []
+        counts = self.image_counts(1, image_sizes, "prompt") if has_image else []
         return self._tokenize(rendered, "prompt", counts)[0]
 
 

@@ -178,10 +178,11 @@ def several_image_tokens(processor, family: Family, count: int) -> int | None:
     None: each counts by its size as when alone (`image_tokens`).
 
     `_get_num_multimodal_tokens` knows only the single-image count; `replace_image_token`, what `__call__`
-    expands each image with, decides by the images per sample and, for several, reads nothing else."""
+    expands each image with, decides by the images per sample and, for several, reads nothing else (given
+    nothing else, a transformers that changes that fails loudly here instead of miscounting)."""
     if "batch_num_images" not in family.sample_inputs:
         return None
-    inputs = {"batch_num_images": [count], "image_sizes": [[1, 1]] * count}
+    inputs = {"batch_num_images": [count]}
     return processor.replace_image_token(inputs, 0).count(processor.image_token)
 
 
