@@ -329,3 +329,17 @@ def test_a_few_steps_on_multi_image_samples_lower_the_loss_and_the_merge_verifie
     assert sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses
     report = merge_checkpoint(final, tmp_path / "merged", dtype="fp32", verify_samples=4)
     assert report.verified and report.passed, report.summary()
+
+
+def test_a_skipped_sample_names_its_unreadable_second_image(tiny_base, tmp_path):
+    """data.on_bad_sample=skip over an epoch: the 2-image sample whose second file no longer decodes is listed in
+    bad_samples.jsonl with that file."""
+    from qllava.train.loop import train
+
+    data = write_multi_image_data(tmp_path / "data", 12)
+    bad = data / "images" / "0-1.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # still there for the start-up check, no longer decodable
+    skip = {"on_bad_sample": "skip", "max_bad_fraction": 0.5, "max_length": 256}
+    train(make_recipe(tiny_base, data, tmp_path / "run", data=skip, train={"max_steps": 3}), progress=False)
+    listed = [json.loads(line) for line in (tmp_path / "run" / "bad_samples.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["file"]) for r in listed] == [("m0", str(bad))]
