@@ -36,7 +36,7 @@ from transformers import GenerationConfig
 from transformers.core_model_loading import revert_weight_conversion
 
 from qllava.data.dataset import IGNORE_INDEX, encoder_from_recipe, parse_sample, read_records
-from qllava.data.images import image_inputs, images_inputs, processor_to_save, sizes_of
+from qllava.data.images import images_inputs, open_rgb, processor_to_save, sizes_of
 from qllava.data.templates import chat_template, end_of_turn
 from qllava.data.validate import eval_image_folder
 from qllava.errors import QllavaError
@@ -268,8 +268,8 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
                 continue
             image = {"pixel_values": None}
             if sample.images:
-                image = image_inputs(
-                    [folder / name for name in sample.images],
+                image = images_inputs(
+                    [open_rgb(folder / name) for name in sample.images],
                     recipe.data.image_aspect,
                     processor.image_processor,
                     tiles=family.tiles,

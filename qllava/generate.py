@@ -180,7 +180,7 @@ def generate_batch(
         {"pixel_values": None}
         if image is None
         else image_inputs(
-            [image],
+            image,
             recipe.data.image_aspect,
             processor.image_processor,
             tiles=family.tiles,

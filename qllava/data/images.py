@@ -144,11 +144,10 @@ def open_rgb(path: str | Path) -> Image.Image:
 
 
 def image_inputs(
-    paths: list[str | Path], aspect: str, image_processor, *, tiles: bool = False, sample_inputs: tuple[str, ...] = ()
+    path: str | Path, aspect: str, image_processor, *, tiles: bool = False, sample_inputs: tuple[str, ...] = ()
 ) -> dict[str, torch.Tensor]:
-    """A sample's image files as the model's inputs (`images_inputs`)."""
-    images = [open_rgb(path) for path in paths]
-    return images_inputs(images, aspect, image_processor, tiles=tiles, sample_inputs=sample_inputs)
+    """One image file, a sample's only image, as the model's inputs (`images_inputs`)."""
+    return images_inputs([open_rgb(path)], aspect, image_processor, tiles=tiles, sample_inputs=sample_inputs)
 
 
 def sizes_of(inputs: dict[str, torch.Tensor]) -> list[tuple[int, int]] | None:
