@@ -41,7 +41,7 @@ from qllava.data.templates import chat_template, end_of_turn
 from qllava.data.validate import eval_image_folder
 from qllava.errors import QllavaError
 from qllava.generate import MERGED_RECIPE, attach_adapter
-from qllava.model.families import family_of, family_of_model, forward_image_inputs, image_batch
+from qllava.model.families import Family, config_of_model, family_of, family_of_model, forward_image_inputs, image_batch
 from qllava.model.fingerprint import check_trained_on
 from qllava.model.load import check_base, load_base, load_processor
 from qllava.model.precision import autocast_for, precision_for
@@ -226,9 +226,10 @@ def _plain_config(config, dtype: torch.dtype):
     return config
 
 
-def _save_processor(processor, recipe: Recipe, out: Path) -> None:
-    """Processor and tokenizer as trained, with the training template as the chat template."""
-    template = chat_template(recipe.data.template, recipe.data.system_prompt)
+def _save_processor(processor, recipe: Recipe, out: Path, family: Family) -> None:
+    """Processor and tokenizer as trained, with the training template as the chat template (an image part as the
+    family's processor takes it)."""
+    template = chat_template(recipe.data.template, recipe.data.system_prompt, family.image_prompt)
     if template is not None:
         processor.chat_template = template
         processor.tokenizer.chat_template = template
@@ -310,8 +311,9 @@ def _text_logits(model, inputs: list[dict], image_token_id: int) -> torch.Tensor
     result = []
     for item in inputs:
         ids = torch.tensor([item["input_ids"]], device=device)
+        images = forward_image_inputs(image_batch([item]) | {"input_ids": ids}, device, dtype, config_of_model(model))
         with autocast_for(model):
-            logits = model(input_ids=ids, **forward_image_inputs(image_batch([item]), device, dtype), use_cache=False)
+            logits = model(input_ids=ids, **images, use_cache=False)
         logits = logits.logits[0]
         result.append(logits[ids[0] != image_token_id].float().cpu())
     return torch.cat(result)
@@ -435,7 +437,7 @@ def merge_checkpoint(
         )
     writer.close()
     config.save_pretrained(tmp)
-    _save_processor(processor, recipe, tmp)
+    _save_processor(processor, recipe, tmp, family_of(config))
     dump_recipe(recipe, tmp / MERGED_RECIPE)
     give_weights_the_umask_mode(tmp)
     del model, inner, writer

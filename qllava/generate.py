@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from qllava.data.dataset import Encoder, encoder_from_recipe
 from qllava.data.images import image_inputs, sizes_of
 from qllava.data.templates import end_of_turn
 from qllava.errors import QllavaError
 from qllava.model.extras import load_extras, split_extras
-from qllava.model.families import family_of_model, forward_image_inputs, image_batch
+from qllava.model.families import config_of_model, family_of, family_of_model, forward_image_inputs, image_batch
 from qllava.model.fingerprint import MERGED_RECIPE, check_trained_on, is_merged_export
 from qllava.model.load import check_base, load_base, load_processor
 from qllava.model.precision import autocast_for, default_device, precision_for
@@ -139,7 +140,8 @@ def inference_recipe(
             recipe = load_recipe(source)
             break
     else:  # a base never trained by qllava: only its prompts are needed, so no data files either
-        default = "tokenizer" if getattr(processor.tokenizer, "chat_template", None) else "vicuna_v1"
+        family = family_of(AutoConfig.from_pretrained(model_path))
+        default = "tokenizer" if getattr(processor.tokenizer, "chat_template", None) else family.default_template
         recipe = with_values(Recipe(), {"model.base": str(model_path), "data.template": default})
     if template:
         if template not in CHOICES["data.template"]:
@@ -193,7 +195,9 @@ def generate_batch(
         for (image, turns), inputs in zip(batch, images)
     ]
     input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id)
-    vision = forward_image_inputs(image_batch(images), device, vision_dtype)
+    vision = forward_image_inputs(
+        image_batch(images) | {"input_ids": input_ids}, device, vision_dtype, config_of_model(model)
+    )
     if vision["pixel_values"] is None:
         vision = {}  # transformers 5 runs the vision tower for any `pixel_values` key in generate's kwargs, None too
     with autocast_for(model):

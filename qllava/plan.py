@@ -98,6 +98,13 @@ def shape_from_config(config, processor=None) -> Shape:
     from qllava.model.families import family_of, image_tokens
 
     family = family_of(config)
+    if not hasattr(config, "vision_feature_select_strategy"):
+        # Image tokens and tiles are read from LLaVA-family configs (and their processors); other families (Gemma 3,
+        # Qwen2.5-VL) lay them out otherwise.
+        raise QllavaError(
+            f"qllava plan does not estimate `{family.model_type}` models yet: it reads image tokens and tiles from "
+            "LLaVA-family configs only"
+        )
     with torch.device("meta"):
         model = family.model_class()(config)
     params: dict[str, int] = {}

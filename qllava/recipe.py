@@ -85,8 +85,8 @@ class DataSection:
     """Folder that data.eval's `image` paths are relative to; unset: data.image_folder."""
 
     template: str = "vicuna_v1"
-    """Conversation template: vicuna_v1, llava_llama_2, mistral_instruct, chatml, plain (stage 1
-    alignment) or tokenizer (the tokenizer's own chat_template)."""
+    """Conversation template: vicuna_v1, llava_llama_2, mistral_instruct, chatml, gemma (Gemma 3's turns),
+    plain (stage 1 alignment) or tokenizer (the tokenizer's own chat_template)."""
 
     system_prompt: str | None = None
     """Replaces the template's default system prompt when set."""
@@ -231,7 +231,7 @@ class Recipe:
 CHOICES = {
     "model.bits": (4, 8, 16),
     "model.attention": ("auto", "flash_attention_2", "sdpa", "eager"),
-    "data.template": ("vicuna_v1", "llava_llama_2", "mistral_instruct", "chatml", "plain", "tokenizer"),
+    "data.template": ("vicuna_v1", "llava_llama_2", "mistral_instruct", "chatml", "gemma", "plain", "tokenizer"),
     "data.image_aspect": ("pad", "resize"),
     "optim.name": ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw"),
     "optim.schedule": ("cosine", "linear", "constant"),

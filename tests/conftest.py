@@ -175,7 +175,7 @@ def max_abs_diff(a: dict, b: dict) -> float:
 # --- AnyRes families (LLaVA-NeXT, LLaVA-OneVision) ---
 
 
-TORCHVISION_KINDS = ("llava_onevision",)
+TORCHVISION_KINDS = ("llava_onevision", "qwen2_5_vl")
 """Architectures whose transformers processor needs torchvision (its video processor): their tests are marked
 `torchvision`, skipped without it and run by `python -m pytest -m torchvision` where it is installed (.ci/run)."""
 TINY_BASES = {"llava": "tiny_base", "llava_next": "tiny_next", "llava_onevision": "tiny_onevision"}
@@ -210,3 +210,20 @@ def tiny_onevision(tmp_path_factory) -> Path:
     from qllava.model.tiny import build_tiny_llava_onevision
 
     return build_tiny_llava_onevision(tmp_path_factory.mktemp("ov") / "model", CORPUS, seed=0)
+
+
+# --- relatives of LLaVA (Gemma 3, Qwen2.5-VL) ---
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    from qllava.model.tiny import build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("gemma3") / "model", CORPUS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
+    from qllava.model.tiny import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl") / "model", CORPUS, seed=0)

@@ -19,6 +19,7 @@ import yaml
 from PIL import Image
 from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from qllava.errors import QllavaError
 from qllava.model.tiny import LLAVA_1_5_7B, build_tiny_llava, llava_config
 from qllava.plan import estimate, largest_micro_batch, read_shape, shape_from_config
 from qllava.recipe import RECIPES_DIR, build_recipe
@@ -384,15 +385,22 @@ def test_plan_refuses_the_fp32_base_it_does_not_model():
         plan(recipe, gpu_memory=24)
 
 
+NOT_PLANNED = ("gemma-3-4b-qlora.yaml", "qwen2.5-vl-7b-qlora.yaml")
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in RECIPES_DIR.glob("*.yaml")))
 def test_every_shipped_recipe_plans_before_its_base_is_downloaded(name, tmp_path, monkeypatch):
-    """No recipe's base exists here: the hub bases are planned from the settings qllava ships, the demo's built."""
+    """No recipe's base exists here: the hub bases are planned from the settings qllava ships, the demo's built.
+    The plan does not estimate Gemma 3 and Qwen2.5-VL yet (`NOT_PLANNED`): their recipes are refused clearly."""
     from typer.testing import CliRunner
 
     from qllava.cli import app
 
     monkeypatch.chdir(tmp_path)  # the recipes' `checkpoints/...` bases are relative paths: none exists here
     result = CliRunner().invoke(app, ["plan", str(RECIPES_DIR / name), "--gpu-memory", "24"])
+    if name in NOT_PLANNED:
+        assert result.exit_code == 1 and "does not exist yet; put the base there once" in result.output
+        return
     assert result.exit_code == 0, result.output
     assert "largest micro-batch that fits" in result.output
     assert "does NOT fit" not in result.output  # every shipped recipe's micro-batch is meant for 24 GB or less
@@ -420,3 +428,9 @@ def test_plan_warns_when_the_largest_image_does_not_fit_the_length():
     recipe = load_recipe(str(RECIPES_DIR / "llava-v1.6-mistral-7b-qlora.yaml"), ["data.max_length=2048"])
     assert "the largest image becomes 2928 tokens, more than seq_len=2048" in plan(recipe, gpu_memory=24)
     assert "warning" not in plan(load_recipe(str(RECIPES_DIR / "llava-v1.6-mistral-7b-qlora.yaml"), []), 24)
+
+
+def test_plan_refuses_relatives_it_does_not_count(tiny_gemma3):
+    """Gemma 3 counts image tokens in its processor, not in a LLaVA config: a clear refusal, not a traceback."""
+    with pytest.raises(QllavaError, match="does not estimate `gemma3` models yet"):
+        shape_from_config(AutoConfig.from_pretrained(tiny_gemma3))

@@ -149,6 +149,7 @@ class Encoder:
         max_length: int,
         system: str | None = None,
         tokens_for_images: Callable[[tuple[Size, ...]], list[int]] | None = None,
+        image_text: str = IMAGE_TAG,
     ) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise QllavaError("a fast tokenizer (tokenizer.json) is needed to map reply spans to tokens")
@@ -159,6 +160,7 @@ class Encoder:
         self.max_length = max_length
         self.system = system
         self.tokens_for_images = tokens_for_images
+        self.image_text = image_text
 
     @property
     def sized(self) -> bool:
@@ -173,8 +175,15 @@ class Encoder:
             raise QllavaError(f"{label}: internal error: the size of each image is needed to count its tokens")
         return self.tokens_for_images(tuple(tuple(size) for size in sizes))
 
+    def _with_image_text(self, turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Turns with each `<image>` tag as the text the family's processor puts there (`Family.image_text`)."""
+        if self.image_text == IMAGE_TAG:
+            return turns
+        return [(role, text.replace(IMAGE_TAG, self.image_text)) for role, text in turns]
+
     def _render(self, sample: Sample):
-        return render(sample.turns, self.template, system=sample.system or self.system, tokenizer=self.tokenizer)
+        turns = self._with_image_text(sample.turns)
+        return render(turns, self.template, system=sample.system or self.system, tokenizer=self.tokenizer)
 
     def _tokenize(self, rendered, label: str, counts: list[int]) -> tuple[list[int], list[int], int]:
         enc = self.tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=True)
@@ -267,7 +276,11 @@ class Encoder:
         if has_image and IMAGE_TAG not in turns[0][1]:
             turns = [("user", f"{IMAGE_TAG}\n{turns[0][1]}")] + list(turns[1:])
         rendered = render(
-            turns, self.template, system=self.system, tokenizer=self.tokenizer, add_generation_prompt=True
+            self._with_image_text(turns),
+            self.template,
+            system=self.system,
+            tokenizer=self.tokenizer,
+            add_generation_prompt=True,
         )
         counts = self.image_counts(1, image_sizes, "prompt") if has_image else []
         return self._tokenize(rendered, "prompt", counts)[0]
@@ -380,11 +393,24 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
     """
     tokenizer = processor.tokenizer
     image_token_id = config.image_token_id
-    if tokenizer.convert_tokens_to_ids(IMAGE_TAG) != image_token_id:
+    family = family_of(config)
+    if recipe.data.packing and not family.packing:
+        # Refused where `qllava data check` and train's start-up check meet, before any weights are loaded.
         raise QllavaError(
-            f"the tokenizer maps `{IMAGE_TAG}` to id {tokenizer.convert_tokens_to_ids(IMAGE_TAG)} "
-            f"but the model expects image_token_id {image_token_id}; is model.base a LLaVA checkpoint "
-            "with its own processor files?"
+            f"data.packing=true cannot train `{family.model_type}` models: packed samples would get wrong positions "
+            "(3-D M-RoPE) or see each other (an image-block attention mask); set data.packing=false"
+        )
+    if recipe.data.image_aspect == "pad" and not (family.pad or family.tiles):
+        raise QllavaError(
+            f"data.image_aspect=pad cannot be used with `{family.model_type}` models: their processor cannot pad as "
+            "training did, so a merged export would see other pixels; set data.image_aspect=resize"
+        )
+    placed = tokenizer(family.image_text, add_special_tokens=False)["input_ids"].count(image_token_id)
+    if placed != 1:
+        raise QllavaError(
+            f"the tokenizer turns `{family.image_text}` (what `{IMAGE_TAG}` becomes for {family.model_type} models) "
+            f"into {placed} image tokens (id {image_token_id}) instead of one; is model.base a {family.model_type} "
+            "checkpoint with its own processor files?"
         )
     family = family_of(config)
     counts: dict[Size, int] = {}
@@ -413,4 +439,5 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
         max_length=recipe.data.max_length,
         system=recipe.data.system_prompt,
         tokens_for_images=tokens_for_images if family.tiles else None,
+        image_text=family.image_text,
     )

@@ -10,6 +10,8 @@ from PIL import Image
 from transformers.image_processing_backends import PilBackend
 from transformers.models.llava import LlavaImageProcessorPil
 
+from qllava.model.families import IMAGE_INPUTS
+
 # What a padding image processor copies from the base's, so that resizing and normalization stay the same.
 _COPIED_SETTINGS = (
     "do_resize",
@@ -95,11 +97,17 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return height, width
 
 
-def tiled_inputs(image: Image.Image, image_processor) -> dict[str, torch.Tensor]:
-    """An AnyRes image (`Family.tiles`) as the processor makes it from the unchanged image: `pixel_values`
-    (tiles, 3, H, W), the count depending on its size, and `image_sizes` (height, width)."""
+def tiled_inputs(image: Image.Image, image_processor) -> dict:
+    """An image of a `Family.tiles` family as the processor makes it from the unchanged image: `pixel_values`
+    (AnyRes: (tiles, 3, H, W); Qwen2.5-VL: (patches, dim)), the count depending on its size, the family's image
+    inputs of this image (`image_sizes`, `image_grid_thw`) and `size`, its (height, width)."""
     out = image_processor(images=image, return_tensors="pt")
-    return {"pixel_values": out["pixel_values"][0], "image_sizes": out["image_sizes"][0]}
+    pixels = out["pixel_values"]
+    # AnyRes processors return one tile stack per image (images, tiles, 3, H, W); Qwen2.5-VL's the images' patches
+    # back to back (patches, dim), here those of the one image.
+    inputs = {"pixel_values": pixels if pixels.dim() == 2 else pixels[0]}
+    inputs |= {key: out[key][0] for key in IMAGE_INPUTS if key in out}
+    return inputs | {"size": (image.height, image.width)}
 
 
 def inputs_of_image(
@@ -114,26 +122,31 @@ def inputs_of_image(
 
 def images_inputs(
     images: list[Image.Image], aspect: str, image_processor, *, tiles: bool = False, sample_inputs: tuple[str, ...] = ()
-) -> dict[str, torch.Tensor]:
+) -> dict:
     """A sample's RGB images as the model's inputs. One image as `inputs_of_image` makes it; several each so,
-    stacked in order: pixel_values (3-D images stacked, tile stacks concatenated) and `image_sizes` (one row
-    per image). `sample_inputs` (`Family.sample_inputs`, OneVision's `batch_num_images`): the processor
+    stacked in order: pixel_values (3-D images stacked; tile stacks and patch blocks concatenated), the image
+    inputs (`image_sizes`, `image_grid_thw`: one row per image) and `size`, the list of their (height, width).
+    `sample_inputs` (`Family.sample_inputs`, OneVision's `batch_num_images`): the processor
     processes an image by how many the sample has, so the sample's images go through it together, as its
     `__call__` passes a sample's images."""
     if sample_inputs:
         out = image_processor(images=[images], return_tensors="pt")
         # (images, tiles, 3, H, W), padded to the most tiles; an image among several is one tile: nothing is padded.
-        inputs = {"pixel_values": out["pixel_values"].flatten(0, 1), "image_sizes": out["image_sizes"]}
+        sizes = [(image.height, image.width) for image in images]
+        inputs = {"pixel_values": out["pixel_values"].flatten(0, 1), "image_sizes": out["image_sizes"], "size": sizes}
         if len(images) == 1:  # as `tiled_inputs` gives one image
-            inputs = {"pixel_values": out["pixel_values"][0], "image_sizes": out["image_sizes"][0]}
+            inputs = {"pixel_values": out["pixel_values"][0], "image_sizes": out["image_sizes"][0], "size": sizes[0]}
         inputs |= {key: torch.as_tensor(out[key]) for key in sample_inputs}
     elif len(images) == 1:
         inputs = inputs_of_image(images[0], aspect, image_processor, tiles=tiles)
     else:
         each = [inputs_of_image(image, aspect, image_processor, tiles=tiles) for image in images]
-        # Tile stacks are concatenated (the forward splits them by image_sizes); single-tile images are stacked.
-        join = {key: torch.cat if tiles and key == "pixel_values" else torch.stack for key in each[0]}
-        inputs = {key: join[key]([e[key] for e in each]) for key in each[0]}
+        # Tile stacks and patch blocks are concatenated (the forward splits them by the image inputs); untiled
+        # images are stacked.
+        inputs = {"pixel_values": (torch.cat if tiles else torch.stack)([e["pixel_values"] for e in each])}
+        inputs |= {key: torch.stack([e[key] for e in each]) for key in each[0] if key not in ("pixel_values", "size")}
+        if tiles:
+            inputs["size"] = [e["size"] for e in each]
     return inputs
 
 
@@ -150,13 +163,13 @@ def image_inputs(
     return images_inputs([open_rgb(path)], aspect, image_processor, tiles=tiles, sample_inputs=sample_inputs)
 
 
-def sizes_of(inputs: dict[str, torch.Tensor]) -> list[tuple[int, int]] | None:
-    """The original (height, width) of each image the inputs carry (AnyRes: what its token count depends on),
-    else None."""
-    if "image_sizes" not in inputs:
+def sizes_of(inputs: dict) -> list[tuple[int, int]] | None:
+    """The original (height, width) of each tiled image the inputs carry (what its token count depends on: `size`,
+    one image's or a list of several), else None."""
+    size = inputs.get("size")
+    if size is None:
         return None
-    sizes = inputs["image_sizes"]
-    return [tuple(size) for size in (sizes[None] if sizes.dim() == 1 else sizes).tolist()]
+    return [tuple(size)] if isinstance(size[0], int) else [tuple(s) for s in size]
 
 
 def processor_to_save(processor, aspect: str):

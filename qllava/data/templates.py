@@ -24,7 +24,7 @@ LLAMA_2_SYSTEM = (
     "natural language."
 )
 CHATML_SYSTEM = "You are a helpful assistant."
-TEMPLATES = ("vicuna_v1", "llava_llama_2", "mistral_instruct", "chatml", "plain", "tokenizer")
+TEMPLATES = ("vicuna_v1", "llava_llama_2", "mistral_instruct", "chatml", "gemma", "plain", "tokenizer")
 # Fixed text of the templates; the tiny demo tokenizer is trained on it so prompts stay short.
 TEMPLATE_TEXTS = (
     VICUNA_SYSTEM,
@@ -102,6 +102,18 @@ def _chatml(turns, system, b: _Builder) -> None:
             b.add("\n")
 
 
+def _gemma(turns, system, b: _Builder) -> None:
+    # Gemma 3's chat format: no system role (a system prompt opens the first user turn), the reply's role is
+    # `model`, and the tokenizer adds <bos>.
+    for i, (user, answer) in enumerate(_pairs(turns)):
+        if i == 0 and system:
+            user = f"{system}\n\n{user}"
+        b.add(f"<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n")
+        if answer is not None:
+            b.add(f"{answer}<end_of_turn>", target=True)
+            b.add("\n")
+
+
 def _plain(turns, system, b: _Builder) -> None:
     # Stage-1 alignment: the user text is replaced by the image; the caption is the target.
     pairs = list(_pairs(turns))
@@ -119,6 +131,7 @@ _RENDERERS = {
     "llava_llama_2": _llama_2(LLAMA_2_SYSTEM, "<s>"),
     "mistral_instruct": _llama_2("", ""),
     "chatml": _chatml,
+    "gemma": _gemma,
     "plain": _plain,
 }
 
@@ -183,8 +196,9 @@ def render(
 def end_of_turn(template: str, tokenizer) -> list[int]:
     """Token ids that end an assistant reply, for stopping generation."""
     ids = [tokenizer.eos_token_id]
-    if template == "chatml" or (template == "tokenizer" and "<|im_end|>" in tokenizer.get_vocab()):
-        ids.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    for name, token in (("chatml", "<|im_end|>"), ("gemma", "<end_of_turn>")):
+        if template == name or (template == "tokenizer" and token in tokenizer.get_vocab()):
+            ids.append(tokenizer.convert_tokens_to_ids(token))
     return [i for i in ids if i is not None]
 
 
@@ -239,6 +253,16 @@ _JINJA_BODIES = {
         "{%- else -%}{{ content(m) ~ '<|im_end|>\\n' }}{%- endif -%}"
         "{%- endfor -%}"
     ),
+    "gemma": (
+        "{%- for m in messages if m['role'] != 'system' -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{%- set text = content(m) -%}"
+        "{%- if ns.turn == 0 and ns.system -%}{%- set text = ns.system ~ '\\n\\n' ~ text -%}{%- endif -%}"
+        "{{ '<start_of_turn>user\\n' ~ text ~ '<end_of_turn>\\n<start_of_turn>model\\n' }}"
+        "{%- set ns.turn = ns.turn + 1 -%}"
+        "{%- else -%}{{ content(m) ~ '<end_of_turn>\\n' }}{%- endif -%}"
+        "{%- endfor -%}"
+    ),
     "plain": (
         "{{ '<image>' }}{%- for m in messages if m['role'] == 'assistant' -%}{{ content(m) ~ '\\n' }}{%- endfor -%}"
     ),
@@ -248,18 +272,23 @@ _DEFAULT_SYSTEMS = {
     "llava_llama_2": LLAMA_2_SYSTEM,
     "mistral_instruct": "",
     "chatml": CHATML_SYSTEM,
+    "gemma": "",
     "plain": "",
 }
 
 
-def chat_template(template: str, system: str | None = None) -> str | None:
-    """The Jinja chat template equal to `render` for a built-in template (None for `tokenizer`)."""
+def chat_template(template: str, system: str | None = None, image: str = "<image>") -> str | None:
+    """The Jinja chat template equal to `render` for a built-in template (None for `tokenizer`); an image part of a
+    message becomes `image` (the model's processor's image text, `Family.image_prompt`) and a newline."""
     if template == "tokenizer":
         return None
     if template not in _JINJA_BODIES:
         raise QllavaError(f"unknown template `{template}`; choose one of {', '.join(TEMPLATES)}")
     default = _DEFAULT_SYSTEMS[template] if system is None else system
-    return f"{{%- set default_system = {json.dumps(default)} -%}}" + _JINJA_CONTENT + _JINJA_BODIES[template]
+    content = _JINJA_CONTENT
+    if image != "<image>":
+        content = content.replace("'<image>\\n'", json.dumps(f"{image}\n"))
+    return f"{{%- set default_system = {json.dumps(default)} -%}}" + content + _JINJA_BODIES[template]
 
 
 def template_named_by(jinja: str | None) -> str | None:

@@ -38,20 +38,42 @@ class Family:
     holds modules only, so these are saved into the adapter file and restored beside it (LLaVA-NeXT's
     `model.image_newline`, the learned separator after each row of image features)."""
     tiles: bool = False
-    """An image becomes a stack of tiles whose count depends on its size (AnyRes): per image, pixel_values is
-    (tiles, 3, H, W) and a batch concatenates the stacks, which the model splits again by `image_sizes`."""
+    """An image goes to the processor as it is and becomes a number of pieces that depends on its size: AnyRes
+    tiles (pixel_values (tiles, 3, H, W) per image) or Qwen2.5-VL's flattened patches at the image's own
+    resolution ((patches, dim) per image). A batch concatenates them; the model splits them again by the
+    family's `image_inputs`, and the image's token count is asked of the processor for its size."""
     image_inputs: tuple[str, ...] = ()
     """Processor outputs the forward needs beside pixel_values, one row per image, stacked over the batch's
     images in sample order (`image_sizes`: (height, width) of each original image, which the AnyRes forward
-    needs to split the tile stacks and unpad the features)."""
+    needs to split the tile stacks and unpad the features; `image_grid_thw`: Qwen2.5-VL's (frames, rows, columns)
+    of patches per image, which splits the patches and places the 3-D positions)."""
     sample_inputs: tuple[str, ...] = ()
     """Processor outputs the forward needs once per sample with images, concatenated over the batch's samples
     (OneVision's `batch_num_images`: each image of a sample that has several becomes one untiled square, one
     that is alone its tiles; the processor and the forward both decide by it)."""
     packing: bool = True
-    """Whether 1-D packing (position ids restarting per sample) is valid: false for 3-D (M-)RoPE models."""
+    """Whether 1-D packing (position ids restarting per sample, `data.packing`) is valid: false for 3-D (M-)RoPE
+    models, and for Gemma 3, whose image-block mask (token_type_ids) in transformers 5.24 undoes the packed
+    samples' separation (measured: packed logits off by up to 0.6 from each sample's own)."""
     default_template: str = "vicuna_v1"
     """The template a recipe uses when the base names none (its tokenizer has no chat template)."""
+    image_text: str = "<image>"
+    """What a sample's `<image>` tag becomes in the prompt text: the text the model's processor puts there, with
+    the image token (`config.image_token_id`) once; the encoder repeats that token as many times as the processor
+    counts. LLaVA's processors expand the tag itself; Gemma 3's wraps its soft tokens in begin/end-of-image tokens
+    and blank lines; Qwen2.5-VL's chat format wraps its pad token in vision start/end tokens."""
+    pad: bool = True
+    """Whether `data.image_aspect: pad` is available: a merged export then pads through a LLaVA padding image
+    processor inside the family's processor, which Gemma 3's processor cannot call (it passes its pan-and-scan
+    options to its image processor). Families with `tiles` never pad."""
+    image_prompt: str = "<image>"
+    """What the model's processor takes in the text for one image, and what the chat template written into a merged
+    export puts for an image part: Gemma 3's `<start_of_image>` (its processor expands it to `image_text`), Qwen2.5-VL's
+    pad token between vision start/end tokens."""
+    token_types: str | None = None
+    """The forward's per-token modality input (1 on image tokens, 0 elsewhere), made from input_ids for each batch:
+    Gemma 3's `token_type_ids` (image tokens attend to their whole block, both ways), Qwen2.5-VL's
+    `mm_token_type_ids` (where its 3-D M-RoPE positions come from). None when the forward takes none."""
 
     @property
     def skip_quantization(self) -> list[str]:
@@ -127,6 +149,33 @@ FAMILIES: dict[str, Family] = {
             sample_inputs=("batch_num_images",),
             default_template="chatml",
         ),
+        # Qwen2.5-VL: a windowed ViT at each image's own resolution whose patch merger (the projector) lies inside the
+        # vision module; 3-D M-RoPE positions, placed from mm_token_type_ids and image_grid_thw.
+        Family(
+            "qwen2_5_vl",
+            "Qwen2_5_VLForConditionalGeneration",
+            vision="model.visual",
+            projector="model.visual.merger",
+            tiles=True,
+            image_inputs=("image_grid_thw",),
+            packing=False,
+            default_template="chatml",
+            image_text="<|vision_start|><|image_pad|><|vision_end|>",
+            image_prompt="<|vision_start|><|image_pad|><|vision_end|>",
+            token_types="mm_token_type_ids",
+        ),
+        # Gemma 3: SigLIP, a projector that pools the patch features to a fixed count, bidirectional attention
+        # inside each image block (token_type_ids).
+        Family(
+            "gemma3",
+            "Gemma3ForConditionalGeneration",
+            default_template="gemma",
+            packing=False,
+            pad=False,
+            image_text="\n\n<start_of_image><image_soft_token><end_of_image>\n\n",
+            image_prompt="<start_of_image>",
+            token_types="token_type_ids",
+        ),
     )
 }
 
@@ -148,13 +197,18 @@ def family_of(config) -> Family:
     return family_named(str(model_type))
 
 
-def family_of_model(model: torch.nn.Module) -> Family:
-    """The entry for a loaded model, through DDP / FSDP / peft wrappers."""
+def config_of_model(model: torch.nn.Module):
+    """The top-level config of a loaded model of a supported family, through DDP / FSDP / peft wrappers."""
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and getattr(config, "model_type", None) in FAMILIES:
-            return FAMILIES[config.model_type]
+            return config
     raise QllavaError(f"{type(model).__name__} is none of the supported architectures ({', '.join(FAMILIES)})")
+
+
+def family_of_model(model: torch.nn.Module) -> Family:
+    """The entry for a loaded model, through DDP / FSDP / peft wrappers."""
+    return FAMILIES[config_of_model(model).model_type]
 
 
 def image_tokens(processor, sizes: list[tuple[int, int]]) -> list[int]:
@@ -193,7 +247,7 @@ SAMPLE_INPUTS = tuple(sorted({key for family in FAMILIES.values() for key in fam
 
 
 def _rows(tensor: torch.Tensor, dims: int) -> torch.Tensor:
-    # An item holds one image as the processor makes one ((3, H, W) pixels, a (2,) size) and several stacked.
+    # An item holds one image's inputs as the processor makes them (a (2,) size, a (3,) grid) and several stacked.
     return tensor[None] if tensor.dim() < dims else tensor
 
 
@@ -205,7 +259,10 @@ def image_batch(items: list[dict]) -> dict:
     with_image = [it for it in items if it["pixel_values"] is not None]
     if not with_image:
         return {"pixel_values": None}
-    batch = {"pixel_values": torch.cat([_rows(it["pixel_values"], 4) for it in with_image])}
+    # An item's one untiled image is (3, H, W); tile stacks, stacks of several images and Qwen2.5-VL's patch
+    # blocks are concatenated as they are.
+    pixels = [it["pixel_values"] for it in with_image]
+    batch = {"pixel_values": torch.cat([p[None] if p.dim() == 3 else p for p in pixels])}
     for key in IMAGE_INPUTS:
         if key in with_image[0]:
             batch[key] = torch.cat([_rows(it[key], 2) for it in with_image])
@@ -215,12 +272,16 @@ def image_batch(items: list[dict]) -> dict:
     return batch
 
 
-def forward_image_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """The forward's image keyword arguments from a collated batch: pixel_values in the vision dtype, the
-    other image inputs (`image_sizes`, `batch_num_images`) as they are, on `device`."""
+def forward_image_inputs(batch: dict, device: torch.device, dtype: torch.dtype, config) -> dict:
+    """The forward's image keyword arguments from a collated batch and the model's config: pixel_values in the
+    vision dtype, the other image inputs (`image_sizes`, `batch_num_images`) as they are and, for a family with
+    `token_types`, that input marking the batch's image tokens (from its input_ids), on `device`."""
     pixels = batch["pixel_values"]
     inputs = {"pixel_values": None if pixels is None else pixels.to(device, dtype)}
     for key in IMAGE_INPUTS + SAMPLE_INPUTS:
         if batch.get(key) is not None:
             inputs[key] = batch[key].to(device)
+    key = family_of(config).token_types
+    if key is not None:
+        inputs[key] = (batch["input_ids"] == config.image_token_id).long().to(device)
     return inputs

@@ -58,6 +58,13 @@ def _looks_like_hub_id(name: str) -> bool:
 def check_base(base: str | Path) -> Path:
     path = Path(base)
     if not (path / "config.json").is_file():
+        if not path.exists() and path.parts[0] == "checkpoints":
+            # The shipped recipes' bases: a local folder to download into (the recipe's header names the Hub id).
+            raise QllavaError(
+                f"model.base `{base}` does not exist yet; put the base there once, as the recipe's first lines say "
+                f"(`hf download ORG/NAME --local-dir {base}` from huggingface_hub, installed with transformers, or "
+                "`qllava compose ... --out` for a composed base)"
+            )
         if not path.exists() and _looks_like_hub_id(str(base)):
             # qllava never downloads (offline by design): say how to fetch it once.
             local = f"checkpoints/{str(base).split('/')[-1]}"

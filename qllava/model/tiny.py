@@ -463,3 +463,180 @@ def build_tiny_llava_onevision(
         vision_aspect_ratio=ONEVISION_ASPECT,
     ).save_pretrained(out)
     return out
+
+
+GEMMA3_SPECIALS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+]
+GEMMA3_IMAGE_TOKENS = 4
+"""Image tokens of the tiny Gemma 3: its projector pools the 4x4 patches of a 32 px image to 2x2."""
+
+
+def build_tiny_gemma3(
+    out_dir: str | Path, corpus: list[str], *, seed: int = 0, vision_hidden: int = 64, text_hidden: int = 128
+) -> Path:
+    """Create and save a random tiny Gemma 3 (SigLIP-style vision, Gemma 3 LLM with tied embeddings, the `gemma`
+    turn format) with its `Gemma3Processor`; return its directory."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3TextConfig
+    from transformers.models.gemma3 import Gemma3ImageProcessorPil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_train_bpe(
+            list(corpus) + ["user\n model\n"], GEMMA3_SPECIALS, unk="<unk>", bos="<bos>", vocab_size=512
+        ),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={
+            "image_token": "<image_soft_token>",
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+        },
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        model_max_length=512,
+    )
+    vision, _ = _tiny_dims(vision_hidden, text_hidden, 2, 2 * text_hidden)
+    vision.pop("projection_dim")
+    vision["vision_use_head"] = False  # Gemma 3's SigLIP has no pooling head
+    head_dim = text_hidden // 4
+    config = Gemma3Config(
+        vision_config=SiglipVisionConfig(**vision),
+        text_config=Gemma3TextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden,
+            intermediate_size=2 * text_hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        mm_tokens_per_image=GEMMA3_IMAGE_TOKENS,
+        boi_token_index=tokenizer.boi_token_id,
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tokenizer.image_token_id,
+        tie_word_embeddings=True,
+    )
+    _save_random(Gemma3ForConditionalGeneration, config, tokenizer, out, seed)
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD
+    )
+    Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=GEMMA3_IMAGE_TOKENS
+    ).save_pretrained(out)
+    return out
+
+
+QWEN2_5_VL_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+
+def build_tiny_qwen2_5_vl(
+    out_dir: str | Path,
+    corpus: list[str],
+    *,
+    seed: int = 0,
+    vision_hidden: int = 64,
+    text_hidden: int = 128,
+    processor: bool = True,
+) -> Path:
+    """Create and save a random tiny Qwen2.5-VL (its windowed ViT with the patch merger inside the vision module,
+    Qwen2-style LLM with 3-D M-RoPE, chatml) with its `Qwen2_5_VLProcessor`; return its directory. Images keep
+    their own resolution between 16x16 and 64x64 px (8 px patches, merged 2x2 into one token).
+
+    transformers' `Qwen2_5_VLProcessor` cannot be built, nor loaded, without torchvision (its video processor
+    needs it); `processor=False` saves the tokenizer alone, enough to load the model (`load_base`).
+    """
+    import importlib.util
+
+    if processor and importlib.util.find_spec("torchvision") is None:
+        raise RuntimeError("a Qwen2.5-VL processor needs torchvision (transformers' Qwen2VLVideoProcessor requires it)")
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_train_bpe(corpus, QWEN2_5_VL_SPECIALS, unk=None, bos=None, vocab_size=512),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN2_5_VL_SPECIALS[1:],
+        model_max_length=512,
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=2,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_heads=4,
+            patch_size=PATCH_SIZE,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=2 * 2 * PATCH_SIZE,  # windows of 2x2 merged tokens
+            out_hidden_size=text_hidden,
+            fullatt_block_indexes=[1],
+        ),
+        text_config=dict(
+            vocab_size=64 * (len(tokenizer) // 64 + 2),  # padded, as Qwen2's
+            hidden_size=text_hidden,
+            intermediate_size=2 * text_hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            # The temporal, height and width sections of the rotary half-dimension: 16 of head_dim 32 here
+            # (Qwen2.5-VL-7B: 16, 24, 24 of 64).
+            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    _save_random(Qwen2_5_VLForConditionalGeneration, config, tokenizer, out, seed)
+    if not processor:
+        tokenizer.save_pretrained(out)
+        return out
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor
+
+    settings = dict(
+        patch_size=PATCH_SIZE,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(**settings),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**settings),
+    ).save_pretrained(out)
+    return out

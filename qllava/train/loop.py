@@ -30,7 +30,7 @@ from qllava.data.sampler import GroupedSampler
 from qllava.data.templates import template_named_by
 from qllava.data.validate import datasets_from_recipe
 from qllava.errors import QllavaError
-from qllava.model.families import forward_image_inputs
+from qllava.model.families import config_of_model, forward_image_inputs
 from qllava.model.fingerprint import check_trained_on
 from qllava.model.load import check_base, describe, load_processor, resolve_attention, set_train_mode
 from qllava.model.precision import default_device, precision_for
@@ -98,7 +98,8 @@ def _forward_loss(model, batch: dict, device: torch.device, dtype: torch.dtype, 
         input_ids=batch["input_ids"].to(device),
         attention_mask=None if packed else batch["attention_mask"].to(device),
         position_ids=batch["position_ids"].to(device) if packed else None,
-        **forward_image_inputs(batch, device, dtype),  # pixel_values and the family's extra image inputs
+        # pixel_values and the family's extra image inputs
+        **forward_image_inputs(batch, device, dtype, config_of_model(model)),
         use_cache=False,
     )
 

@@ -97,21 +97,21 @@ def test_forward_accepts_batches_of_different_tile_counts(kind, request, tmp_pat
         alone = []
         for it in items:
             single = collate([it], processor.tokenizer.pad_token_id)
-            inputs = dict(input_ids=single["input_ids"], **forward_image_inputs(single, cpu, dtype))
+            inputs = dict(input_ids=single["input_ids"], **forward_image_inputs(single, cpu, dtype, model.config))
             alone.append(model(**inputs, use_cache=False).logits[0])
         batch = collate(items, processor.tokenizer.pad_token_id)
         assert batch["pixel_values"].dim() == 4 and batch["image_sizes"].shape == (3, 2)
         padded = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            **forward_image_inputs(batch, cpu, dtype),
+            **forward_image_inputs(batch, cpu, dtype, model.config),
             use_cache=False,
         ).logits
         packed_batch = collate_packed(items)
         packed = model(
             input_ids=packed_batch["input_ids"],
             position_ids=packed_batch["position_ids"],
-            **forward_image_inputs(packed_batch, cpu, dtype),
+            **forward_image_inputs(packed_batch, cpu, dtype, model.config),
             use_cache=False,
         ).logits[0]
     start = 0

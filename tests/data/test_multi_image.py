@@ -184,7 +184,7 @@ def test_forward_accepts_a_batch_mixing_two_one_and_no_images(kind, request, tmp
         alone = []
         for it in items:
             single = collate([it], pad)
-            inputs = forward_image_inputs(single, cpu, dtype)
+            inputs = forward_image_inputs(single, cpu, dtype, model.config)
             alone.append(model(input_ids=single["input_ids"], **inputs, use_cache=False).logits[0])
         batch = collate(items, pad)
         if kind != "llava":
@@ -194,14 +194,14 @@ def test_forward_accepts_a_batch_mixing_two_one_and_no_images(kind, request, tmp
         padded = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            **forward_image_inputs(batch, cpu, dtype),
+            **forward_image_inputs(batch, cpu, dtype, model.config),
             use_cache=False,
         ).logits
         packed_batch = collate_packed(items)
         packed = model(
             input_ids=packed_batch["input_ids"],
             position_ids=packed_batch["position_ids"],
-            **forward_image_inputs(packed_batch, cpu, dtype),
+            **forward_image_inputs(packed_batch, cpu, dtype, model.config),
             use_cache=False,
         ).logits[0]
     start = 0

@@ -23,6 +23,9 @@ GOLDEN = {
     "chatml": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat is it?"
     "<|im_end|>\n<|im_start|>assistant\n[[A cat.<|im_end|>]]\n<|im_start|>user\nColor?<|im_end|>\n"
     "<|im_start|>assistant\n[[Black.<|im_end|>]]\n",
+    # Gemma 3's chat template (no system turn of its own; <bos> comes from the tokenizer).
+    "gemma": "<start_of_turn>user\n<image>\nWhat is it?<end_of_turn>\n<start_of_turn>model\n[[A cat.<end_of_turn>]]\n"
+    "<start_of_turn>user\nColor?<end_of_turn>\n<start_of_turn>model\n[[Black.<end_of_turn>]]\n",
 }
 
 
@@ -203,7 +206,7 @@ def test_sample_without_image_keeps_text_only(encoder):
     assert sample.images == []
 
 
-@pytest.mark.parametrize("template", ["vicuna_v1", "llava_llama_2", "mistral_instruct", "chatml", "plain"])
+@pytest.mark.parametrize("template", ["vicuna_v1", "llava_llama_2", "mistral_instruct", "chatml", "gemma", "plain"])
 @pytest.mark.parametrize("system", [None, "Answer in one word."])
 def test_exported_chat_template_reproduces_the_training_prompt(tiny_base, template, system):
     """The Jinja written into merged exports renders through transformers exactly as `render` does."""
@@ -239,7 +242,13 @@ def test_exported_chat_template_reproduces_the_training_prompt(tiny_base, templa
 def test_a_chat_template_written_by_qllava_names_its_template():
     from qllava.data.templates import template_named_by
 
-    for name in ("vicuna_v1", "llava_llama_2", "mistral_instruct", "chatml", "plain"):
+    for name in ("vicuna_v1", "llava_llama_2", "mistral_instruct", "chatml", "gemma", "plain"):
         assert template_named_by(chat_template(name)) == name
     assert template_named_by(chat_template("chatml", "You are terse.")) is None  # another system prompt
     assert template_named_by("{{ messages }}") is None and template_named_by(None) is None
+
+
+def test_gemma_system_prompt_opens_the_first_user_turn():
+    rendered = render(TURNS[:1], "gemma", system="Be brief.", add_generation_prompt=True)
+    expected = "<start_of_turn>user\nBe brief.\n\n<image>\nWhat is it?<end_of_turn>\n<start_of_turn>model\n"
+    assert rendered.text == expected

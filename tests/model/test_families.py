@@ -18,10 +18,12 @@ from tests.conftest import CORPUS, kinds, make_recipe, tiny_of
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     llm = build_tiny_llm(tmp_path / "llama", "llama")
-    with pytest.raises(QllavaError, match="`llama` models are not supported.*llava, llava_next, llava_onevision"):
+    with pytest.raises(
+        QllavaError, match="`llama` models are not supported.*llava, llava_next, llava_onevision, qwen2_5_vl, gemma3"
+    ):
         check_base(llm)
     with pytest.raises(QllavaError, match="supported architectures"):
-        family_of({"model_type": "qwen2_5_vl"})
+        family_of({"model_type": "idefics3"})
 
 
 def test_every_family_names_a_transformers_class_of_its_model_type():
@@ -131,3 +133,91 @@ def test_anyres_family_policy(kind, request, tmp_path):
     torch.testing.assert_close(
         fresh.base_model.model.model.image_newline.float(), model.base_model.model.model.image_newline.float()
     )
+
+
+# Relatives of LLaVA: the builder fixture and the template of each; Qwen2.5-VL's processor needs torchvision.
+RELATIVES = {"gemma3": ("tiny_gemma3", "gemma"), "qwen2_5_vl": ("tiny_qwen2_5_vl", "chatml")}
+
+
+@pytest.mark.parametrize("kind", ["gemma3", pytest.param("qwen2_5_vl", marks=pytest.mark.torchvision)])
+def test_relative_family_policy(kind, request, tmp_path):
+    """4-bit only on the LLM's linear layers, LoRA only there, the projector trained and saved in the adapter, the
+    vision tower frozen, unquantized and absent from the adapter."""
+    fixture, template = RELATIVES[kind]
+    base = request.getfixturevalue(fixture)
+    family = family_of(AutoConfig.from_pretrained(base))
+    assert family.model_type == kind
+    plain = load_base(base, bits=16, device=torch.device("cpu"))
+    llm_linears = {
+        n for n, m in plain.named_modules() if n.startswith(family.llm_prefix) and isinstance(m, torch.nn.Linear)
+    }
+    vision_params = {n for n, _ in plain.named_parameters() if family.part_of(n) == "vision"}
+    projector_params = {n for n, _ in plain.named_parameters() if family.part_of(n) == "projector"}
+    del plain
+    recipe = make_recipe(base, tmp_path, tmp_path / "out", data={"template": template})
+    model, processor = load_for_training(recipe, torch.device("cpu"))
+    assert type(model.base_model.model).__name__ == family.class_name
+
+    quantized = {
+        n.removeprefix("base_model.model.").removesuffix(".base_layer")
+        for n, m in model.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
+    assert quantized == llm_linears and llm_linears
+    for name, param in model.named_parameters():
+        if family.part_of(name) in ("vision", "projector") or "lm_head" in name:
+            assert not isinstance(param, bnb.nn.Params4bit) and param.dtype == torch.float32, name
+
+    wrapped = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if getattr(m, "lora_A", None)}
+    assert wrapped == llm_linears
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for name in trainable:
+        assert "lora_" in name or (family.part_of(name) == "projector" and "modules_to_save" in name), name
+    trained_projector = {
+        n.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+        for n in trainable
+        if family.part_of(n) == "projector"
+    }
+    assert trained_projector == projector_params and projector_params
+    frozen_vision = {
+        n.removeprefix("base_model.model.") for n, p in model.named_parameters() if family.part_of(n) == "vision"
+    }
+    assert frozen_vision == vision_params and vision_params
+    assert not any(p.requires_grad for n, p in model.named_parameters() if family.part_of(n) == "vision")
+
+    from qllava.train.checkpoint import TrainState
+
+    saved = save_checkpoint(
+        tmp_path / "ckpt", model=model, processor=processor, recipe=recipe, state=TrainState(world_size=1)
+    )
+    keys = set(load_file(saved / ADAPTER_FILE))
+    projector_keys = {k.removeprefix("base_model.model.") for k in keys if family.part_of(k) == "projector"}
+    assert projector_keys == projector_params
+    assert not any(family.part_of(k) == "vision" for k in keys)
+    lora = {k for k in keys if "lora_" in k}
+    assert lora and keys == lora | {k for k in keys if family.part_of(k) == "projector"}
+
+
+def test_qwen2_5_vl_loading_policy_without_its_processor(tmp_path):
+    """The default tier's check of Qwen2.5-VL (its processor needs torchvision): 4-bit only on the LLM's linear
+    layers; the ViT and its patch merger (the projector, inside the vision module) keep their float weights."""
+    from qllava.model.tiny import build_tiny_qwen2_5_vl
+
+    base = build_tiny_qwen2_5_vl(tmp_path / "model", CORPUS, processor=False)
+    family = family_of(AutoConfig.from_pretrained(base))
+    assert (family.vision, family.projector) == ("model.visual", "model.visual.merger")
+    plain = load_base(base, bits=16, device=torch.device("cpu"))
+    llm_linears = {
+        n for n, m in plain.named_modules() if n.startswith(family.llm_prefix) and isinstance(m, torch.nn.Linear)
+    }
+    model = load_base(base, bits=4, device=torch.device("cpu"))
+    quantized = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert quantized == llm_linears and llm_linears
+    parts = {family.part_of(n) for n, _ in model.named_parameters()}
+    assert {"vision", "projector", "llm"} <= parts
+    for name, param in model.named_parameters():
+        if family.part_of(name) in ("vision", "projector") or name.startswith("lm_head"):
+            assert not isinstance(param, bnb.nn.Params4bit) and param.dtype == torch.float32, name
+    assert family.part_of("base_model.model.model.visual.merger.modules_to_save.default.mlp.0.weight") == "projector"
+    assert family.part_of("model.visual.blocks.0.attn.qkv.weight") == "vision"
