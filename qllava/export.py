@@ -36,7 +36,7 @@ from transformers import GenerationConfig
 from transformers.core_model_loading import revert_weight_conversion
 
 from qllava.data.dataset import IGNORE_INDEX, encoder_from_recipe, parse_sample, read_records
-from qllava.data.images import image_inputs, inputs_of_image, processor_to_save, size_of
+from qllava.data.images import images_inputs, open_rgb, processor_to_save, sizes_of
 from qllava.data.templates import chat_template, end_of_turn
 from qllava.data.validate import eval_image_folder
 from qllava.errors import QllavaError
@@ -248,7 +248,7 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
     A small eval set alone would leave too few reply tokens for top-1 agreement to mean anything: one
     near-tie flip among 16 tokens is 94%."""
     encoder = encoder_from_recipe(recipe, processor, config)
-    tiles = family_of(config).tiles
+    family = family_of(config)
     inputs, used = [], []
     for source, image_folder in (
         (recipe.data.eval, eval_image_folder(recipe)),
@@ -265,14 +265,18 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
                 sample = parse_sample(record, i, source)
             except QllavaError:
                 continue
-            if sample.image and (folder is None or not (folder / sample.image).is_file()):
+            if sample.images and (folder is None or not all((folder / name).is_file() for name in sample.images)):
                 continue
             image = {"pixel_values": None}
-            if sample.image:
-                image = image_inputs(
-                    folder / sample.image, recipe.data.image_aspect, processor.image_processor, tiles=tiles
+            if sample.images:
+                image = images_inputs(
+                    [open_rgb(folder / name) for name in sample.images],
+                    recipe.data.image_aspect,
+                    processor.image_processor,
+                    tiles=family.tiles,
+                    sample_inputs=family.sample_inputs,
                 )
-            encoded = encoder.encode(sample, size_of(image))
+            encoded = encoder.encode(sample, sizes_of(image))
             # Positions whose next token is a reply token: what the fine-tune was trained to predict.
             replies = [label != IGNORE_INDEX for label in encoded["labels"][1:]] + [False]
             inputs.append({"input_ids": encoded["input_ids"], **image, "replies": replies})
@@ -285,9 +289,15 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
     for i in range(count):
         size = (rng.randint(16, 96), rng.randint(16, 96))
         image = Image.frombytes("RGB", size, bytes(rng.randrange(256) for _ in range(size[0] * size[1] * 3)))
-        pixels = inputs_of_image(image, recipe.data.image_aspect, processor.image_processor, tiles=tiles)
+        pixels = images_inputs(
+            [image],
+            recipe.data.image_aspect,
+            processor.image_processor,
+            tiles=family.tiles,
+            sample_inputs=family.sample_inputs,
+        )
         question = ("Describe the image.", "What is in the picture?", "What colors do you see?")[i % 3]
-        ids = encoder.prompt_ids([("user", question)], has_image=True, image_size=size_of(pixels))
+        ids = encoder.prompt_ids([("user", question)], has_image=True, image_sizes=sizes_of(pixels))
         inputs.append({"input_ids": ids, **pixels, "replies": [True] * len(ids)})
     return "synthetic", f"{count} synthetic prompts (the recipe's data files were not found)", inputs
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from qllava.data.dataset import Encoder, encoder_from_recipe
-from qllava.data.images import image_inputs, size_of
+from qllava.data.images import image_inputs, sizes_of
 from qllava.data.templates import end_of_turn
 from qllava.errors import QllavaError
 from qllava.model.extras import load_extras, split_extras
@@ -181,11 +181,17 @@ def generate_batch(
     images = [
         {"pixel_values": None}
         if image is None
-        else image_inputs(image, recipe.data.image_aspect, processor.image_processor, tiles=family.tiles)
+        else image_inputs(
+            image,
+            recipe.data.image_aspect,
+            processor.image_processor,
+            tiles=family.tiles,
+            sample_inputs=family.sample_inputs,
+        )
         for image, _ in batch
     ]
     prompts = [
-        encoder.prompt_ids(turns, has_image=image is not None, image_size=size_of(inputs))
+        encoder.prompt_ids(turns, has_image=image is not None, image_sizes=sizes_of(inputs))
         for (image, turns), inputs in zip(batch, images)
     ]
     input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id)

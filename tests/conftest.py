@@ -71,14 +71,21 @@ def make_recipe(base: Path, data_dir: Path, out: Path, **sections):
 
 
 def pytest_collection_modifyitems(config, items):
+    import importlib.util
+
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU")
+    if importlib.util.find_spec("torchvision") is None:
+        skips["torchvision"] = pytest.mark.skip(
+            reason="transformers builds this processor only with torchvision; README: `python -m pytest -m torchvision`"
+        )
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -168,14 +175,27 @@ def max_abs_diff(a: dict, b: dict) -> float:
 # --- AnyRes families (LLaVA-NeXT, LLaVA-OneVision) ---
 
 
-def needs_processor(kind: str) -> None:
-    """Skip a test that needs the processor of `kind` where transformers cannot build it."""
-    import importlib.util
+TORCHVISION_KINDS = ("llava_onevision", "qwen2_5_vl")
+"""Architectures whose transformers processor needs torchvision (its video processor): their tests are marked
+`torchvision`, skipped without it and run by `python -m pytest -m torchvision` where it is installed (.ci/run)."""
+TINY_BASES = {"llava": "tiny_base", "llava_next": "tiny_next", "llava_onevision": "tiny_onevision"}
 
-    if kind == "llava_onevision" and importlib.util.find_spec("torchvision") is None:
-        pytest.skip("transformers' LlavaOnevisionProcessor cannot be built without torchvision")
-    if kind == "qwen2_5_vl" and importlib.util.find_spec("torchvision") is None:
-        pytest.skip("transformers' Qwen2_5_VLProcessor cannot be built without torchvision")
+
+def kinds(*names: str) -> list:
+    """`model_type`s to parametrize a test over, those of TORCHVISION_KINDS marked `torchvision`."""
+    return [pytest.param(name, marks=pytest.mark.torchvision) if name in TORCHVISION_KINDS else name for name in names]
+
+
+def tiny_of(kind: str, request) -> Path:
+    """The session's tiny base of a `model_type`."""
+    return request.getfixturevalue(TINY_BASES[kind])
+
+
+def template_of(kind: str) -> str:
+    """The template a test of `kind` trains with: its family's default."""
+    from qllava.model.families import family_named
+
+    return family_named(kind).default_template
 
 
 @pytest.fixture(scope="session")
@@ -189,7 +209,6 @@ def tiny_next(tmp_path_factory) -> Path:
 def tiny_onevision(tmp_path_factory) -> Path:
     from qllava.model.tiny import build_tiny_llava_onevision
 
-    needs_processor("llava_onevision")
     return build_tiny_llava_onevision(tmp_path_factory.mktemp("ov") / "model", CORPUS, seed=0)
 
 
@@ -207,5 +226,4 @@ def tiny_gemma3(tmp_path_factory) -> Path:
 def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
     from qllava.model.tiny import build_tiny_qwen2_5_vl
 
-    needs_processor("qwen2_5_vl")
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl") / "model", CORPUS, seed=0)

@@ -1,5 +1,6 @@
 """A LLaVA-NeXT run end to end on the tiny model: resume is exact (image_newline included), the merge passes its
-verification, the export loads with plain transformers, and generation runs on AnyRes images."""
+verification, the export loads with plain transformers, and generation runs on AnyRes images. The first three tests
+run a LLaVA-OneVision too, in the torchvision tier (its processor needs torchvision)."""
 
 import json
 
@@ -7,16 +8,27 @@ import pytest
 import torch
 from accelerate.utils import FullyShardedDataParallelPlugin
 from safetensors.torch import load_file
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from qllava.errors import QllavaError
 from qllava.export import merge_checkpoint
 from qllava.generate import generate_answers, load_for_inference
+from qllava.model.families import family_named
 from qllava.model.precision import GPU_LAYOUT_ENV
 from qllava.recipe import dump_recipe, load_recipe
 from qllava.train.fsdp import check
 from qllava.train.loop import train
-from tests.conftest import adapter_tensors, make_recipe, max_abs_diff, run_launcher, run_metrics, write_color_data
+from tests.conftest import (
+    adapter_tensors,
+    kinds,
+    make_recipe,
+    max_abs_diff,
+    run_launcher,
+    run_metrics,
+    template_of,
+    tiny_of,
+    write_color_data,
+)
 
 NEWLINE = "base_model.model.model.image_newline"
 
@@ -26,23 +38,35 @@ def _recipe(base, data, out, resume=""):
         base,
         data,
         out,
+        data={"template": template_of(AutoConfig.from_pretrained(base).model_type)},
         lora={"dropout": 0.1},
         optim={"lr": 1e-2, "projector_lr": 1e-2},
         train={"max_steps": 6, "save_every": 3, "keep_last": 5, "log_every": 2, "resume": resume},
     )
 
 
-@pytest.fixture(scope="module")
-def next_run(tiny_next, tmp_path_factory):
-    root = tmp_path_factory.mktemp("next-run")
+def _run(base, root):
     data = write_color_data(root, 12, sizes=((32, 32), (64, 32), (40, 28), (20, 60)))
     straight = root / "straight"
-    train(_recipe(tiny_next, data, straight), progress=False)
-    return tiny_next, data, straight
+    train(_recipe(base, data, straight), progress=False)
+    return base, data, straight
 
 
-def test_resume_reproduces_the_uninterrupted_run(next_run, tmp_path):
-    base, data, straight = next_run
+@pytest.fixture(scope="module")
+def next_run(tiny_next, tmp_path_factory):
+    return _run(tiny_next, tmp_path_factory.mktemp("next-run"))
+
+
+@pytest.fixture(scope="module", params=kinds("llava_next", "llava_onevision"))
+def anyres_run(request, tmp_path_factory):
+    """`next_run`, and the same run of the tiny LLaVA-OneVision."""
+    if request.param == "llava_next":
+        return request.getfixturevalue("next_run")
+    return _run(tiny_of(request.param, request), tmp_path_factory.mktemp(f"{request.param}-run"))
+
+
+def test_resume_reproduces_the_uninterrupted_run(anyres_run, tmp_path):
+    base, data, straight = anyres_run
     resumed = tmp_path / "resumed"
     train(_recipe(base, data, resumed, resume=str(straight / "checkpoint-3")), progress=False)
     a, b = adapter_tensors(straight), adapter_tensors(resumed)
@@ -57,21 +81,22 @@ def test_resume_reproduces_the_uninterrupted_run(next_run, tmp_path):
     assert lines(resumed) == lines(straight)[1:]
 
 
-def test_merge_verifies_and_the_export_loads_with_plain_transformers(next_run, tmp_path):
-    _, _, straight = next_run
+def test_merge_verifies_and_the_export_loads_with_plain_transformers(anyres_run, tmp_path):
+    base, _, straight = anyres_run
+    family = family_named(AutoConfig.from_pretrained(base).model_type)
     report = merge_checkpoint(straight / "final", tmp_path / "merged", dtype="fp32", verify_samples=6)
     assert report.verified and report.passed, report.summary()
     assert report.reply_positions > 0
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
-    assert type(merged).__name__ == "LlavaNextForConditionalGeneration"
+    assert type(merged).__name__ == family.class_name
     trained = adapter_tensors(straight)[NEWLINE]
     torch.testing.assert_close(merged.model.image_newline.float(), trained.float())
     processor = AutoProcessor.from_pretrained(tmp_path / "merged")
-    assert type(processor).__name__ == "LlavaNextProcessor"
+    assert type(processor).__name__ == family.class_name.replace("ForConditionalGeneration", "Processor")
 
 
-def test_generation_runs_on_anyres_images(next_run):
-    _, data, straight = next_run
+def test_generation_runs_on_anyres_images(anyres_run):
+    _, data, straight = anyres_run
     recipe = load_recipe(straight / "final" / "recipe.yaml")
     model, processor = load_for_inference(recipe.model.base, straight / "final")
     questions = [("0.png", "What color is the shape?"), ("1.png", "What color is the shape?"), (None, "Say a color.")]

@@ -64,11 +64,11 @@ def test_encoded_sample_equals_the_hf_processor(kind, request, tmp_path):
         item = train_set[i]
         turns = [(role, text.replace("<image>", tag)) for role, text in sample.turns]
         text = render(turns, recipe.data.template, tokenizer=processor.tokenizer).text
-        if sample.image is None:
+        if not sample.images:
             theirs = hf(text=text, return_tensors="pt")
             assert item["input_ids"] == theirs["input_ids"][0].tolist(), sample.id
             continue
-        with Image.open(data / "images" / sample.image) as img:
+        with Image.open(data / "images" / sample.images[0]) as img:
             theirs = hf(images=img.convert("RGB"), text=text, return_tensors="pt")
         assert item["input_ids"] == theirs["input_ids"][0].tolist(), sample.id
         # Loss only on the replies and their end-of-turn token.
@@ -227,7 +227,7 @@ def test_merge_verifies_and_the_export_loads_with_plain_transformers(relative_ru
     with Image.open(data / "images" / "0.png") as img:
         theirs = exported(text=text, images=img.convert("RGB"), return_tensors="pt")["input_ids"][0].tolist()
         size = (img.height, img.width)
-    assert theirs == encoder.prompt_ids([("user", question)], has_image=True, image_size=size)
+    assert theirs == encoder.prompt_ids([("user", question)], has_image=True, image_sizes=[size])
 
 
 def test_generation_runs_on_the_trained_adapter(relative_run):

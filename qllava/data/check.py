@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import AutoConfig
 
 from qllava.data.dataset import IGNORE_INDEX, encoder_from_recipe, parse_sample, read_records
-from qllava.data.images import image_problem
+from qllava.data.images import image_problem, image_size
 from qllava.data.validate import Scan, data_files, scan_file
 from qllava.errors import QllavaError, problem_list
 from qllava.model.load import check_base, load_processor
@@ -58,11 +59,14 @@ def _describe(scan: Scan, encoder, report: Report) -> None:
     report.errors = list(dict.fromkeys(report.errors + scan.errors + scan.lost_all))  # a shared folder: once
     # A sample cut to nothing trains nothing: counted as broken here, as listed among the errors.
     valid = len(scan.samples) - len(scan.lost_all)
-    images = sum(bool(sample.image) for sample in scan.samples) - scan.lost_all_with_image
+    images = sum(bool(sample.images) for sample in scan.samples) - scan.lost_all_with_image
     report.lines.append(
         f"{scan.data.path}: {scan.records} sample{'' if scan.records == 1 else 's'}: {valid} valid ({images} with an "
         f"image, {valid - images} text-only), {scan.records - valid} broken"
     )
+    several = [len(sample.images) for sample in scan.samples if len(sample.images) > 1]
+    if several:
+        report.lines.append(f"  {len(several)} sample(s) with several images (up to {max(several)})")
     if scan.duplicates:
         report.lines.append(f"  warning: {scan.duplicate_warning()}")
     if scan.lengths:
@@ -115,7 +119,21 @@ def show_sample(recipe: Recipe, index: int) -> str:
         )
     index %= len(records)  # Python-style: -1 is the last sample
     sample = parse_sample(records[index], index, recipe.data.train)
-    item = encoder.encode(sample)
+    sizes = None
+    if encoder.sized and sample.images:
+        # AnyRes: each image's token count depends on its size, read from its file's header.
+        if not recipe.data.image_folder:
+            raise QllavaError(f"sample {sample.id!r} ({sample.where}) has images but data.image_folder is not set")
+        folder = Path(recipe.data.image_folder)
+        try:
+            sizes = [image_size(folder / name) for name in sample.images]
+        except Exception as exc:  # PIL raises many types for files that are no image
+            raise QllavaError(
+                f"sample {sample.id!r} ({sample.where}): cannot read the size of its images in data.image_folder "
+                f"`{folder}` ({type(exc).__name__}: {exc}); `qllava data check` names the file"
+            ) from None
+    item = encoder.encode(sample, sizes)
+    counts = encoder.image_counts(len(sample.images), sizes, sample.id)
     tok = encoder.tokenizer
     pieces, run, trained_run = [], [], False
     ids, labels = item["input_ids"], item["labels"]
@@ -125,16 +143,17 @@ def show_sample(recipe: Recipe, index: int) -> str:
             text = tok.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             pieces.append(f"[[{text}]]" if trained_run else text)
 
-    i = 0
+    i = image = 0
     while i < len(ids):
         if ids[i] == encoder.image_token_id:
             flush()
             run = []
-            j = i
-            while j < len(ids) and ids[j] == encoder.image_token_id:
-                j += 1
-            pieces.append(f"<image x{j - i}>")
-            i = j
+            # Each image's own block, by its count: two images' blocks may touch ("<image><image>").
+            n = min(counts[image], len(ids) - i)
+            name = f" {image + 1} ({sample.images[image]})" if len(sample.images) > 1 else ""
+            pieces.append(f"<image{name} x{n}>")
+            i += n
+            image += 1
             continue
         trained = labels[i] != IGNORE_INDEX
         if trained != trained_run:

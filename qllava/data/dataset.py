@@ -2,7 +2,8 @@
 
 Data format (haotian-liu/LLaVA): a JSON list (or JSONL) of
 ``{"id": ..., "image": "rel/path.jpg" (optional), "conversations": [{"from": "human", "value":
-"<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``.
+"<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``. Several images (LLaVA-OneVision / LLaVA-Interleave):
+``"image": ["a.jpg", "b.jpg"]`` with one `<image>` per image in the human turns, where the text places them.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from qllava.data.images import image_inputs, input_size, size_of
+from qllava.data.images import images_inputs, input_size, open_rgb, sizes_of
 from qllava.data.jsonl import parse_jsonl
 from qllava.data.templates import render
 from qllava.errors import QllavaError
-from qllava.model.families import family_of, image_batch
+from qllava.model.families import family_of, image_batch, several_image_tokens
 from qllava.model.families import image_tokens as processor_image_tokens
 
 IMAGE_TAG = "<image>"
@@ -32,7 +33,8 @@ class Sample:
     id: str
     where: str
     """File and position, for error messages."""
-    image: str | None
+    images: list[str]
+    """Image paths (relative to the image folder), in the order of the `<image>` tags; empty: text-only."""
     turns: list[tuple[str, str]]
     system: str | None
 
@@ -62,12 +64,9 @@ def parse_sample(record, index: int, source: str) -> Sample:
     sid = str(record.get("id", index))
     label = f"sample {sid!r} ({where})"
     image = record.get("image")
-    if isinstance(image, list):
-        if len(image) > 1:
-            raise QllavaError(f"{label}: {len(image)} images; one image per sample is supported")
-        image = image[0] if image else None
-    if image is not None and not (isinstance(image, str) and image):
-        raise QllavaError(f"{label}: `image` must be a relative path string")
+    images = image if isinstance(image, list) else [] if image is None else [image]
+    if not all(isinstance(path, str) and path for path in images):
+        raise QllavaError(f"{label}: `image` must be a relative path string or a list of them")
     convs = record.get("conversations")
     if not isinstance(convs, list) or not convs:
         raise QllavaError(f"{label}: `conversations` must be a non-empty list")
@@ -96,8 +95,12 @@ def parse_sample(record, index: int, source: str) -> Sample:
                 raise QllavaError(f"{label}: turn {t}: `<image>` may only appear in a human turn")
             tags += value.count(IMAGE_TAG)
         turns.append((role, value))
-    if tags > (1 if image else 0):
-        raise QllavaError(f"{label}: {tags} `<image>` tag(s) but {1 if image else 0} image(s)")
+    # One image may go without its tag (LLaVA places it); several need theirs, which say where each goes.
+    if tags > len(images) or (len(images) > 1 and tags != len(images)):
+        raise QllavaError(
+            f"{label}: {tags} `<image>` tag(s) but {len(images)} image(s); each image needs one `<image>` "
+            "in the human turns, where it belongs in the text"
+        )
     if not any(role == "assistant" for role, _ in turns):
         raise QllavaError(f"{label}: no assistant (gpt) turn, so nothing would be trained")
     for t, (role, _) in enumerate(turns):
@@ -106,11 +109,11 @@ def parse_sample(record, index: int, source: str) -> Sample:
             raise QllavaError(f"{label}: turns must alternate human/gpt starting with human; turn {t} is `{role}`")
     if turns[-1][0] != "assistant":
         raise QllavaError(f"{label}: the last human turn has no gpt reply")
-    if image:
-        # LLaVA moves the image to the start of the first human turn.
+    if len(images) == 1:
+        # LLaVA moves a single image to the start of the first human turn; several stay where the text puts them.
         turns = [(role, text.replace(IMAGE_TAG, "").strip()) for role, text in turns]
         turns[0] = ("user", f"{IMAGE_TAG}\n{turns[0][1]}")
-    return Sample(sid, where, image, turns, system)
+    return Sample(sid, where, images, turns, system)
 
 
 def num_image_tokens(config) -> int:
@@ -125,12 +128,15 @@ def num_image_tokens(config) -> int:
     return patches + int(has_cls)
 
 
+Size = tuple[int, int]
+
+
 class Encoder:
-    """Sample -> token ids and labels: loss only on reply spans, `<image>` expanded, cut to max_length.
+    """Sample -> token ids and labels: loss only on reply spans, each `<image>` expanded, cut to max_length.
 
     `image_tokens`: what one image becomes when that does not depend on its size (LLaVA-1.5), else a typical
-    count (for length grouping); `tokens_for_size((height, width))`, when given, is the count for an image of
-    that size (AnyRes), and every image's size must then be passed with its sample.
+    count (for length grouping); `tokens_for_images(sizes)`, when given, is the count of each image of a sample
+    whose images have these (height, width) sizes (AnyRes), and the sizes must then be passed with each sample.
     """
 
     def __init__(
@@ -142,7 +148,7 @@ class Encoder:
         image_tokens: int,
         max_length: int,
         system: str | None = None,
-        tokens_for_size: Callable[[tuple[int, int]], int] | None = None,
+        tokens_for_images: Callable[[tuple[Size, ...]], list[int]] | None = None,
         image_text: str = IMAGE_TAG,
     ) -> None:
         if not getattr(tokenizer, "is_fast", False):
@@ -153,20 +159,21 @@ class Encoder:
         self.image_tokens = image_tokens
         self.max_length = max_length
         self.system = system
-        self.tokens_for_size = tokens_for_size
+        self.tokens_for_images = tokens_for_images
         self.image_text = image_text
 
     @property
     def sized(self) -> bool:
-        """Whether an image's token count depends on its size (then pass `image_size` with each sample)."""
-        return self.tokens_for_size is not None
+        """Whether an image's token count depends on its size (then pass the images' sizes with each sample)."""
+        return self.tokens_for_images is not None
 
-    def _tokens_per_image(self, size: tuple[int, int] | None, label: str) -> int:
-        if self.tokens_for_size is None:
-            return self.image_tokens
-        if size is None:
-            raise QllavaError(f"{label}: internal error: the image's size is needed to count its tokens")
-        return self.tokens_for_size(tuple(size))
+    def image_counts(self, images: int, sizes: list[Size] | None, label: str) -> list[int]:
+        """Tokens of each of a sample's `images` images, whose (height, width) are `sizes` when `sized`."""
+        if self.tokens_for_images is None or not images:
+            return [self.image_tokens] * images
+        if sizes is None or len(sizes) != images:
+            raise QllavaError(f"{label}: internal error: the size of each image is needed to count its tokens")
+        return self.tokens_for_images(tuple(tuple(size) for size in sizes))
 
     def _with_image_text(self, turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Turns with each `<image>` tag as the text the family's processor puts there (`Family.image_text`)."""
@@ -178,15 +185,13 @@ class Encoder:
         turns = self._with_image_text(sample.turns)
         return render(turns, self.template, system=sample.system or self.system, tokenizer=self.tokenizer)
 
-    def _tokenize(self, rendered, images: int, label: str, per_image: int) -> tuple[list[int], list[int], int]:
+    def _tokenize(self, rendered, label: str, counts: list[int]) -> tuple[list[int], list[int], int]:
         enc = self.tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=True)
-        return self._expand(rendered, enc["input_ids"], enc["offset_mapping"], images, label, per_image)
+        return self._expand(rendered, enc["input_ids"], enc["offset_mapping"], label, counts)
 
-    def _expand(
-        self, rendered, token_ids, offsets, images: int, label: str, per_image: int
-    ) -> tuple[list[int], list[int], int]:
-        """Token ids with each image tag expanded to `per_image` tokens, labels (reply spans only) and where the
-        image block ends."""
+    def _expand(self, rendered, token_ids, offsets, label: str, counts: list[int]) -> tuple[list[int], list[int], int]:
+        """Token ids with the i-th image tag expanded to `counts[i]` tokens, labels (reply spans only) and where
+        the last image block ends."""
         ids, labels = [], []
         images_seen = 0
         image_end = 0
@@ -195,6 +200,7 @@ class Encoder:
         targets, t, last = rendered.targets, 0, len(rendered.targets)
         for tok, (start, end) in zip(token_ids, offsets):
             if tok == self.image_token_id:
+                per_image = counts[images_seen] if images_seen < len(counts) else 1  # too many: refused below
                 images_seen += 1
                 ids += [tok] * per_image
                 labels += [IGNORE_INDEX] * per_image
@@ -204,14 +210,16 @@ class Encoder:
                 t += 1
             ids.append(tok)
             labels.append(tok if end > start and t < last and targets[t][0] < end else IGNORE_INDEX)
-        if images_seen != images:
+        if images_seen != len(counts):
             raise QllavaError(
-                f"{label}: the prompt holds {images_seen} image token(s) for {images} image(s); "
-                "does the tokenizer know `<image>` as a special token?"
+                f"{label}: the prompt holds {images_seen} image token(s) for {len(counts)} image(s); does the "
+                "template keep every `<image>` (`plain` takes one image) and the tokenizer know `<image>` as a "
+                "special token?"
             )
         return ids, labels, image_end
 
     def _cut_check(self, label: str, ids: list[int], labels: list[int], image_end: int) -> tuple[list[int], list[int]]:
+        # Cutting inside any image block leaves the model more image tokens than features (or fewer images).
         if len(ids) > self.max_length and image_end > self.max_length:
             raise QllavaError(
                 f"data.max_length={self.max_length} cuts the image tokens of {label}, "
@@ -219,20 +227,20 @@ class Encoder:
             )
         return ids, labels
 
-    def encode_full(self, sample: Sample, image_size: tuple[int, int] | None = None) -> tuple[list[int], list[int]]:
-        """Untruncated token ids and labels; raises if data.max_length would cut the image block.
-        `image_size`: (height, width) of the sample's image, needed when the encoder is `sized`."""
-        result = self.encode_full_batch([sample], [image_size])[0]
+    def encode_full(self, sample: Sample, image_sizes: list[Size] | None = None) -> tuple[list[int], list[int]]:
+        """Untruncated token ids and labels; raises if data.max_length would cut an image block.
+        `image_sizes`: (height, width) of each of the sample's images, needed when the encoder is `sized`."""
+        result = self.encode_full_batch([sample], [image_sizes])[0]
         if isinstance(result, QllavaError):
             raise result
         return result
 
     def encode_full_batch(
-        self, samples: list[Sample], image_sizes: list[tuple[int, int] | None] | None = None
+        self, samples: list[Sample], image_sizes: list[list[Size] | None] | None = None
     ) -> list[tuple[list[int], list[int]] | QllavaError]:
         """`encode_full` of each sample, or the error naming it; one tokenizer call for all of them, which the
         fast tokenizer can spread over cores (train's start-up scan of a whole dataset; a training item is a
-        batch of one, so both encode alike). `image_sizes`: each sample's image (height, width) or None."""
+        batch of one, so both encode alike). `image_sizes`: each sample's images' (height, width), or None."""
         image_sizes = image_sizes or [None] * len(samples)
         results: list = [None] * len(samples)
         labels = [f"sample {sample.id!r} ({sample.where})" for sample in samples]
@@ -248,25 +256,23 @@ class Encoder:
         enc = self.tokenizer([rendered[i].text for i in order], return_offsets_mapping=True, add_special_tokens=True)
         for i, token_ids, offsets in zip(order, enc["input_ids"], enc["offset_mapping"]):
             try:
-                per_image = self._tokens_per_image(image_sizes[i], labels[i]) if samples[i].image else 0
-                expanded = self._expand(
-                    rendered[i], token_ids, offsets, 1 if samples[i].image else 0, labels[i], per_image
-                )
+                counts = self.image_counts(len(samples[i].images), image_sizes[i], labels[i])
+                expanded = self._expand(rendered[i], token_ids, offsets, labels[i], counts)
                 results[i] = self._cut_check(labels[i], *expanded)
             except QllavaError as exc:
                 results[i] = exc
         return results
 
-    def encode(self, sample: Sample, image_size: tuple[int, int] | None = None) -> dict:
-        ids, labels = self.encode_full(sample, image_size)
+    def encode(self, sample: Sample, image_sizes: list[Size] | None = None) -> dict:
+        ids, labels = self.encode_full(sample, image_sizes)
         truncated = len(ids) > self.max_length
         return {"input_ids": ids[: self.max_length], "labels": labels[: self.max_length], "truncated": truncated}
 
     def prompt_ids(
-        self, turns: list[tuple[str, str]], has_image: bool, image_size: tuple[int, int] | None = None
+        self, turns: list[tuple[str, str]], has_image: bool, image_sizes: list[Size] | None = None
     ) -> list[int]:
-        """Token ids of a generation prompt (turns end with the user's), image tokens expanded (`image_size`:
-        the image's (height, width), needed when the encoder is `sized`)."""
+        """Token ids of a generation prompt (turns end with the user's), image tokens expanded (`image_sizes`:
+        the image's (height, width) in a list, as `sizes_of` gives it, needed when the encoder is `sized`)."""
         if has_image and IMAGE_TAG not in turns[0][1]:
             turns = [("user", f"{IMAGE_TAG}\n{turns[0][1]}")] + list(turns[1:])
         rendered = render(
@@ -276,8 +282,8 @@ class Encoder:
             tokenizer=self.tokenizer,
             add_generation_prompt=True,
         )
-        per_image = self._tokens_per_image(image_size, "prompt") if has_image else 0
-        return self._tokenize(rendered, 1 if has_image else 0, "prompt", per_image)[0]
+        counts = self.image_counts(1, image_sizes, "prompt") if has_image else []
+        return self._tokenize(rendered, "prompt", counts)[0]
 
 
 class LlavaDataset(Dataset):
@@ -292,14 +298,17 @@ class LlavaDataset(Dataset):
         image_aspect: str,
         *,
         tiles: bool = False,
+        sample_inputs: tuple[str, ...] = (),
     ) -> None:
-        """`tiles`: images become AnyRes tile stacks (`Family.tiles`), `image_aspect` does not apply."""
+        """`tiles`: images become AnyRes tile stacks (`Family.tiles`), `image_aspect` does not apply;
+        `sample_inputs`: the family's per-sample image inputs (`Family.sample_inputs`)."""
         self.samples = samples
         self.encoder = encoder
         self.image_folder = Path(image_folder) if image_folder else None
         self.image_processor = image_processor
         self.image_aspect = image_aspect
         self.tiles = tiles
+        self.sample_inputs = sample_inputs
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -307,27 +316,40 @@ class LlavaDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         inputs = {"pixel_values": None}
-        if sample.image:
-            path = self.image_folder / sample.image
+        if sample.images:
+            paths = [self.image_folder / name for name in sample.images]
+            images = []
+            for path in paths:
+                try:
+                    images.append(open_rgb(path))
+                except Exception as exc:  # PIL raises many types for corrupt files
+                    raise _unreadable(sample, path, exc) from None
             try:
-                inputs = image_inputs(path, self.image_aspect, self.image_processor, tiles=self.tiles)
-            except Exception as exc:  # PIL raises many types for corrupt files
-                raise UnreadableImage(
-                    f"sample {sample.id!r} ({sample.where}): cannot read image {path}: {exc}",
-                    sample.id,
-                    path,
-                    f"{type(exc).__name__}: {exc}",
-                ) from None
-        # The image's own size, as the processor saw it: what its token count depends on (AnyRes).
-        return self.encoder.encode(sample, size_of(inputs)) | inputs
+                inputs = images_inputs(
+                    images, self.image_aspect, self.image_processor, tiles=self.tiles, sample_inputs=self.sample_inputs
+                )
+            except Exception as exc:  # decoded, but the processor refuses it: which image is not known
+                raise _unreadable(sample, paths[0] if len(paths) == 1 else ", ".join(map(str, paths)), exc) from None
+        # The images' own sizes, as the processor saw them: what their token counts depend on (AnyRes).
+        return self.encoder.encode(sample, sizes_of(inputs)) | inputs
 
     def modality_lengths(self) -> list[int]:
-        """Approximate lengths as LLaVA computes them: words plus image tokens, negative for text-only."""
+        """Approximate lengths as LLaVA computes them: words plus image tokens of every image, negative for
+        text-only."""
         lengths = []
         for s in self.samples:
             words = sum(len(text.split()) for _, text in s.turns)
-            lengths.append(words + self.encoder.image_tokens if s.image else -words)
+            lengths.append(words + len(s.images) * self.encoder.image_tokens if s.images else -words)
         return lengths
+
+
+def _unreadable(sample: Sample, path, exc: Exception) -> UnreadableImage:
+    return UnreadableImage(
+        f"sample {sample.id!r} ({sample.where}): cannot read image {path}: {exc}",
+        sample.id,
+        path,
+        f"{type(exc).__name__}: {exc}",
+    )
 
 
 class UnreadableImage(QllavaError):
@@ -366,7 +388,8 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
     """The tokenizer + template + image-token expansion a recipe implies, checked against the model.
 
     Image-token counts are the processor's own (`_get_num_multimodal_tokens`): one count for every image when
-    the family's images are one tile, else one per image size (asked once per size).
+    the family's images are one tile, else one per image size (asked once per size), or, for an image among
+    several where the family's processor counts those alike (`several_image_tokens`), one per image count.
     """
     tokenizer = processor.tokenizer
     image_token_id = config.image_token_id
@@ -389,12 +412,22 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
             f"into {placed} image tokens (id {image_token_id}) instead of one; is model.base a {family.model_type} "
             "checkpoint with its own processor files?"
         )
-    counts: dict[tuple[int, int], int] = {}
+    family = family_of(config)
+    counts: dict[Size, int] = {}
+    among: dict[int, int | None] = {}
 
-    def tokens_for_size(size: tuple[int, int]) -> int:
+    def tokens_for_size(size: Size) -> int:
         if size not in counts:
             counts[size] = processor_image_tokens(processor, [size])[0]
         return counts[size]
+
+    def tokens_for_images(sizes: tuple[Size, ...]) -> list[int]:
+        if len(sizes) > 1:
+            if len(sizes) not in among:
+                among[len(sizes)] = several_image_tokens(processor, family, len(sizes))
+            if among[len(sizes)] is not None:
+                return [among[len(sizes)]] * len(sizes)
+        return [tokens_for_size(size) for size in sizes]
 
     # A square image of the vision tower's input size: the count of a one-tile family, a typical one otherwise.
     typical = tokens_for_size(input_size(processor.image_processor))
@@ -405,6 +438,6 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
         image_tokens=typical,
         max_length=recipe.data.max_length,
         system=recipe.data.system_prompt,
-        tokens_for_size=tokens_for_size if family.tiles else None,
+        tokens_for_images=tokens_for_images if family.tiles else None,
         image_text=family.image_text,
     )

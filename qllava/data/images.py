@@ -120,16 +120,56 @@ def inputs_of_image(
     return {"pixel_values": pixel_values(image, aspect, image_processor)}
 
 
-def image_inputs(path: str | Path, aspect: str, image_processor, *, tiles: bool = False) -> dict[str, torch.Tensor]:
-    """One image file as the model's inputs (`inputs_of_image`)."""
+def images_inputs(
+    images: list[Image.Image], aspect: str, image_processor, *, tiles: bool = False, sample_inputs: tuple[str, ...] = ()
+) -> dict:
+    """A sample's RGB images as the model's inputs. One image as `inputs_of_image` makes it; several each so,
+    stacked in order: pixel_values (3-D images stacked; tile stacks and patch blocks concatenated), the image
+    inputs (`image_sizes`, `image_grid_thw`: one row per image) and `size`, the list of their (height, width).
+    `sample_inputs` (`Family.sample_inputs`, OneVision's `batch_num_images`): the processor
+    processes an image by how many the sample has, so the sample's images go through it together, as its
+    `__call__` passes a sample's images."""
+    if sample_inputs:
+        out = image_processor(images=[images], return_tensors="pt")
+        # (images, tiles, 3, H, W), padded to the most tiles; an image among several is one tile: nothing is padded.
+        sizes = [(image.height, image.width) for image in images]
+        inputs = {"pixel_values": out["pixel_values"].flatten(0, 1), "image_sizes": out["image_sizes"], "size": sizes}
+        if len(images) == 1:  # as `tiled_inputs` gives one image
+            inputs = {"pixel_values": out["pixel_values"][0], "image_sizes": out["image_sizes"][0], "size": sizes[0]}
+        inputs |= {key: torch.as_tensor(out[key]) for key in sample_inputs}
+    elif len(images) == 1:
+        inputs = inputs_of_image(images[0], aspect, image_processor, tiles=tiles)
+    else:
+        each = [inputs_of_image(image, aspect, image_processor, tiles=tiles) for image in images]
+        # Tile stacks and patch blocks are concatenated (the forward splits them by the image inputs); untiled
+        # images are stacked.
+        inputs = {"pixel_values": (torch.cat if tiles else torch.stack)([e["pixel_values"] for e in each])}
+        inputs |= {key: torch.stack([e[key] for e in each]) for key in each[0] if key not in ("pixel_values", "size")}
+        if tiles:
+            inputs["size"] = [e["size"] for e in each]
+    return inputs
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """An image file decoded to RGB."""
     with Image.open(path) as img:
-        image = img.convert("RGB")
-    return inputs_of_image(image, aspect, image_processor, tiles=tiles)
+        return img.convert("RGB")
 
 
-def size_of(inputs: dict) -> tuple[int, int] | None:
-    """The original (height, width) a tiled image's inputs carry (what its token count depends on), else None."""
-    return inputs.get("size")
+def image_inputs(
+    path: str | Path, aspect: str, image_processor, *, tiles: bool = False, sample_inputs: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """One image file, a sample's only image, as the model's inputs (`images_inputs`)."""
+    return images_inputs([open_rgb(path)], aspect, image_processor, tiles=tiles, sample_inputs=sample_inputs)
+
+
+def sizes_of(inputs: dict) -> list[tuple[int, int]] | None:
+    """The original (height, width) of each tiled image the inputs carry (what its token count depends on: `size`,
+    one image's or a list of several), else None."""
+    size = inputs.get("size")
+    if size is None:
+        return None
+    return [tuple(size)] if isinstance(size[0], int) else [tuple(s) for s in size]
 
 
 def processor_to_save(processor, aspect: str):

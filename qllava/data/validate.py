@@ -60,7 +60,8 @@ class Scan:
     lengths: list[int] = field(default_factory=list)
     """Untruncated token count of each of `samples`, image tokens included."""
     image_tokens: list[int] = field(default_factory=list)
-    """Sized (AnyRes) encoders: the image-token count of each image of `samples`, as its size makes it."""
+    """Sized (AnyRes) encoders: the image-token count of each image of `samples`, as its size (and, for
+    OneVision, the sample's number of images) makes it."""
     kept_tokens: int = 0
     kept_trained: int = 0
     over: int = 0
@@ -133,14 +134,14 @@ def scan_file(
     counts = collections.Counter(str(r["id"]) for r in records if isinstance(r, dict) and "id" in r)
     scan.duplicates = {sid: n for sid, n in counts.items() if n > 1}
 
-    with_image = [sample for sample in parsed if sample.image]
+    with_image = [sample for sample in parsed if sample.images]
     folder = Path(data.folder) if data.folder else None
     if with_image and folder is None:
         scan.errors.append(f"{len(with_image)} sample(s) of {data.path} have an image but {data.folder_key} is not set")
     elif with_image and not folder.is_dir():
         # The same words for train and eval when they share the folder: one error after deduplication.
         scan.errors.append(f"{data.folder_key} `{data.folder}` is not a folder (samples with an image need it)")
-    text_only = [sample for sample in parsed if not sample.image]
+    text_only = [sample for sample in parsed if not sample.images]
     if text_only and not recipe.lora.enabled:
         # Stage 1 trains only the projector: a text-only batch would have nothing to train at all.
         scan.errors.append(
@@ -154,35 +155,38 @@ def scan_file(
     for start in range(0, len(parsed), _BATCH):
         usable, sizes = [], []
         for sample in parsed[start : start + _BATCH]:
-            problem = sample.image and folder_found and image_problem(folder / sample.image)
-            size = None
-            if not problem and sample.image and folder_found and encoder.sized:
-                # The token count of an AnyRes image depends on its size: read from the header, not decoded.
-                try:
-                    size = image_size(folder / sample.image)
-                except Exception as exc:  # PIL raises many types for files that are no image
-                    problem = f"cannot be read ({type(exc).__name__}: {exc})"
-            if sample.image and encoder.sized and not folder_found:
-                continue  # its tokens cannot be counted without its image; the folder's error is reported
-            if problem and keep_unreadable and not encoder.sized:  # AnyRes needs the image to count its tokens
-                scan.unreadable.append(f"{sample.id!r} ({sample.where}): image `{sample.image}` {problem}")
+            if sample.images and encoder.sized and not folder_found:
+                continue  # its tokens cannot be counted without its images; the folder's error is reported
+            problems, sample_sizes = [], []
+            for name in sample.images if folder_found else ():
+                problem = image_problem(folder / name)
+                if not problem and encoder.sized:
+                    # The token count of an AnyRes image depends on its size: read from the header, not decoded.
+                    try:
+                        sample_sizes.append(image_size(folder / name))
+                    except Exception as exc:  # PIL raises many types for files that are no image
+                        problem = f"cannot be read ({type(exc).__name__}: {exc})"
+                if problem:
+                    problems.append(f"image `{name}` {problem}")
+            if problems and keep_unreadable and not encoder.sized:  # AnyRes needs the images to count their tokens
+                scan.unreadable.append(f"{sample.id!r} ({sample.where}): {'; '.join(problems)}")
                 usable.append(sample)
                 sizes.append(None)
-            elif problem:
-                scan.errors.append(
-                    f"sample {sample.id!r} ({sample.where}): image `{sample.image}` {problem} "
-                    f"in {data.folder_key} `{data.folder}`"
-                )
+            elif problems:
+                scan.errors += [
+                    f"sample {sample.id!r} ({sample.where}): {problem} in {data.folder_key} `{data.folder}`"
+                    for problem in problems
+                ]
             else:
                 usable.append(sample)
-                sizes.append(size)
-        for sample, size, encoded in zip(usable, sizes, encoder.encode_full_batch(usable, sizes)):
+                sizes.append(sample_sizes if encoder.sized else None)
+        for sample, sample_sizes, encoded in zip(usable, sizes, encoder.encode_full_batch(usable, sizes)):
             if isinstance(encoded, QllavaError):
                 scan.errors.append(str(encoded))
                 continue
             _count(scan, sample, *encoded, encoder.max_length)
-            if size is not None and scan.samples and scan.samples[-1] is sample:  # counted as trainable
-                scan.image_tokens.append(encoder.tokens_for_size(tuple(size)))
+            if sample_sizes and scan.samples and scan.samples[-1] is sample:  # counted as trainable
+                scan.image_tokens += encoder.image_counts(len(sample.images), sample_sizes, sample.id)
         bar.update(min(_BATCH, len(parsed) - start))
     bar.close()
     return scan
@@ -203,7 +207,7 @@ def _count(scan: Scan, sample: Sample, ids: list[int], labels: list[int], max_le
     scan.kept_trained += kept
     scan.over += len(ids) > max_length
     if kept == 0:
-        scan.lost_all_with_image += bool(sample.image)
+        scan.lost_all_with_image += bool(sample.images)
         scan.lost_all.append(
             f"{label}: all {trained} trained tokens lie beyond data.max_length={max_length} (the sample has "
             f"{len(ids)} tokens), so it trains nothing; raise data.max_length or shorten the sample"
@@ -231,10 +235,16 @@ def _datasets(files: list[DataFile], recipe, processor, config, warn: Callable[[
         for warning in warnings:
             if warning:
                 warn(f"qllava: warning: {warning}")
-    tiles = family_of(config).tiles
+    family = family_of(config)
     return [
         LlavaDataset(
-            scan.samples, encoder, scan.data.folder, processor.image_processor, recipe.data.image_aspect, tiles=tiles
+            scan.samples,
+            encoder,
+            scan.data.folder,
+            processor.image_processor,
+            recipe.data.image_aspect,
+            tiles=family.tiles,
+            sample_inputs=family.sample_inputs,
         )
         for scan in scans
     ]

@@ -47,6 +47,10 @@ class Family:
     images in sample order (`image_sizes`: (height, width) of each original image, which the AnyRes forward
     needs to split the tile stacks and unpad the features; `image_grid_thw`: Qwen2.5-VL's (frames, rows, columns)
     of patches per image, which splits the patches and places the 3-D positions)."""
+    sample_inputs: tuple[str, ...] = ()
+    """Processor outputs the forward needs once per sample with images, concatenated over the batch's samples
+    (OneVision's `batch_num_images`: each image of a sample that has several becomes one untiled square, one
+    that is alone its tiles; the processor and the forward both decide by it)."""
     packing: bool = True
     """Whether 1-D packing (position ids restarting per sample, `data.packing`) is valid: false for 3-D (M-)RoPE
     models, and for Gemma 3, whose image-block mask (token_type_ids) in transformers 5.24 undoes the packed
@@ -138,7 +142,13 @@ FAMILIES: dict[str, Family] = {
         # LLaVA-NeXT (v1.6): AnyRes tiles, an unpadded grid of features with a learned newline per row.
         Family("llava_next", "LlavaNextForConditionalGeneration", **_ANYRES),
         # LLaVA-OneVision: AnyRes-max (features pooled down above a tile budget), usually a Qwen2 LLM.
-        Family("llava_onevision", "LlavaOnevisionForConditionalGeneration", **_ANYRES, default_template="chatml"),
+        Family(
+            "llava_onevision",
+            "LlavaOnevisionForConditionalGeneration",
+            **_ANYRES,
+            sample_inputs=("batch_num_images",),
+            default_template="chatml",
+        ),
         # Qwen2.5-VL: a windowed ViT at each image's own resolution whose patch merger (the projector) lies inside the
         # vision module; 3-D M-RoPE positions, placed from mm_token_type_ids and image_grid_thw.
         Family(
@@ -202,7 +212,8 @@ def family_of_model(model: torch.nn.Module) -> Family:
 
 
 def image_tokens(processor, sizes: list[tuple[int, int]]) -> list[int]:
-    """Image tokens the processor expands each image of (height, width) into, as its own `__call__` does."""
+    """Image tokens the processor expands each image of (height, width) into when it is a sample's only image,
+    as its own `__call__` does."""
     from qllava.data.images import input_size
 
     # transformers 5.24's LlavaProcessor counts from the image processor's crop_size even where it does not crop
@@ -215,32 +226,59 @@ def image_tokens(processor, sizes: list[tuple[int, int]]) -> list[int]:
     return [int(n) for n in counted.num_image_tokens]
 
 
+def several_image_tokens(processor, family: Family, count: int) -> int | None:
+    """Image tokens each image of a sample with `count` (> 1) images becomes where the family's processor
+    treats such images alike whatever their size (OneVision: one untiled square and one newline each), else
+    None: each counts by its size as when alone (`image_tokens`).
+
+    `_get_num_multimodal_tokens` knows only the single-image count; `replace_image_token`, what `__call__`
+    expands each image with, decides by the images per sample and, for several, reads nothing else (given
+    nothing else, a transformers that changes that fails loudly here instead of miscounting)."""
+    if "batch_num_images" not in family.sample_inputs:
+        return None
+    inputs = {"batch_num_images": [count]}
+    return processor.replace_image_token(inputs, 0).count(processor.image_token)
+
+
 IMAGE_INPUTS = tuple(sorted({key for family in FAMILIES.values() for key in family.image_inputs}))
 """Every architecture's extra image inputs: the keys a dataset item or batch may carry beside pixel_values."""
+SAMPLE_INPUTS = tuple(sorted({key for family in FAMILIES.values() for key in family.sample_inputs}))
+"""Every architecture's per-sample image inputs (`Family.sample_inputs`)."""
+
+
+def _rows(tensor: torch.Tensor, dims: int) -> torch.Tensor:
+    # An item holds one image's inputs as the processor makes them (a (2,) size, a (3,) grid) and several stacked.
+    return tensor[None] if tensor.dim() < dims else tensor
 
 
 def image_batch(items: list[dict]) -> dict:
-    """The batch's image inputs from dataset items, samples in order: pixel_values stacked (one (3, H, W) image
-    each) or concatenated (`Family.tiles`: tile stacks of 4 dims, or blocks of flattened patches of 2), each of
-    the family's `image_inputs` stacked; pixel_values None when no sample has an image."""
+    """The batch's image inputs from dataset items, samples and their images in order: pixel_values
+    concatenated (an item's one image of 3 dims, or its stack of images or AnyRes tiles, `Family.tiles`), each
+    of the family's `image_inputs` (one row per image) and `sample_inputs` (one per sample) concatenated;
+    pixel_values None when no sample has an image."""
     with_image = [it for it in items if it["pixel_values"] is not None]
     if not with_image:
         return {"pixel_values": None}
+    # An item's one untiled image is (3, H, W); tile stacks, stacks of several images and Qwen2.5-VL's patch
+    # blocks are concatenated as they are.
     pixels = [it["pixel_values"] for it in with_image]
-    batch = {"pixel_values": torch.stack(pixels) if pixels[0].dim() == 3 else torch.cat(pixels)}
+    batch = {"pixel_values": torch.cat([p[None] if p.dim() == 3 else p for p in pixels])}
     for key in IMAGE_INPUTS:
         if key in with_image[0]:
-            batch[key] = torch.stack([it[key] for it in with_image])
+            batch[key] = torch.cat([_rows(it[key], 2) for it in with_image])
+    for key in SAMPLE_INPUTS:
+        if key in with_image[0]:
+            batch[key] = torch.cat([it[key] for it in with_image])
     return batch
 
 
 def forward_image_inputs(batch: dict, device: torch.device, dtype: torch.dtype, config) -> dict:
     """The forward's image keyword arguments from a collated batch and the model's config: pixel_values in the
-    vision dtype, the other image inputs (`image_sizes`) as they are and, for a family with `token_types`, that
-    input marking the batch's image tokens (from its input_ids), on `device`."""
+    vision dtype, the other image inputs (`image_sizes`, `batch_num_images`) as they are and, for a family with
+    `token_types`, that input marking the batch's image tokens (from its input_ids), on `device`."""
     pixels = batch["pixel_values"]
     inputs = {"pixel_values": None if pixels is None else pixels.to(device, dtype)}
-    for key in IMAGE_INPUTS:
+    for key in IMAGE_INPUTS + SAMPLE_INPUTS:
         if batch.get(key) is not None:
             inputs[key] = batch[key].to(device)
     key = family_of(config).token_types

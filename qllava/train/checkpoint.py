@@ -283,13 +283,19 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
+def _images_key(sample) -> str:
+    # Every image of a sample; one image or none reads as before samples could hold several ("None": none), so
+    # that checkpoints written then still resume.
+    return "\t".join(sample.images) or "None"
+
+
 def record_samples(state: TrainState, samples: list, checkpoint: Path | None) -> None:
     """Record the training samples in `state`, refusing others than those its checkpoint was drawn over.
 
     The epoch's order is a permutation of them: the same count of other samples, or the same samples in
     another order, would make the checkpoint's data position repeat some samples and skip others.
     """
-    digest = hashlib.sha256("\n".join(f"{s.id}\t{s.image}" for s in samples).encode()).hexdigest()
+    digest = hashlib.sha256("\n".join(f"{s.id}\t{_images_key(s)}" for s in samples).encode()).hexdigest()
     if (state.samples, state.samples_digest) not in ((0, ""), (len(samples), digest)):
         now = f"now has {len(samples)}" if state.samples != len(samples) else "now holds others (or another order)"
         raise QllavaError(

@@ -14,7 +14,7 @@ from qllava.data.packing import collate_packed
 from qllava.data.validate import datasets_from_recipe
 from qllava.model.families import forward_image_inputs
 from qllava.model.load import load_processor
-from tests.conftest import make_recipe, needs_processor, write_color_data
+from tests.conftest import kinds, make_recipe, template_of, tiny_of, write_color_data
 
 # (height, width): tiny, square, tall, wide, just off the tile size, and far beyond the largest grid.
 SIZES = [
@@ -57,20 +57,11 @@ def _sized_data(root, sizes):
     return root
 
 
-def _base(kind, request):
-    needs_processor(kind)
-    return request.getfixturevalue({"llava_next": "tiny_next", "llava_onevision": "tiny_onevision"}[kind])
-
-
-def _template(kind):
-    return "chatml" if kind == "llava_onevision" else "vicuna_v1"
-
-
-@pytest.mark.parametrize("kind", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize("kind", kinds("llava_next", "llava_onevision"))
 def test_image_tokens_and_tiles_equal_the_hf_processor(kind, request, tmp_path):
-    base = _base(kind, request)
+    base = tiny_of(kind, request)
     data = _sized_data(tmp_path / "data", SIZES)
-    recipe = make_recipe(base, data, tmp_path / "out", data={"max_length": 512, "template": _template(kind)})
+    recipe = make_recipe(base, data, tmp_path / "out", data={"max_length": 512, "template": template_of(kind)})
     processor = load_processor(base)
     config = AutoConfig.from_pretrained(base)
     train_set, _ = datasets_from_recipe(recipe, processor, config, warn=lambda _: None)
@@ -88,13 +79,13 @@ def test_image_tokens_and_tiles_equal_the_hf_processor(kind, request, tmp_path):
     assert len(counts) >= 4, counts  # the sizes do lead to different counts: the test can tell them apart
 
 
-@pytest.mark.parametrize("kind", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize("kind", kinds("llava_next", "llava_onevision"))
 def test_forward_accepts_batches_of_different_tile_counts(kind, request, tmp_path):
     """A padded and a packed batch (3-tile and 5-tile images, a text-only sample) give every sample the logits
     it gets alone: each image's features land on its own tokens."""
-    base = _base(kind, request)
+    base = tiny_of(kind, request)
     data = write_color_data(tmp_path, 4, sizes=((64, 64), (20, 60), (40, 28)))
-    recipe = make_recipe(base, data, tmp_path / "out", data={"template": _template(kind)})
+    recipe = make_recipe(base, data, tmp_path / "out", data={"template": template_of(kind)})
     processor = load_processor(base)
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32).eval()
     train_set, _ = datasets_from_recipe(recipe, processor, model.config, warn=lambda _: None)
@@ -131,19 +122,19 @@ def test_forward_accepts_batches_of_different_tile_counts(kind, request, tmp_pat
         start += n
 
 
-@pytest.mark.parametrize("kind", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize("kind", kinds("llava_next", "llava_onevision"))
 def test_a_few_qlora_steps_lower_the_loss(kind, request, tmp_path):
     """12 steps of `qllava.train.loop.train` on images of 3 and 5 tiles: the loss falls (measured on the tiny NeXT:
     5.74 -> 4.44, first three steps' mean to the last three's), and image_newline is trained and saved."""
     from qllava.train.loop import train
 
-    base = _base(kind, request)
+    base = tiny_of(kind, request)
     data = write_color_data(tmp_path, 12, sizes=((32, 32), (64, 32), (40, 28), (20, 60)))
     recipe = make_recipe(
         base,
         data,
         tmp_path / "run",
-        data={"template": _template(kind)},
+        data={"template": template_of(kind)},
         optim={"lr": 1e-2, "projector_lr": 1e-2, "schedule": "constant"},
         train={"max_steps": 12, "micro_batch_size": 4, "grad_accum": 1, "log_every": 1},
     )

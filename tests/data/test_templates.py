@@ -203,7 +203,7 @@ def test_sample_without_image_keeps_text_only(encoder):
     )
     item = encoder.encode(sample)
     assert encoder.image_token_id not in item["input_ids"]
-    assert sample.image is None
+    assert sample.images == []
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1", "llava_llama_2", "mistral_instruct", "chatml", "gemma", "plain"])

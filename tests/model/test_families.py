@@ -13,7 +13,7 @@ from qllava.model.families import FAMILIES, family_of
 from qllava.model.load import check_base, load_base, load_for_training
 from qllava.model.tiny import build_tiny_llm
 from qllava.train.checkpoint import ADAPTER_FILE, save_checkpoint
-from tests.conftest import CORPUS, make_recipe, needs_processor
+from tests.conftest import CORPUS, kinds, make_recipe, tiny_of
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
@@ -84,10 +84,9 @@ def _policy(base, tmp_path):
     return family, llm_linears, quantized, model, processor, recipe
 
 
-@pytest.mark.parametrize("kind", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize("kind", kinds("llava_next", "llava_onevision"))
 def test_anyres_family_policy(kind, request, tmp_path):
-    needs_processor(kind)
-    base = request.getfixturevalue({"llava_next": "tiny_next", "llava_onevision": "tiny_onevision"}[kind])
+    base = tiny_of(kind, request)
     family, llm_linears, quantized, model, processor, recipe = _policy(base, tmp_path)
     assert family.model_type == kind
 
