@@ -29,6 +29,7 @@ from tests.conftest import (
     tiny_of,
     write_color_data,
 )
+from tests.test_inference import check_answer_and_chat
 
 NEWLINE = "base_model.model.model.image_newline"
 
@@ -160,3 +161,8 @@ def test_an_adapter_of_one_architecture_is_refused_on_another(next_run, tiny_bas
     _, _, straight = next_run
     with pytest.raises(QllavaError, match=r"\(llava_next, .*\(llava, "):
         load_for_inference(tiny_base, straight / "final")
+
+
+def test_answer_and_chat_commands_on_the_trained_adapter(anyres_run, tmp_path):
+    base, data, straight = anyres_run
+    check_answer_and_chat(base, straight / "final", data / "images", tmp_path)

@@ -53,6 +53,26 @@ def answer(base, adapter, data, questions, out, *extra):
     return qllava_here("answer", *args, "--max-new-tokens", "12", *extra)
 
 
+def check_answer_and_chat(base, adapter, image_folder, tmp_path) -> None:
+    """`qllava answer` and `qllava chat --prompt` through the CLI on images 0-2.png and a text-only question: one
+    answer per question, and chat's answer about an image is the one `answer` wrote for that question and image
+    (for the architectures beside LLaVA-1.5, whose own tests are the ones above)."""
+    rows = [{"question_id": i, "text": "What color is the shape?", "image": f"{i}.png"} for i in range(3)]
+    rows.append({"question_id": 3, "text": "Say a color."})
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--adapter", adapter, "--max-new-tokens", "8"]
+    args = [tmp_path / "q.jsonl", *common, "--image-folder", image_folder, "--out", tmp_path / "a.jsonl"]
+    result = qllava_here("answer", base, *args)
+    assert result.exit_code == 0, result.output
+    answers = read_answers(tmp_path / "a.jsonl")
+    assert sorted(answers) == list(range(4))
+    chat = qllava_here(
+        "chat", base, *common, "--image", image_folder / "0.png", "--temperature", "0", "--prompt", rows[0]["text"]
+    )
+    assert chat.exit_code == 0, chat.output
+    assert chat.stdout == answers[0] + "\n"
+
+
 @pytest.fixture(scope="module")
 def batch_one_answers(trained_adapter, tmp_path_factory):
     base, adapter, data = trained_adapter

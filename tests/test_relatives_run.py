@@ -21,7 +21,7 @@ from qllava.model.load import load_processor
 from qllava.recipe import load_recipe
 from qllava.train.loop import train
 from tests.conftest import adapter_tensors, make_recipe, max_abs_diff, run_metrics, write_color_data
-from tests.test_cli import qllava_here
+from tests.test_inference import check_answer_and_chat
 
 # kind -> (fixture, template, what the model's processor takes where qllava's data has `<image>`, training steps
 # in which the loss falls by 15%: measured 0.80 after 20 steps for the tiny Qwen2.5-VL, 0.92 after 10)
@@ -246,32 +246,5 @@ def test_generation_runs_on_the_trained_adapter(relative_run):
 
 
 def test_answer_and_chat_commands_on_the_trained_adapter(relative_run, tmp_path):
-    """`qllava answer` and `qllava chat --prompt` through the CLI: one answer per question, and chat's answer about
-    an image is the one `answer` wrote for the same question and image."""
-    from tests.test_inference import read_answers
-
     _, base, data, run = relative_run
-    rows = [{"question_id": i, "text": "What color is the shape?", "image": f"{i}.png"} for i in range(3)]
-    rows.append({"question_id": 3, "text": "Say a color."})
-    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["--adapter", run / "final", "--max-new-tokens", "8"]
-    result = qllava_here(
-        "answer", base, tmp_path / "q.jsonl", *common, "--image-folder", data / "images", "--out", tmp_path / "a.jsonl"
-    )
-    assert result.exit_code == 0, result.output
-    answers = read_answers(tmp_path / "a.jsonl")
-    assert sorted(answers) == list(range(4))
-    question = json.loads((tmp_path / "q.jsonl").read_text().splitlines()[0])
-    chat = qllava_here(
-        "chat",
-        base,
-        *common,
-        "--image",
-        data / "images" / question["image"],
-        "--temperature",
-        "0",
-        "--prompt",
-        question["text"],
-    )
-    assert chat.exit_code == 0, chat.output
-    assert chat.stdout == answers[0] + "\n"
+    check_answer_and_chat(base, run / "final", data / "images", tmp_path)
