@@ -227,3 +227,44 @@ def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
     from qllava.model.tiny import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl") / "model", CORPUS, seed=0)
+
+
+def assert_each_sample_computes_alone(model, items: list[dict], pad_token_id: int, *, packed: bool = True) -> dict:
+    """A padded micro-batch of dataset items (and, with `packed`, the packed one) gives every sample the logits it
+    gets alone: each image's features land on its own tokens. Returns the padded batch for further checks."""
+    import torch
+
+    from qllava.data.dataset import collate
+    from qllava.data.packing import collate_packed
+    from qllava.model.families import forward_image_inputs
+
+    cpu, dtype = torch.device("cpu"), torch.float32
+    batch = collate(items, pad_token_id)
+    with torch.no_grad():
+        alone = []
+        for it in items:
+            single = collate([it], pad_token_id)
+            inputs = forward_image_inputs(single, cpu, dtype, model.config)
+            alone.append(model(input_ids=single["input_ids"], **inputs, use_cache=False).logits[0])
+        padded = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            **forward_image_inputs(batch, cpu, dtype, model.config),
+            use_cache=False,
+        ).logits
+        if packed:
+            packed_batch = collate_packed(items)
+            packed_logits = model(
+                input_ids=packed_batch["input_ids"],
+                position_ids=packed_batch["position_ids"],
+                **forward_image_inputs(packed_batch, cpu, dtype, model.config),
+                use_cache=False,
+            ).logits[0]
+    start = 0
+    for row, (it, logits) in enumerate(zip(items, alone)):
+        n = len(it["input_ids"])
+        torch.testing.assert_close(padded[row, :n], logits, atol=1e-4, rtol=1e-4)
+        if packed:
+            torch.testing.assert_close(packed_logits[start : start + n], logits, atol=1e-4, rtol=1e-4)
+        start += n
+    return batch

@@ -20,7 +20,14 @@ from qllava.model.families import family_of, forward_image_inputs
 from qllava.model.load import load_processor
 from qllava.recipe import load_recipe
 from qllava.train.loop import train
-from tests.conftest import adapter_tensors, make_recipe, max_abs_diff, run_metrics, write_color_data
+from tests.conftest import (
+    adapter_tensors,
+    assert_each_sample_computes_alone,
+    make_recipe,
+    max_abs_diff,
+    run_metrics,
+    write_color_data,
+)
 from tests.test_inference import check_answer_and_chat
 
 # kind -> (fixture, template, what the model's processor takes where qllava's data has `<image>`, training steps
@@ -106,23 +113,7 @@ def test_forward_accepts_batches(kind, request, tmp_path):
     train_set, _ = datasets_from_recipe(recipe, processor, model.config, warn=lambda _: None)
     items = [train_set[i] for i in range(4)]
     assert any(it["pixel_values"] is None for it in items)
-    cpu, dtype = torch.device("cpu"), torch.float32
-    pad = processor.tokenizer.pad_token_id
-    with torch.no_grad():
-        alone = []
-        for it in items:
-            single = collate([it], pad)
-            inputs = forward_image_inputs(single, cpu, dtype, model.config)
-            alone.append(model(input_ids=single["input_ids"], **inputs, use_cache=False).logits[0])
-        batch = collate(items, pad)
-        padded = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            **forward_image_inputs(batch, cpu, dtype, model.config),
-            use_cache=False,
-        ).logits
-    for row, (it, logits) in enumerate(zip(items, alone)):
-        torch.testing.assert_close(padded[row, : len(it["input_ids"])], logits, atol=1e-4, rtol=1e-4)
+    assert_each_sample_computes_alone(model, items, processor.tokenizer.pad_token_id, packed=False)
     assert not family.packing  # none of these takes 1-D packing: test_packing_is_refused covers them
 
 

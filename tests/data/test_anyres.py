@@ -9,12 +9,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from qllava.data.dataset import collate
-from qllava.data.packing import collate_packed
 from qllava.data.validate import datasets_from_recipe
-from qllava.model.families import forward_image_inputs
 from qllava.model.load import load_processor
-from tests.conftest import kinds, make_recipe, template_of, tiny_of, write_color_data
+from tests.conftest import assert_each_sample_computes_alone, kinds, make_recipe, template_of, tiny_of, write_color_data
 
 # (height, width): tiny, square, tall, wide, just off the tile size, and far beyond the largest grid.
 SIZES = [
@@ -92,34 +89,8 @@ def test_forward_accepts_batches_of_different_tile_counts(kind, request, tmp_pat
     items = [train_set[i] for i in range(4)]
     assert len({it["pixel_values"].shape[0] for it in items if it["pixel_values"] is not None}) > 1
     assert any(it["pixel_values"] is None for it in items)
-    cpu, dtype = torch.device("cpu"), torch.float32
-    with torch.no_grad():
-        alone = []
-        for it in items:
-            single = collate([it], processor.tokenizer.pad_token_id)
-            inputs = dict(input_ids=single["input_ids"], **forward_image_inputs(single, cpu, dtype, model.config))
-            alone.append(model(**inputs, use_cache=False).logits[0])
-        batch = collate(items, processor.tokenizer.pad_token_id)
-        assert batch["pixel_values"].dim() == 4 and batch["image_sizes"].shape == (3, 2)
-        padded = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            **forward_image_inputs(batch, cpu, dtype, model.config),
-            use_cache=False,
-        ).logits
-        packed_batch = collate_packed(items)
-        packed = model(
-            input_ids=packed_batch["input_ids"],
-            position_ids=packed_batch["position_ids"],
-            **forward_image_inputs(packed_batch, cpu, dtype, model.config),
-            use_cache=False,
-        ).logits[0]
-    start = 0
-    for row, (it, logits) in enumerate(zip(items, alone)):
-        n = len(it["input_ids"])
-        torch.testing.assert_close(padded[row, :n], logits, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(packed[start : start + n], logits, atol=1e-4, rtol=1e-4)
-        start += n
+    batch = assert_each_sample_computes_alone(model, items, processor.tokenizer.pad_token_id)
+    assert batch["pixel_values"].dim() == 4 and batch["image_sizes"].shape == (3, 2)
 
 
 @pytest.mark.parametrize("kind", kinds("llava_next", "llava_onevision"))

@@ -11,15 +11,13 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from qllava.data.check import check_dataset, show_sample
-from qllava.data.dataset import UnreadableImage, collate, parse_sample
-from qllava.data.packing import collate_packed
+from qllava.data.dataset import UnreadableImage, parse_sample
 from qllava.data.templates import render
 from qllava.data.validate import datasets_from_recipe
 from qllava.errors import QllavaError
-from qllava.model.families import forward_image_inputs
 from qllava.model.load import load_processor
 from qllava.train.checkpoint import TrainState, record_samples
-from tests.conftest import COLORS, kinds, make_recipe, template_of, tiny_of
+from tests.conftest import COLORS, assert_each_sample_computes_alone, kinds, make_recipe, template_of, tiny_of
 
 TWO = "The first <image> and the second <image>: what color is the shape?"
 
@@ -178,38 +176,11 @@ def test_forward_accepts_a_batch_mixing_two_one_and_no_images(kind, request, tmp
     train_set, _ = datasets_from_recipe(recipe, processor, model.config, warn=lambda _: None)
     items = [train_set[i] for i in (0, 1, 3, 2)]
     assert [len(train_set.samples[i].images) for i in (0, 1, 3, 2)] == [2, 1, 0, 2]
-    cpu, dtype = torch.device("cpu"), torch.float32
-    pad = processor.tokenizer.pad_token_id
-    with torch.no_grad():
-        alone = []
-        for it in items:
-            single = collate([it], pad)
-            inputs = forward_image_inputs(single, cpu, dtype, model.config)
-            alone.append(model(input_ids=single["input_ids"], **inputs, use_cache=False).logits[0])
-        batch = collate(items, pad)
-        if kind != "llava":
-            assert batch["image_sizes"].shape == (5, 2)
-        if kind == "llava_onevision":
-            assert batch["batch_num_images"].tolist() == [2, 1, 2]
-        padded = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            **forward_image_inputs(batch, cpu, dtype, model.config),
-            use_cache=False,
-        ).logits
-        packed_batch = collate_packed(items)
-        packed = model(
-            input_ids=packed_batch["input_ids"],
-            position_ids=packed_batch["position_ids"],
-            **forward_image_inputs(packed_batch, cpu, dtype, model.config),
-            use_cache=False,
-        ).logits[0]
-    start = 0
-    for row, (it, logits) in enumerate(zip(items, alone)):
-        n = len(it["input_ids"])
-        torch.testing.assert_close(padded[row, :n], logits, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(packed[start : start + n], logits, atol=1e-4, rtol=1e-4)
-        start += n
+    batch = assert_each_sample_computes_alone(model, items, processor.tokenizer.pad_token_id)
+    if kind != "llava":
+        assert batch["image_sizes"].shape == (5, 2)
+    if kind == "llava_onevision":
+        assert batch["batch_num_images"].tolist() == [2, 1, 2]
 
 
 # --- truncation, check, show, unreadable images, the resume digest, length grouping (LLaVA-1.5: 16 per image) ---
