@@ -360,22 +360,30 @@ def _split_base(base: Path, vision_dir: Path, llm_dir: Path) -> None:
     processor.tokenizer.save_pretrained(llm_dir)
 
 
+def _build_once(target: Path, build) -> Path:
+    """`build(target)` unless an earlier build completed; `target` is returned either way.
+
+    Built in place (what compose prints is where the model stays); COMPLETE, written last, marks a whole build,
+    and the lock keeps readers (several ranks, a test beside a demo) out until then."""
+    from filelock import FileLock
+
+    with FileLock(str(target) + ".lock"):
+        if not (target / "COMPLETE").is_file():
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir()
+            build(target)
+            (target / "COMPLETE").write_text("ok\n")
+    return target
+
+
 def materialize_two_stage() -> Path:
     """The two-stage demo's assets, built once from the demo cache: the composed model (fresh
     projector) and stage-1 caption data (`<image>` then the caption, LLaVA's pretraining format)."""
-    from filelock import FileLock
-
     from qllava.model.compose import compose_llava
 
     root = materialize()
-    target = root / "two-stage"
-    with FileLock(str(target) + ".lock"):
-        if (target / "COMPLETE").is_file():
-            return target
-        # Built in place (what compose prints is where the model stays); COMPLETE, written last, marks a
-        # whole build, and the lock keeps readers out until then.
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir()
+
+    def build(target: Path) -> None:
         _split_base(root / "tiny-llava", target / "vision", target / "llm")
         compose_llava(
             target / "vision", target / "llm", target / "composed", projector="mlp2x_gelu", template="vicuna_v1"
@@ -386,37 +394,31 @@ def materialize_two_stage() -> Path:
             if "scene" in r
         ]
         (target / "captions.json").write_text(json.dumps(captions, indent=1))
-        (target / "COMPLETE").write_text("ok\n")
-    return target
+
+    return _build_once(root / "two-stage", build)
 
 
 def materialize_wide() -> Path:
     """The resolution demo's assets, built once from the demo cache: the wide-image data, and the demo base as a
     LLaVA-NeXT (`compose --arch llava_next` of its own vision tower and LLM, with its trained projector), so that
     both architectures start from the same weights and differ only in how an image reaches the vision tower."""
-    from filelock import FileLock
     from transformers import AutoModelForImageTextToText
 
     from qllava.model.compose import compose_llava
 
     root = materialize()
     split = materialize_two_stage()
-    target = root / "wide"
-    with FileLock(str(target) + ".lock"):
-        if (target / "COMPLETE").is_file():
-            return target
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir()
+
+    def build(target: Path) -> None:
         make_wide_dataset(target)
-        compose_llava(
-            split / "vision", split / "llm", target / "tiny-llava-next", template="vicuna_v1", arch="llava_next"
-        )
+        next_dir = target / "tiny-llava-next"
+        compose_llava(split / "vision", split / "llm", next_dir, template="vicuna_v1", arch="llava_next")
         base = AutoModelForImageTextToText.from_pretrained(root / "tiny-llava", dtype=torch.float32)
-        next_model = AutoModelForImageTextToText.from_pretrained(target / "tiny-llava-next", dtype=torch.float32)
+        next_model = AutoModelForImageTextToText.from_pretrained(next_dir, dtype=torch.float32)
         next_model.model.multi_modal_projector.load_state_dict(base.model.multi_modal_projector.state_dict())
-        next_model.save_pretrained(target / "tiny-llava-next")
-        (target / "COMPLETE").write_text("ok\n")
-    return target
+        next_model.save_pretrained(next_dir)
+
+    return _build_once(root / "wide", build)
 
 
 def resolve_demo_paths(recipe: Recipe) -> Recipe:
