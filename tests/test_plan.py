@@ -249,14 +249,16 @@ def test_shipped_next_settings_count_as_their_processor(name):
 
 
 def test_shipped_onevision_settings_give_the_worst_image():
-    """OneVision's worst image lies just under AnyRes-max's pooling threshold (1920x768: 5x2 tiles, unpooled)."""
+    """OneVision's worst image lies between its grids, just under AnyRes-max's pooling threshold: 8765 tokens, more
+    than any grid's own size gets (8154 at 1920x768)."""
     shape = read_shape("llava-hf/llava-onevision-qwen2-7b-ov-hf")
-    assert (shape.worst_image, shape.image_tokens, shape.tiles) == ((1920, 768), 8154, 37)
+    assert (shape.worst_image, shape.image_tokens, shape.tiles) == ((1248, 1024), 8765, 37)
 
 
 @pytest.mark.torchvision
 def test_shipped_onevision_settings_count_as_their_processor():
-    """The processor built from the shipped settings counts 8154 tokens for the worst image, and no more for any."""
+    """The processor built from the shipped settings counts the plan's worst image as the plan does, and no more for
+    any image of a 16 px sweep up to the largest grid."""
     from transformers import AutoImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 
     from qllava.bases import BASES_DIR
@@ -273,7 +275,9 @@ def test_shipped_onevision_settings_count_as_their_processor():
         **settings,
     )
     assert _image_token_count(processor, 1920, 768) == 8154
-    assert max(_image_token_count(processor, 6 * h, 6 * w) for h, w in SWEEP) <= 8154
+    assert _image_token_count(processor, 1248, 1024) == _image_token_count(processor, 1168, 960) == 8765
+    sizes = [[h, w] for h in range(16, 2305, 16) for w in range(16, 2305, 16)]
+    assert max(processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens) == 8765
 
 
 @pytest.fixture(scope="module")
