@@ -119,7 +119,10 @@ def plan(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Run directory (metrics.json, adapter, logs)"),
+    out: Path | None = typer.Option(
+        None,
+        help="Run directory (metrics.json, adapter, logs); default runs/demo, runs/demo-next for --arch llava_next",
+    ),
     two_stage: bool = typer.Option(
         False, "--two-stage", help="Compose a fresh LLaVA, align its projector (stage 1), then instruction-tune"
     ),
@@ -133,6 +136,7 @@ def demo(
     """The embedded default: a tiny LLaVA learns visual QA with QLoRA on CPU; prints accuracy before/after."""
     from qllava.demo import run_demo
 
+    out = out or Path("runs/demo-next" if arch == "llava_next" else "runs/demo")
     _run(run_demo, out, overrides or [], two_stage, arch=arch)
 
 

@@ -543,7 +543,11 @@ def run_wide_demo(out: Path, overrides: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     out = Path(out)
-    _fresh_run_dir(out)
+    if (out / "final").is_dir() or (out / "stage2").is_dir():
+        raise QllavaError(
+            f"{out} holds a run of the default demo (its final/ adapter); the resolution demo writes llava/, "
+            "llava_next/ and metrics.json: choose another --out (its default is runs/demo-next)"
+        )
     metrics = {}
     for arch, base in (("llava_next", "demo:tiny-llava-next"), ("llava", "demo:tiny-llava")):
         shutil.rmtree(out / arch, ignore_errors=True)

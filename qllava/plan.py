@@ -196,7 +196,16 @@ def plan_base(base: str) -> tuple[Path, str | None]:
             f"model.base `{base}` is not there yet: planned from the config.json (and processor settings) of "
             f"{described} that qllava ships"
         )
-    return check_base(base), None  # its error says how to download a base
+    if not path.exists() and (path.parts[0] == "checkpoints" or not _looks_like_hub_id(str(base))):
+        # A recipe's local folder of a base qllava has no settings for (a Hub id gets check_base's download hint).
+        from qllava.bases import BASES
+
+        raise QllavaError(
+            f"model.base `{base}` is not there yet and qllava ships no settings for it, so `qllava plan` needs the "
+            "downloaded base; note that the plan estimates LLaVA-family bases only (llava, llava_next, "
+            f"llava_onevision; shipped settings: {', '.join(sorted(BASES))})"
+        )
+    return check_base(base), None  # its error says what the directory lacks
 
 
 def counting_processor(folder: Path):

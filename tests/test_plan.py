@@ -403,7 +403,8 @@ def test_every_shipped_recipe_plans_before_its_base_is_downloaded(name, tmp_path
     monkeypatch.chdir(tmp_path)  # the recipes' `checkpoints/...` bases are relative paths: none exists here
     result = CliRunner().invoke(app, ["plan", str(RECIPES_DIR / name), "--gpu-memory", "24"])
     if name in NOT_PLANNED:
-        assert result.exit_code == 1 and "does not exist yet; put the base there once" in result.output
+        assert result.exit_code == 1 and "qllava ships no settings for it" in result.output
+        assert "the plan estimates LLaVA-family bases only" in result.output
         return
     assert result.exit_code == 0, result.output
     assert "largest micro-batch that fits" in result.output

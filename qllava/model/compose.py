@@ -307,13 +307,15 @@ def compose_llava(
     encoder = vision_kind if vision_kind in VISION_ENCODERS else f"{vision_kind} (its vision tower)"
     counts = [_count(vision_model), _count(mm_projector), _count(language_model)]
     image = f"{num_patches} image tokens"
+    newline = ""
     if arch == "llava_next":
-        counts[1] += text_config.hidden_size  # image_newline trains with the projector
+        counts.insert(2, text_config.hidden_size)  # image_newline, trained with the projector
+        newline = f" + image_newline {text_config.hidden_size:,}"
         grids = ", ".join(f"{h}x{w}" for h, w in anyres["image_grid_pinpoints"])
         image = f"AnyRes tiles over {grids} (+ newline), {num_patches} tokens per tile"
     print(
-        f"qllava compose: {arch}: {encoder} {counts[0]:,} + projector {projector} {counts[1]:,} + "
-        f"{llm_config.model_type} {counts[2]:,} = {sum(counts):,} parameters ({str(dtype).removeprefix('torch.')})\n"
+        f"qllava compose: {arch}: {encoder} {counts[0]:,} + projector {projector} {counts[1]:,}{newline} + "
+        f"{llm_config.model_type} {counts[-1]:,} = {sum(counts):,} parameters ({str(dtype).removeprefix('torch.')})\n"
         f"  image: feature layer {vision_feature_layer}, strategy {strategy}, {image}, "
         f"<image> id {config.image_token_id}\n"
         f"  tokenizer: added {', '.join(added_tokens) or 'nothing'}; "

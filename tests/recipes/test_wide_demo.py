@@ -70,6 +70,10 @@ def test_the_resolution_demo_trains_and_scores_both_architectures(tmp_path):
         assert 0.0 <= metrics[arch]["accuracy_after"] <= 1.0
         assert (tmp_path / "run" / arch / "final" / "adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+    (tmp_path / "default" / "final").mkdir(parents=True)  # a default demo's run is never removed
+    with pytest.raises(QllavaError, match="holds a run of the default demo"):
+        run_demo(tmp_path / "default", overrides, arch="llava_next")
+    assert (tmp_path / "default" / "final").is_dir()
     with pytest.raises(QllavaError, match="--two-stage belongs to the default demo"):
         run_demo(tmp_path / "other", overrides, two_stage=True, arch="llava_next")
     with pytest.raises(QllavaError, match="unknown --arch `qwen`"):
