@@ -393,6 +393,14 @@ def build_tiny_llava_next(
     return out
 
 
+def _require_torchvision(model: str, video_processor: str) -> None:
+    """transformers builds the processors of models with a video path only with torchvision (their video processor)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        raise RuntimeError(f"a {model} processor needs torchvision (transformers' {video_processor} requires it)")
+
+
 def build_tiny_llava_onevision(
     out_dir: str | Path,
     corpus: list[str],
@@ -408,12 +416,8 @@ def build_tiny_llava_onevision(
     transformers' `LlavaOnevisionProcessor` cannot be built, nor loaded, without torchvision (its video
     processor needs it); `processor=False` saves the tokenizer alone, enough to load the model (`load_base`).
     """
-    import importlib.util
-
-    if processor and importlib.util.find_spec("torchvision") is None:
-        raise RuntimeError(
-            "a LLaVA-OneVision processor needs torchvision (transformers' LlavaOnevisionVideoProcessor requires it)"
-        )
+    if processor:
+        _require_torchvision("LLaVA-OneVision", "LlavaOnevisionVideoProcessor")
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     out = Path(out_dir)
@@ -569,10 +573,8 @@ def build_tiny_qwen2_5_vl(
     transformers' `Qwen2_5_VLProcessor` cannot be built, nor loaded, without torchvision (its video processor
     needs it); `processor=False` saves the tokenizer alone, enough to load the model (`load_base`).
     """
-    import importlib.util
-
-    if processor and importlib.util.find_spec("torchvision") is None:
-        raise RuntimeError("a Qwen2.5-VL processor needs torchvision (transformers' Qwen2VLVideoProcessor requires it)")
+    if processor:
+        _require_torchvision("Qwen2.5-VL", "Qwen2VLVideoProcessor")
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     out = Path(out_dir)
