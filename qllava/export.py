@@ -233,7 +233,7 @@ def _save_processor(processor, recipe: Recipe, out: Path, family: Family) -> Non
     if template is not None:
         processor.chat_template = template
         processor.tokenizer.chat_template = template
-    processor_to_save(processor, recipe.data.image_aspect).save_pretrained(out)
+    processor_to_save(processor, recipe.data.image_aspect, tiles=family.tiles).save_pretrained(out)
     tokenizer = processor.tokenizer
     GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

@@ -172,17 +172,18 @@ def sizes_of(inputs: dict) -> list[tuple[int, int]] | None:
     return [tuple(size)] if isinstance(size[0], int) else [tuple(s) for s in size]
 
 
-def processor_to_save(processor, aspect: str):
+def processor_to_save(processor, aspect: str, *, tiles: bool = False):
     """The processor to save beside trained weights (checkpoints, merged exports): one that, loaded with plain
     `AutoProcessor.from_pretrained`, computes the pixels training computed.
 
     With `pad`, the base's image processor (CLIP's center-crops) becomes a `LlavaImageProcessor` with `do_pad=True`
     and the base's resize, crop and normalization settings: it pastes the image centered on a square of the mean
-    color truncated to integers, as `square` does, and gives the same pixels. Other aspects keep the processor.
+    color truncated to integers, as `square` does, and gives the same pixels. Other aspects, and families with
+    `tiles` (whose processor chose each image's geometry in training, whatever `aspect` says), keep the processor.
     The given processor is left unchanged.
     """
     image_processor = processor.image_processor
-    if aspect != "pad" or getattr(image_processor, "do_pad", False):
+    if tiles or aspect != "pad" or getattr(image_processor, "do_pad", False):
         return processor
     settings = {
         key: getattr(image_processor, key)

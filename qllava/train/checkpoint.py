@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from qllava.data.images import processor_to_save
 from qllava.errors import QllavaError
 from qllava.model.extras import load_extras, save_extras, split_extras
+from qllava.model.families import family_of_model
 from qllava.model.fingerprint import record_base
 from qllava.model.projector import PROJECTOR_FILE, load_projector, save_projector
 from qllava.recipe import Recipe, dump_recipe
@@ -171,7 +172,8 @@ def _write_checkpoint(
         save_extras(model, tmp / ADAPTER_FILE, weights)  # bare trained parameters peft leaves out
     else:  # stage 1: only the projector trained
         save_projector(model, tmp)
-    processor_to_save(processor, recipe.data.image_aspect).save_pretrained(tmp)
+    tiles = family_of_model(model).tiles
+    processor_to_save(processor, recipe.data.image_aspect, tiles=tiles).save_pretrained(tmp)
     dump_recipe(recipe, tmp / "recipe.yaml")
     record_base(recipe.model.base, tmp)
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
