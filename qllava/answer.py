@@ -1,6 +1,7 @@
 """`qllava answer`: batch answers for a LLaVA `model_vqa` question file, resumable.
 
-In: one `{"question_id", "image" (optional, relative to --image-folder), "text"}` per line.
+In: one `{"question_id", "image" (optional, relative to --image-folder; a list for several, each placed at its
+`<image>` tag in the text or, without tags, before the question), "text"}` per line.
 Out: one `{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}` per line, as
 LLaVA's model_vqa writes them. Each batch is appended and flushed to disk as it is done, so a killed
 run loses at most the batch in flight; a rerun skips the question_ids already in the output, but only
@@ -19,11 +20,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from qllava.data.dataset import encoder_from_recipe
+from qllava.data.dataset import IMAGE_TAG, encoder_from_recipe
 from qllava.data.images import image_problem
 from qllava.data.jsonl import parse_jsonl
 from qllava.errors import QllavaError, problem_list
-from qllava.generate import Sampling, generate_batch
+from qllava.generate import Sampling, generate_batch, image_list
 from qllava.model.fingerprint import weights_digest
 
 FINGERPRINT = "settings_fingerprint"
@@ -51,15 +52,27 @@ def read_questions(path: str | Path, image_folder: str | Path | None) -> list[di
         if qid in seen:
             problems.append(f"{where}: question_id {qid!r} appears twice")
         seen.add(qid)
+        label = f"{where} (question_id {qid!r})"
         image = record.get("image")
         if not image:
+            if IMAGE_TAG in record["text"]:
+                problems.append(f"{label}: `<image>` in the text but no `image`")
             continue
-        if not isinstance(image, str):
-            problems.append(f"{where} (question_id {qid!r}): `image` must be a path string, not {image!r}")
-        elif folder is None:
-            problems.append(f"{where} (question_id {qid!r}): image `{image}` needs --image-folder")
-        elif problem := problem_of(folder / image):
-            problems.append(f"{where} (question_id {qid!r}): image `{image}` {problem} (--image-folder `{folder}`)")
+        if not (isinstance(image, str) or isinstance(image, list) and all(isinstance(p, str) and p for p in image)):
+            problems.append(f"{label}: `image` must be a path string or a list of them, not {image!r}")
+            continue
+        images, tags = image_list(image), record["text"].count(IMAGE_TAG)
+        if tags and tags != len(images):
+            problems.append(
+                f"{label}: {tags} `<image>` tag(s) but {len(images)} image(s); put one `<image>` where each image "
+                "belongs, or none to have them placed before the question"
+            )
+        for name in images:
+            if folder is None:
+                problems.append(f"{label}: image `{name}` needs --image-folder")
+                break
+            if problem := problem_of(folder / name):
+                problems.append(f"{label}: image `{name}` {problem} (--image-folder `{folder}`)")
     if problems:
         summary = f"{len(problems)} problem(s) in the questions, nothing was generated"
         raise QllavaError(f"{summary}:\n{problem_list(problems)}")
@@ -161,7 +174,7 @@ def answer_questions(
     with out.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc="answering", unit="question") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            prompts = [(folder / q["image"] if q.get("image") else None, [("user", q["text"])]) for q in batch]
+            prompts = [([folder / p for p in image_list(q.get("image"))], [("user", q["text"])]) for q in batch]
             answers = generate_batch(model, processor, encoder, recipe, prompts, sampling)
             lines = [
                 json.dumps(

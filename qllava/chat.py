@@ -1,7 +1,8 @@
-"""`qllava chat`: talk to a model about an image, one question or an interactive multi-turn session."""
+"""`qllava chat`: talk to a model about images, one question or an interactive multi-turn session."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from transformers import TextStreamer
@@ -12,19 +13,18 @@ from qllava.errors import QllavaError
 from qllava.generate import Sampling, generate_batch
 
 HELP = (
-    "commands: /image PATH (new conversation about another image), /reset (forget the conversation, keep the "
-    "image), /exit"
+    "commands: /image PATH [PATH ...] (new conversation about other images; quote a path with spaces), /reset "
+    "(forget the conversation, keep the images), /exit"
 )
 
 
-def check_image(path: Path | None) -> Path | None:
-    """`path` when it is an image that decodes (or None); otherwise a QllavaError saying what it is."""
-    if path is None:
-        return None
-    problem = image_problem(path)
-    if problem:
-        raise QllavaError(f"image `{path}` {problem}")
-    return Path(path)
+def check_images(paths: list[Path]) -> list[Path]:
+    """`paths` when each is an image that decodes; otherwise a QllavaError saying what the first bad one is."""
+    for path in paths:
+        problem = image_problem(path)
+        if problem:
+            raise QllavaError(f"image `{path}` {problem}")
+    return [Path(path) for path in paths]
 
 
 class _ReplyStreamer(TextStreamer):
@@ -42,12 +42,13 @@ class _ReplyStreamer(TextStreamer):
 
 
 class ChatSession:
-    """One conversation about at most one image (LLaVA places it in the first user turn)."""
+    """One conversation about a set of images, none or several: the first question places them with its `<image>`
+    tags, one per image, or, without tags, they go before it (where LLaVA puts a lone image)."""
 
-    def __init__(self, model, processor, recipe, sampling: Sampling, image: Path | None = None) -> None:
+    def __init__(self, model, processor, recipe, sampling: Sampling, images: list[Path] = ()) -> None:
         self.model, self.processor, self.recipe, self.sampling = model, processor, recipe, sampling
         self.encoder = encoder_from_recipe(recipe, processor, model.config)
-        self.image = check_image(image)
+        self.images = check_images(list(images))
         self.turns: list[tuple[str, str]] = []
 
     def ask(self, question: str) -> str:
@@ -55,18 +56,25 @@ class ChatSession:
         turns = [*self.turns, ("user", question)]
         streamer = _ReplyStreamer(self.processor.tokenizer)
         answer = generate_batch(
-            self.model, self.processor, self.encoder, self.recipe, [(self.image, turns)], self.sampling, streamer
+            self.model, self.processor, self.encoder, self.recipe, [(self.images, turns)], self.sampling, streamer
         )[0]
         self.turns = [*turns, ("assistant", answer)]
         return answer
 
-    def reset(self, image: Path | None = None) -> None:
-        """Forget the conversation; talk about `image` from now on, or about the same image without one."""
-        self.image = check_image(image) if image is not None else self.image
+    def reset(self, images: list[Path] | None = None) -> None:
+        """Forget the conversation; talk about `images` from now on, or about the same images without them."""
+        self.images = check_images(images) if images is not None else self.images
         self.turns = []
 
     def about(self) -> str:
-        return f"about {self.image}" if self.image else "without an image"
+        return f"about {', '.join(map(str, self.images))}" if self.images else "without an image"
+
+
+def _split_paths(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as exc:  # an unclosed quote
+        raise QllavaError(f"cannot read the paths: {exc}") from None
 
 
 def repl(session: ChatSession) -> None:
@@ -87,7 +95,7 @@ def repl(session: ChatSession) -> None:
             print(f"(conversation cleared; the next question starts a new one {session.about()})")
         elif line.startswith("/image "):  # without a PATH: the help below
             try:
-                session.reset(Path(line.removeprefix("/image").strip()))
+                session.reset([Path(p) for p in _split_paths(line.removeprefix("/image"))])
                 print(f"(new conversation {session.about()})")
             except QllavaError as exc:  # the session stays as it was
                 print(f"(error: {exc}; still {session.about()})")

@@ -292,7 +292,9 @@ def _load_for_prompts(model: str, adapter: Path | None, bits: int | None, templa
 def chat(
     model: str = MODEL,
     adapter: Path | None = ADAPTER,
-    image: Path | None = typer.Option(None, help="Image to talk about"),
+    image: list[Path] | None = typer.Option(
+        None, help="Image to talk about; repeat for several (placed at the question's `<image>` tags, else before it)"
+    ),
     prompt: str | None = typer.Option(None, help="Ask this one question and exit (default: interactive)"),
     bits: int | None = BITS,
     template: str | None = TEMPLATE,
@@ -305,15 +307,21 @@ def chat(
     max_new_tokens: int = typer.Option(512, help="Longest answer in tokens"),
     force: bool = FORCE,
 ) -> None:
-    """Chat about an image; tokens stream as they are generated. /image PATH, /reset, /exit in the session."""
-    from qllava.chat import ChatSession, check_image, repl
+    """Chat about images; tokens stream as they are generated. /image PATH [PATH ...], /reset, /exit in the session."""
+    from qllava.chat import ChatSession, check_images, repl
     from qllava.generate import Sampling
 
     def start():
-        check_image(image)  # before the model loads, which takes minutes for a 7B one
+        images = check_images(image or [])  # before the model loads, which takes minutes for a 7B one
+        tags = (prompt or "").count("<image>")
+        if tags and tags != len(images):
+            raise QllavaError(
+                f"--prompt has {tags} `<image>` tag(s) but {len(images)} --image: put one `<image>` where each image "
+                "belongs, or none to have the images placed before the question"
+            )
         loaded, processor, recipe = _load_for_prompts(model, adapter, bits, template, force)
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-        session = ChatSession(loaded, processor, recipe, sampling, image)
+        session = ChatSession(loaded, processor, recipe, sampling, images)
         if prompt is not None:
             session.ask(prompt)
         else:

@@ -297,7 +297,7 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
             sample_inputs=family.sample_inputs,
         )
         question = ("Describe the image.", "What is in the picture?", "What colors do you see?")[i % 3]
-        ids = encoder.prompt_ids([("user", question)], has_image=True, image_sizes=sizes_of(pixels))
+        ids = encoder.prompt_ids([("user", question)], images=1, image_sizes=sizes_of(pixels))
         inputs.append({"input_ids": ids, **pixels, "replies": [True] * len(ids)})
     return "synthetic", f"{count} synthetic prompts (the recipe's data files were not found)", inputs
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from qllava.data.dataset import Encoder, encoder_from_recipe
-from qllava.data.images import image_inputs, sizes_of
+from qllava.data.images import images_inputs, open_rgb, sizes_of
 from qllava.data.templates import end_of_turn
 from qllava.errors import QllavaError
 from qllava.model.extras import load_extras, split_extras
@@ -166,11 +166,11 @@ def generate_batch(
     processor,
     encoder: Encoder,
     recipe: Recipe,
-    batch: list[tuple[Path | None, list[tuple[str, str]]]],
+    batch: list[tuple[list[Path], list[tuple[str, str]]]],
     sampling: Sampling,
     streamer=None,
 ) -> list[str]:
-    """Answers for (image path or None, turns ending with the user's) pairs.
+    """Answers for (image paths, none or several; turns ending with the user's) pairs.
 
     Left padding with position ids from the attention mask gives each row the answer it gets alone.
     """
@@ -179,20 +179,20 @@ def generate_batch(
     family = family_of_model(model)
     vision_dtype = next(p for n, p in model.named_parameters() if family.part_of(n) == "vision").dtype
     images = [
-        {"pixel_values": None}
-        if image is None
-        else image_inputs(
-            image,
+        images_inputs(
+            [open_rgb(path) for path in paths],
             recipe.data.image_aspect,
             processor.image_processor,
             tiles=family.tiles,
             sample_inputs=family.sample_inputs,
         )
-        for image, _ in batch
+        if paths
+        else {"pixel_values": None}
+        for paths, _ in batch
     ]
     prompts = [
-        encoder.prompt_ids(turns, has_image=image is not None, image_sizes=sizes_of(inputs))
-        for (image, turns), inputs in zip(batch, images)
+        encoder.prompt_ids(turns, images=len(paths), image_sizes=sizes_of(inputs))
+        for (paths, turns), inputs in zip(batch, images)
     ]
     input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id)
     vision = forward_image_inputs(
@@ -213,24 +213,31 @@ def generate_batch(
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, input_ids.shape[1] :]]
 
 
+def image_list(image: str | list[str] | None) -> list[str]:
+    """A question's `image` (a path, a list of paths, or none) as a list."""
+    return [] if not image else [image] if isinstance(image, str) else list(image)
+
+
 def generate_answers(
     model,
     processor,
     recipe: Recipe,
-    questions: list[tuple[str | None, str]],
+    questions: list[tuple[str | list[str] | None, str]],
     *,
     image_folder: str | Path | None = None,
     sampling: Sampling | None = None,
     batch_size: int = 16,
 ) -> list[str]:
-    """Answers to single-turn (image path or None, question) pairs; relative images are under `image_folder`."""
+    """Answers to single-turn (image path, a list of them or None; question) pairs; relative images are under
+    `image_folder`."""
     encoder = encoder_from_recipe(recipe, processor, model.config)
     folder = Path(image_folder or recipe.data.image_folder or ".")
     sampling = sampling or Sampling(max_new_tokens=16)
     answers = []
     for start in range(0, len(questions), batch_size):
         batch = [
-            (folder / image if image else None, [("user", q)]) for image, q in questions[start : start + batch_size]
+            ([folder / p for p in image_list(image)], [("user", q)])
+            for image, q in questions[start : start + batch_size]
         ]
         answers += generate_batch(model, processor, encoder, recipe, batch, sampling)
     return answers

@@ -53,24 +53,30 @@ def answer(base, adapter, data, questions, out, *extra):
     return qllava_here("answer", *args, "--max-new-tokens", "12", *extra)
 
 
+TWO_IMAGES = "The first image: <image>. The second: <image>. What colors are the shapes?"
+
+
 def check_answer_and_chat(base, adapter, image_folder, tmp_path) -> None:
-    """`qllava answer` and `qllava chat --prompt` through the CLI on images 0-2.png and a text-only question: one
-    answer per question, and chat's answer about an image is the one `answer` wrote for that question and image
-    (for the architectures beside LLaVA-1.5, whose own tests are the ones above)."""
+    """`qllava answer` and `qllava chat --prompt` through the CLI on images 0-2.png, two questions about two images
+    each (placed by their tags, and before the question without tags) and a text-only question: one answer per
+    question, and chat's answers, each alone, are the ones `answer` wrote in one left-padded batch."""
     rows = [{"question_id": i, "text": "What color is the shape?", "image": f"{i}.png"} for i in range(3)]
     rows.append({"question_id": 3, "text": "Say a color."})
+    rows.append({"question_id": 4, "text": TWO_IMAGES, "image": ["1.png", "2.png"]})
+    rows.append({"question_id": 5, "text": "What colors are the shapes?", "image": ["2.png", "0.png"]})
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = ["--adapter", adapter, "--max-new-tokens", "8"]
     args = [tmp_path / "q.jsonl", *common, "--image-folder", image_folder, "--out", tmp_path / "a.jsonl"]
     result = qllava_here("answer", base, *args)
     assert result.exit_code == 0, result.output
     answers = read_answers(tmp_path / "a.jsonl")
-    assert sorted(answers) == list(range(4))
-    chat = qllava_here(
-        "chat", base, *common, "--image", image_folder / "0.png", "--temperature", "0", "--prompt", rows[0]["text"]
-    )
-    assert chat.exit_code == 0, chat.output
-    assert chat.stdout == answers[0] + "\n"
+    assert sorted(answers) == list(range(6))
+    for row in (rows[0], rows[4], rows[5]):
+        images = [row["image"]] if isinstance(row["image"], str) else row["image"]
+        flags = [arg for name in images for arg in ("--image", image_folder / name)]
+        chat = qllava_here("chat", base, *common, *flags, "--temperature", "0", "--prompt", row["text"])
+        assert chat.exit_code == 0, chat.output
+        assert chat.stdout == answers[row["question_id"]] + "\n", row
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +274,44 @@ def test_chat_refuses_files_that_are_not_images_and_the_session_goes_on(trained_
     assert f"still about {images / '0.png'})" in result.stdout
     replies = [line.split("assistant>", 1)[1].strip() for line in result.stdout.splitlines() if "assistant>" in line]
     assert replies == [batch_one_answers[0]]
+
+
+def test_answer_and_chat_on_several_images(trained_adapter, tmp_path):
+    base, adapter, data = trained_adapter
+    check_answer_and_chat(base, adapter, data / "images", tmp_path)
+
+
+def test_several_images_with_the_wrong_tags_are_refused_before_the_model_loads(trained_adapter, tmp_path):
+    base, adapter, data = trained_adapter
+    images = data / "images"
+    rows = [
+        {"question_id": 0, "text": "<image> and <image>?", "image": ["0.png", "1.png", "2.png"]},
+        {"question_id": 1, "text": "What is in <image>?"},
+        {"question_id": 2, "text": "Which?", "image": ["0.png", 3]},
+        {"question_id": 3, "text": "Which?", "image": ["0.png", "gone.png"]},
+    ]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = answer(base, adapter, data, tmp_path / "q.jsonl", tmp_path / "a.jsonl")
+    assert result.exit_code == 1 and "4 problem(s) in the questions, nothing was generated" in result.stderr
+    assert "question_id '0'): 2 `<image>` tag(s) but 3 image(s)" in result.stderr
+    assert "question_id '1'): `<image>` in the text but no `image`" in result.stderr
+    assert "question_id '2'): `image` must be a path string or a list of them" in result.stderr
+    assert "question_id '3'): image `gone.png` not found" in result.stderr
+    assert not (tmp_path / "a.jsonl").exists()
+
+    two = ["--image", images / "0.png", "--image", images / "1.png"]
+    result = qllava_here("chat", tmp_path / "no-model", *two, "--prompt", "Is <image> red?")
+    assert result.exit_code == 1
+    assert "--prompt has 1 `<image>` tag(s) but 2 --image" in result.stderr
+
+    # In a session: /image takes several paths (quoted where they hold spaces); a bad one keeps the images.
+    spaced = tmp_path / "an image.png"
+    spaced.write_bytes((images / "2.png").read_bytes())
+    session = f"/image {images / '1.png'} '{spaced}'\n/image {images / '1.png'} {tmp_path / 'gone.png'}\n/exit\n"
+    result = qllava_here("chat", base, "--adapter", adapter, *two, input=session)
+    assert result.exit_code == 0, result.output
+    assert f"(new conversation about {images / '1.png'}, {spaced})" in result.stdout
+    assert f"image `{tmp_path / 'gone.png'}` not found; still about {images / '1.png'}, {spaced})" in result.stdout
 
 
 def test_score_reports_both_accuracies(tmp_path):

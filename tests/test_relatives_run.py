@@ -218,7 +218,7 @@ def test_merge_verifies_and_the_export_loads_with_plain_transformers(relative_ru
     with Image.open(data / "images" / "0.png") as img:
         theirs = exported(text=text, images=img.convert("RGB"), return_tensors="pt")["input_ids"][0].tolist()
         size = (img.height, img.width)
-    assert theirs == encoder.prompt_ids([("user", question)], has_image=True, image_sizes=[size])
+    assert theirs == encoder.prompt_ids([("user", question)], images=1, image_sizes=[size])
 
 
 def test_generation_runs_on_the_trained_adapter(relative_run):

@@ -269,12 +269,20 @@ class Encoder:
         return {"input_ids": ids[: self.max_length], "labels": labels[: self.max_length], "truncated": truncated}
 
     def prompt_ids(
-        self, turns: list[tuple[str, str]], has_image: bool, image_sizes: list[Size] | None = None
+        self, turns: list[tuple[str, str]], images: int = 0, image_sizes: list[Size] | None = None
     ) -> list[int]:
-        """Token ids of a generation prompt (turns end with the user's), image tokens expanded (`image_sizes`:
-        the image's (height, width) in a list, as `sizes_of` gives it, needed when the encoder is `sized`)."""
-        if has_image and IMAGE_TAG not in turns[0][1]:
-            turns = [("user", f"{IMAGE_TAG}\n{turns[0][1]}")] + list(turns[1:])
+        """Token ids of a generation prompt (turns end with the user's) about `images` images, image tokens
+        expanded (`image_sizes`: each image's (height, width), as `sizes_of` gives them, needed when the encoder
+        is `sized`). Images the text has no `<image>` tags for go at the start of the first user turn, one per
+        line (where LLaVA puts a lone image); tags in the text place them there, one tag per image."""
+        tags = sum(text.count(IMAGE_TAG) for role, text in turns if role == "user")
+        if images and not tags:
+            turns = [("user", f"{IMAGE_TAG}\n" * images + turns[0][1])] + list(turns[1:])
+        elif tags != images:
+            raise QllavaError(
+                f"the prompt has {tags} `<image>` tag(s) but {images} image(s) were given: put one `<image>` "
+                "where each image belongs, or none to have the images placed before the question"
+            )
         rendered = render(
             self._with_image_text(turns),
             self.template,
@@ -282,7 +290,7 @@ class Encoder:
             tokenizer=self.tokenizer,
             add_generation_prompt=True,
         )
-        counts = self.image_counts(1, image_sizes, "prompt") if has_image else []
+        counts = self.image_counts(images, image_sizes, "prompt")
         return self._tokenize(rendered, "prompt", counts)[0]
 
 

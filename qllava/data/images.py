@@ -156,13 +156,6 @@ def open_rgb(path: str | Path) -> Image.Image:
         return img.convert("RGB")
 
 
-def image_inputs(
-    path: str | Path, aspect: str, image_processor, *, tiles: bool = False, sample_inputs: tuple[str, ...] = ()
-) -> dict[str, torch.Tensor]:
-    """One image file, a sample's only image, as the model's inputs (`images_inputs`)."""
-    return images_inputs([open_rgb(path)], aspect, image_processor, tiles=tiles, sample_inputs=sample_inputs)
-
-
 def sizes_of(inputs: dict) -> list[tuple[int, int]] | None:
     """The original (height, width) of each tiled image the inputs carry (what its token count depends on: `size`,
     one image's or a list of several), else None."""

@@ -103,7 +103,7 @@ def test_mistral_instruct_opens_no_later_round_with_bos(tiny_base):
         encoder = Encoder(tokenizer, template, image_token_id=config.image_token_id, image_tokens=4, max_length=512)
         item = encoder.encode(sample)
         bos_counts[template] = item["input_ids"].count(tokenizer.bos_token_id)
-        assert encoder.prompt_ids(turns, has_image=True).count(tokenizer.bos_token_id) == bos_counts[template]
+        assert encoder.prompt_ids(turns, images=1).count(tokenizer.bos_token_id) == bos_counts[template]
         trained = [t for t, lab in zip(item["input_ids"], item["labels"]) if lab != -100]
         assert tokenizer.decode(trained) == " A cat. </s> Black. </s> Small. </s>"
     assert bos_counts == {"mistral_instruct": 1, "llava_llama_2": 3}

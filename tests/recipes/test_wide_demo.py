@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qllava.data.images import image_inputs
+from qllava.data.images import images_inputs, open_rgb
 from qllava.demo import materialize, materialize_wide, run_demo
 from qllava.errors import QllavaError
 from qllava.model.families import image_tokens
@@ -36,10 +36,10 @@ def test_the_shape_reaches_next_at_the_pretraining_scale():
     path = wide / "wide-images" / record["image"]
     assert Image.open(path).size == (192, 64)
 
-    tiles = image_inputs(path, "pad", next_processor.image_processor, tiles=True)["pixel_values"]
+    tiles = images_inputs([open_rgb(path)], "pad", next_processor.image_processor, tiles=True)["pixel_values"]
     assert tiles.shape[0] == 4  # the whole image downscaled, then one tile per panel (1x3 grid)
     in_tiles = max(_shape_pixels(tile, next_processor) for tile in tiles[1:])
-    square = image_inputs(path, "pad", llava_processor.image_processor)["pixel_values"]
+    square = images_inputs([open_rgb(path)], "pad", llava_processor.image_processor)["pixel_values"]
     # A demo image of the pretraining data with one shape of the same kind (its radius is drawn from the same range).
     kind = record["conversations"][1]["value"]
     pretrain = next(
@@ -48,7 +48,9 @@ def test_the_shape_reaches_next_at_the_pretraining_scale():
         if r.get("scene", {}).get("count") == "one" and r["scene"]["kind"] == kind
     )
     seen_in_pretraining = _shape_pixels(
-        image_inputs(root / "images" / pretrain["image"], "pad", llava_processor.image_processor)["pixel_values"],
+        images_inputs([open_rgb(root / "images" / pretrain["image"])], "pad", llava_processor.image_processor)[
+            "pixel_values"
+        ],
         llava_processor,
     )
     assert 0.6 * seen_in_pretraining < in_tiles < 1.6 * seen_in_pretraining, (in_tiles, seen_in_pretraining)
