@@ -167,4 +167,17 @@ def show_sample(recipe: Recipe, index: int) -> str:
         f"sample {sample.id!r} ({sample.where}), template {recipe.data.template}: {len(ids)} tokens, "
         f"{n_trained} carry loss (marked [[ ]]){', truncated' if item['truncated'] else ''}"
     )
-    return header + "\n\n" + "".join(pieces)
+    warnings = "".join(f"\nwarning: {problem}" for problem in _image_problems(recipe, sample.images))
+    return header + warnings + "\n\n" + "".join(pieces)
+
+
+def _image_problems(recipe: Recipe, images: list[str]) -> list[str]:
+    """What is wrong with a shown sample's image files: its blocks are shown by count alone where the count does
+    not depend on the image, so a missing or broken file would otherwise go unnoticed until training draws it."""
+    if not images:
+        return []
+    if not recipe.data.image_folder:
+        return ["the sample has images but data.image_folder is not set"]
+    folder = Path(recipe.data.image_folder)
+    found = [(name, image_problem(folder / name)) for name in images]
+    return [f"image `{name}` {problem} in data.image_folder `{folder}`" for name, problem in found if problem]

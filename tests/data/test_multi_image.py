@@ -239,6 +239,10 @@ def test_check_names_each_missing_image_and_show_marks_each_block(tiny_base, tmp
     assert errors == [
         f"sample 'm0' ({root / 'train.json'}[0]): image `0-1.png` not found in data.image_folder `{root / 'images'}`"
     ]
+    # `data show` still shows the sample (LLaVA-1.5 counts need no file) and says what is wrong with it.
+    shown = show_sample(recipe, 0).splitlines()
+    assert shown[1] == f"warning: image `0-1.png` not found in data.image_folder `{root / 'images'}`"
+    assert "<image 2 (0-1.png) x16>" in shown[-1]
 
 
 def test_show_counts_each_anyres_image_by_its_size(tiny_next, tmp_path):
