@@ -70,6 +70,13 @@ def test_bad_sample_is_one_message(tiny_base, tiny_data):
     assert "Traceback" not in result.stderr
 
 
+def test_fewer_samples_than_one_step_is_one_message_before_the_model_loads(tiny_base, tiny_data):
+    result = train_on_tiny(tiny_base, tiny_data, "train.micro_batch_size=4", "train.grad_accum=4")
+    assert result.returncode == 1
+    assert "12 training samples are fewer than one optimizer step needs (4 x 4 x 1 processes)" in result.stderr
+    assert "LLM in 4-bit" not in result.stdout + result.stderr  # the model's start-up table: it never loaded
+
+
 def test_recipes_lists_shipped_recipes_and_keys():
     result = qllava("recipes")
     assert result.returncode == 0 and "demo.yaml" in result.stdout and "qllava train" in result.stdout

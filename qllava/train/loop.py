@@ -491,6 +491,8 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
         recipe, processor, AutoConfig.from_pretrained(recipe.model.base), warn=say
     )
     record_samples(state, train_set.samples, resume_from)
+    pad_id = processor.tokenizer.pad_token_id
+    sampler, loader, steps_per_epoch = _train_batches(train_set, recipe, accelerator, pad_id)
     model, _ = parallel.load_model()
     dtype = precision_for(device, recipe.train.mixed_precision).dtype
     say(
@@ -498,8 +500,6 @@ def train(recipe: Recipe, *, progress: bool = True) -> Path:
         f"attention {resolve_attention(recipe.model.attention, device)}, optimizer {parallel.optimizer_name()}, "
         f"{str(dtype).replace('torch.', '')} base, mixed precision {accelerator.mixed_precision}\n{describe(model)}"
     )
-    pad_id = processor.tokenizer.pad_token_id
-    sampler, loader, steps_per_epoch = _train_batches(train_set, recipe, accelerator, pad_id)
     total_steps = recipe.train.max_steps or math.ceil(recipe.train.epochs * steps_per_epoch)
     processes = f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"
     say(
