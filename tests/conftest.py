@@ -178,7 +178,13 @@ def max_abs_diff(a: dict, b: dict) -> float:
 TORCHVISION_KINDS = ("llava_onevision", "qwen2_5_vl")
 """Architectures whose transformers processor needs torchvision (its video processor): their tests are marked
 `torchvision`, skipped without it and run by `python -m pytest -m torchvision` where it is installed (.ci/run)."""
-TINY_BASES = {"llava": "tiny_base", "llava_next": "tiny_next", "llava_onevision": "tiny_onevision"}
+TINY_BASES = {
+    "llava": "tiny_base",
+    "llava_next": "tiny_next",
+    "llava_onevision": "tiny_onevision",
+    "gemma3": "tiny_gemma3",
+    "qwen2_5_vl": "tiny_qwen2_5_vl",
+}
 
 
 def kinds(*names: str) -> list:
