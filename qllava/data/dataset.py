@@ -440,6 +440,7 @@ def _unreadable(sample: Sample, path, exc: Exception, kind: str = "image") -> Un
         sample.id,
         path,
         f"{type(exc).__name__}: {exc}",
+        kind,
     )
 
 
@@ -450,9 +451,11 @@ class UnreadableImage(QllavaError):
     training process as `type(exc)(message)`.
     """
 
-    def __init__(self, message: str, sample_id=None, path: Path | None = None, cause: str = "") -> None:
+    def __init__(
+        self, message: str, sample_id=None, path: Path | None = None, cause: str = "", kind: str = "image"
+    ) -> None:
         super().__init__(message)
-        self.sample_id, self.path, self.cause = sample_id, str(path), cause
+        self.sample_id, self.path, self.cause, self.kind = sample_id, str(path), cause, kind
 
 
 def collate(items: list[dict], pad_token_id: int) -> dict:

@@ -187,9 +187,11 @@ def scan_file(
                 problem = image_missing(folder / name)
                 if not problem:
                     try:
+                        # Decoded first where asked: what the frames say is more precise than the header's lack.
+                        count = decoded_frames(folder / name) if decode_videos else None
                         # The clip's token count depends on its size, read from its header.
                         header = read_header(folder / name)
-                        frames.append(decoded_frames(folder / name) if decode_videos else header.frames)
+                        frames.append(count or header.frames)
                         video_sizes.append((encoder.video_frames, header.height, header.width))
                     except VideoError as exc:
                         problem = str(exc)

@@ -149,16 +149,18 @@ def read_clip(path: str | Path, count: int) -> Clip:
         indices = frame_indices(header.frames, count)
         wanted = set(indices)
         kept: dict[int, np.ndarray] = {}
+        decoded = 0
         try:
-            for i, frame in enumerate(container.decode(video=0)):
-                if i in wanted:
-                    kept[i] = frame.to_ndarray(format="rgb24")
-                if i >= indices[-1]:
+            for frame in container.decode(video=0):
+                if decoded in wanted:
+                    kept[decoded] = frame.to_ndarray(format="rgb24")
+                decoded += 1
+                if decoded > indices[-1]:
                     break
         except av.FFmpegError as exc:
-            raise VideoError(f"cannot be decoded ({type(exc).__name__}: {exc})") from None
+            raise VideoError(f"cannot be decoded after frame {decoded} ({type(exc).__name__}: {exc})") from None
     if len(kept) != len(wanted):
-        raise VideoError(f"declares {header.frames} frames but only {len(kept)} of those sampled decode (truncated?)")
+        raise VideoError(f"declares {header.frames} frames but {decoded} decode (a truncated file?)")
     return Clip(np.stack([kept[i] for i in indices]), header, indices)
 
 

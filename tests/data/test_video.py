@@ -121,20 +121,22 @@ def test_frames_are_sampled_uniformly_over_the_whole_clip(tmp_path):
 
 def _bad_videos(folder):
     """name -> what the check says about it: a missing file, a text file named .mp4, an mp4 cut short (its index is
-    written last: no stream is left), one cut short behind an index written first (frames missing) and an mp4 with no
-    frames written."""
+    written last: no stream is left), two cut short behind an index written first (at 2/3 no frame is left to size
+    the stream by; at 4/5 the header is whole but only 5 of its 12 frames decode) and an mp4 with no frames."""
     folder.mkdir(exist_ok=True)
     (folder / "text.mp4").write_text("not a video")
     whole = write_clip(folder / "whole.mp4").read_bytes()
     (folder / "cut.mp4").write_bytes(whole[: len(whole) // 2])
     faststart = write_clip(folder / "faststart.mp4", movflags="faststart").read_bytes()
-    (folder / "cut-faststart.mp4").write_bytes(faststart[: len(faststart) * 2 // 3])
+    (folder / "cut-header.mp4").write_bytes(faststart[: len(faststart) * 2 // 3])
+    (folder / "cut-frames.mp4").write_bytes(faststart[: len(faststart) * 4 // 5])
     write_clip(folder / "empty.mp4", frames=0)
     return {
         "missing.mp4": "not found",
         "text.mp4": "cannot be opened as a video (InvalidDataError",
         "cut.mp4": "holds no video frames (no video stream",
-        "cut-faststart.mp4": f"declares {FRAMES} frames but",
+        "cut-header.mp4": f"declares {FRAMES} frames but 0 decode (a truncated file?)",
+        "cut-frames.mp4": f"declares {FRAMES} frames but 5 decode (a truncated file?)",
         "empty.mp4": "holds no video frames",
     }
 
@@ -142,14 +144,18 @@ def _bad_videos(folder):
 def test_each_bad_video_file_says_what_is_wrong(tmp_path):
     for name, problem in _bad_videos(tmp_path).items():
         assert problem in video_problem(tmp_path / name), name
-    with pytest.raises(VideoError, match=f"declares {FRAMES} frames but only"):
-        read_clip(tmp_path / "cut-faststart.mp4", 8)
+    # What train's start-up check reads: the header (whole in cut-frames.mp4), and the frames when a clip is drawn.
+    with pytest.raises(VideoError, match=f"declares {FRAMES} frames but no frame size"):
+        read_header(tmp_path / "cut-header.mp4")
+    assert read_header(tmp_path / "cut-frames.mp4") == Header(FRAMES, 32, 48, 10.0)
+    with pytest.raises(VideoError, match=re.escape(f"declares {FRAMES} frames but 5 decode (a truncated file?)")):
+        read_clip(tmp_path / "cut-frames.mp4", 8)
 
 
 # --- families without video ---
 
 
-@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "gemma3"])
 def test_a_video_is_refused_for_a_family_without_video_input(kind, request, tmp_path):
     """`data check` and `train` (exit 1, one message, nothing written) name the sample and the architectures that
     take video."""
@@ -164,11 +170,13 @@ def test_a_video_is_refused_for_a_family_without_video_input(kind, request, tmp_
         "llava_onevision, qwen2_5_vl"
     )
     refused = refused.format(data / "train.json", kind)
-    assert refused in check_dataset(make_recipe(base, data, tmp_path / "out")).errors
+    aspect = "resize" if kind == "gemma3" else "pad"  # Gemma 3 refuses `pad`
+    recipe = make_recipe(base, data, tmp_path / "out", data={"template": template_of(kind), "image_aspect": aspect})
+    assert refused in check_dataset(recipe).errors
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         f"model: {{base: {base}}}\n"
-        f"data: {{train: {data / 'train.json'}, image_folder: {data / 'images'}}}\n"
+        f"data: {{train: {data / 'train.json'}, image_folder: {data / 'images'}, image_aspect: {aspect}}}\n"
         f"output: {{dir: {tmp_path / 'run'}}}\n"
     )
     result = CliRunner().invoke(app, ["train", str(recipe)])
@@ -304,7 +312,8 @@ def test_check_show_truncation_and_length_grouping_count_the_clip(kind, request,
 @pytest.mark.parametrize("kind", VIDEO_KINDS)
 def test_bad_videos_are_named_by_check_and_train(kind, request, tmp_path):
     """Each bad file is one error naming the sample and file (`data check` decodes every frame; train's start-up reads
-    the headers, exit 1, nothing written); a clip that stops decoding after the start-up check is named when drawn."""
+    the headers, exit 1, nothing written); a clip whose frames stop decoding, which the header check lets through, is
+    named when it is drawn."""
     from typer.testing import CliRunner
 
     from qllava.cli import app
@@ -329,16 +338,22 @@ def test_bad_videos_are_named_by_check_and_train(kind, request, tmp_path):
         f"output: {{dir: {tmp_path / 'run'}}}\n"
     )
     result = CliRunner().invoke(app, ["train", str(yaml)])
-    assert result.exit_code == 1 and "sample 'text.mp4'" in result.output and "sample 'cut.mp4'" in result.output
+    assert result.exit_code == 1 and "5 problem(s) in the data" in result.output, result.output
+    assert all(f"sample '{name}'" in result.output for name in problems if name != "cut-frames.mp4")
     assert "Traceback" not in result.output and not (tmp_path / "run").exists()
 
     records = records[:4]
     (data / "train.json").write_text(json.dumps(records))
     train_set, _ = datasets_from_recipe(recipe, load_processor(base), AutoConfig.from_pretrained(base))
-    (data / "images" / "0.mp4").write_bytes((data / "images" / "cut-faststart.mp4").read_bytes())
+    (data / "images" / "0.mp4").write_bytes((data / "images" / "cut-frames.mp4").read_bytes())
     with pytest.raises(UnreadableImage, match="cannot read video") as caught:
         train_set[0]
     assert caught.value.sample_id == "v0" and caught.value.path == str(data / "images" / "0.mp4")
+    # Drawn in a run (data.on_bad_sample=stop): the run stops at its first step, naming the clip.
+    from qllava.train.loop import train
+
+    with pytest.raises(QllavaError, match=re.escape(f"sample 'v0': cannot read video {data / 'images' / '0.mp4'}")):
+        train(_recipe(kind, base, data, tmp_path / "run", train={"max_steps": 1}), progress=False)
 
 
 @pytest.mark.parametrize("kind", VIDEO_KINDS)
