@@ -6,8 +6,9 @@ batch's clips as one (clips, frames, 3, H, W) tensor. The frames then go through
 their sampling metadata, which is where Qwen2.5-VL's `second_per_grid_ts` comes from (without metadata
 transformers 5.24 assumes 24 fps, silently).
 
-transformers' `load_video(backend="pyav")` is not used: it trusts the container's declared frame count, returns
-fewer frames than asked from a truncated file without a word, and refuses clips shorter than the frames asked.
+transformers' `load_video(backend="pyav")` (5.24) is not used: it takes the frame count the container declares (none
+in Matroska or WebM, which it then refuses), returns fewer frames than asked from a truncated file without a word,
+refuses clips shorter than the frames asked, and its uniform indices never reach the last frame.
 """
 
 from __future__ import annotations
