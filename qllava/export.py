@@ -267,6 +267,8 @@ def _verification_inputs(recipe: Recipe, processor, config, count: int) -> tuple
                 continue
             if sample.images and (folder is None or not all((folder / name).is_file() for name in sample.images)):
                 continue
+            if sample.videos:  # the verification passes images and text only, no clip inputs
+                continue
             image = {"pixel_values": None}
             if sample.images:
                 image = images_inputs(

@@ -73,13 +73,13 @@ class LoraSection:
 @dataclass
 class DataSection:
     train: str = ""
-    """Training data: a LLaVA JSON list or JSONL file of {id, image?, conversations}."""
+    """Training data: a LLaVA JSON list or JSONL file of {id, image? (or video?), conversations}."""
 
     eval: str = ""
     """Optional held-out data in the same format; its loss is logged every train.eval_every steps."""
 
     image_folder: str = ""
-    """Folder that the samples' `image` paths are relative to."""
+    """Folder that the samples' `image` (and `video`) paths are relative to."""
 
     eval_image_folder: str = ""
     """Folder that data.eval's `image` paths are relative to; unset: data.image_folder."""
@@ -98,6 +98,11 @@ class DataSection:
     image_aspect: str = "pad"
     """`pad`: paste the image centered on a square of the processor's mean color (LLaVA-1.5);
     `resize`: stretch it to the processor's square input size."""
+
+    video_frames: int = 8
+    """Frames taken from each sample's `video` clip, spread evenly from its first frame to its last (a shorter clip
+    repeats some), for the architectures that take video (llava_onevision, qwen2_5_vl). Each frame costs image
+    tokens (OneVision: a pooled grid per frame; Qwen2.5-VL: a grid per two frames): this is a clip's token budget."""
 
     group_by_modality_length: bool = True
     """Batch image and text-only samples separately, each megabatch sorted by length (LLaVA-1.5)."""
@@ -243,6 +248,7 @@ POSITIVE = (
     "lora.alpha",
     "data.max_length",
     "data.length_bucket",
+    "data.video_frames",
     "train.micro_batch_size",
     "train.grad_accum",
     "train.log_every",

@@ -11,6 +11,7 @@ from transformers import AutoConfig
 from qllava.data.dataset import IGNORE_INDEX, encoder_from_recipe, parse_sample, read_records
 from qllava.data.images import image_problem, image_size
 from qllava.data.validate import Scan, data_files, scan_file
+from qllava.data.video import VideoError, read_header
 from qllava.errors import QllavaError, problem_list
 from qllava.model.load import check_base, load_processor
 from qllava.recipe import Recipe
@@ -60,9 +61,11 @@ def _describe(scan: Scan, encoder, report: Report) -> None:
     # A sample cut to nothing trains nothing: counted as broken here, as listed among the errors.
     valid = len(scan.samples) - len(scan.lost_all)
     images = sum(bool(sample.images) for sample in scan.samples) - scan.lost_all_with_image
+    videos = sum(bool(sample.videos) for sample in scan.samples) - scan.lost_all_with_video
+    with_video = f"{videos} with a video, " if videos else ""
     report.lines.append(
         f"{scan.data.path}: {scan.records} sample{'' if scan.records == 1 else 's'}: {valid} valid ({images} with an "
-        f"image, {valid - images} text-only), {scan.records - valid} broken"
+        f"image, {with_video}{valid - images - videos} text-only), {scan.records - valid} broken"
     )
     several = [len(sample.images) for sample in scan.samples if len(sample.images) > 1]
     if several:
@@ -84,6 +87,13 @@ def _describe(scan: Scan, encoder, report: Report) -> None:
                 f"  image tokens per image (by its size): min {min(counts)}, median {statistics.median(counts):.0f}, "
                 f"max {max(counts)} over {len(counts)} image{'' if len(counts) == 1 else 's'}"
             )
+        if scan.video_frames:
+            frames, tokens = scan.video_frames, scan.video_tokens
+            report.lines.append(
+                f"  videos: {len(frames)}, frames per clip min {min(frames)}, median {statistics.median(frames):.0f}, "
+                f"max {max(frames)}; {encoder.video_frames} taken from each (data.video_frames), video tokens per "
+                f"clip min {min(tokens)}, max {max(tokens)}"
+            )
         longest = max(range(len(lengths)), key=lengths.__getitem__)
         sample = scan.samples[longest]
         report.lines.append(f"  longest sample: {sample.id!r} ({sample.where}), {lengths[longest]} tokens")
@@ -98,11 +108,12 @@ def _describe(scan: Scan, encoder, report: Report) -> None:
 
 
 def check_dataset(recipe: Recipe) -> Report:
-    """Scan data.train (and data.eval) as `train` validates them, decoding every image too."""
+    """Scan data.train (and data.eval) as `train` validates them, decoding every image and every video frame too."""
     recipe, encoder = _load(recipe)
     report = Report(lines=[f"template {recipe.data.template}, max_length {recipe.data.max_length}"])
     for data in data_files(recipe):
-        _describe(scan_file(data, recipe, encoder, image_problem=image_problem), encoder, report)
+        scan = scan_file(data, recipe, encoder, image_problem=image_problem, decode_videos=True)
+        _describe(scan, encoder, report)
     return report
 
 
@@ -132,8 +143,23 @@ def show_sample(recipe: Recipe, index: int) -> str:
                 f"sample {sample.id!r} ({sample.where}): cannot read the size of its images in data.image_folder "
                 f"`{folder}` ({type(exc).__name__}: {exc}); `qllava data check` names the file"
             ) from None
-    item = encoder.encode(sample, sizes)
+    video_sizes = None
+    if sample.videos:
+        # A clip's token count depends on its size, read from its header.
+        label = f"sample {sample.id!r} ({sample.where})"
+        if encoder.no_video:
+            raise QllavaError(f"{label}: video `{sample.videos[0]}`: {encoder.no_video}")
+        if not recipe.data.image_folder:
+            raise QllavaError(f"{label} has a video but data.image_folder is not set")
+        path = Path(recipe.data.image_folder) / sample.videos[0]
+        try:
+            header = read_header(path)
+        except (VideoError, OSError) as exc:
+            raise QllavaError(f"{label}: video {path}: {exc}") from None
+        video_sizes = [(encoder.video_frames, header.height, header.width)]
+    item = encoder.encode(sample, sizes, video_sizes)
     counts = encoder.image_counts(len(sample.images), sizes, sample.id)
+    clip_tokens = encoder.video_counts(len(sample.videos), video_sizes, sample.id)
     tok = encoder.tokenizer
     pieces, run, trained_run = [], [], False
     ids, labels = item["input_ids"], item["labels"]
@@ -154,6 +180,13 @@ def show_sample(recipe: Recipe, index: int) -> str:
             pieces.append(f"<image{name} x{n}>")
             i += n
             image += 1
+            continue
+        if ids[i] == encoder.video_token_id:
+            flush()
+            run = []
+            n = min(clip_tokens[0], len(ids) - i)
+            pieces.append(f"<video ({sample.videos[0]}), {encoder.video_frames} frames x{n}>")
+            i += n
             continue
         trained = labels[i] != IGNORE_INDEX
         if trained != trained_run:

@@ -3,14 +3,16 @@
 Data format (haotian-liu/LLaVA): a JSON list (or JSONL) of
 ``{"id": ..., "image": "rel/path.jpg" (optional), "conversations": [{"from": "human", "value":
 "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``. Several images (LLaVA-OneVision / LLaVA-Interleave):
-``"image": ["a.jpg", "b.jpg"]`` with one `<image>` per image in the human turns, where the text places them.
+``"image": ["a.jpg", "b.jpg"]`` with one `<image>` per image in the human turns, where the text places them. A video
+(LLaVA-OneVision, Qwen2.5-VL): ``"video": "clip.mp4"`` (relative to the same folder) with one `<video>` in the human
+turns, placed at the start of the first as a single image is.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,8 +21,9 @@ from torch.utils.data import Dataset
 from qllava.data.images import images_inputs, input_size, open_rgb, sizes_of
 from qllava.data.jsonl import parse_jsonl
 from qllava.data.templates import render
+from qllava.data.video import VIDEO_TAG, VideoError, clip_inputs, read_clip, video_tokens
 from qllava.errors import QllavaError
-from qllava.model.families import family_of, image_batch, several_image_tokens
+from qllava.model.families import family_of, image_batch, several_image_tokens, video_refusal
 from qllava.model.families import image_tokens as processor_image_tokens
 
 IMAGE_TAG = "<image>"
@@ -37,6 +40,8 @@ class Sample:
     """Image paths (relative to the image folder), in the order of the `<image>` tags; empty: text-only."""
     turns: list[tuple[str, str]]
     system: str | None
+    videos: list[str] = field(default_factory=list)
+    """The video path (relative to the image folder) of a sample with one; empty: none."""
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -67,12 +72,18 @@ def parse_sample(record, index: int, source: str) -> Sample:
     images = image if isinstance(image, list) else [] if image is None else [image]
     if not all(isinstance(path, str) and path for path in images):
         raise QllavaError(f"{label}: `image` must be a relative path string or a list of them")
+    video = record.get("video")
+    if video is not None and not (isinstance(video, str) and video):
+        raise QllavaError(f"{label}: `video` must be one relative path string (one clip per sample)")
+    videos = [video] if video else []
+    if videos and images:
+        raise QllavaError(f"{label}: a sample holds images or one video, not both")
     convs = record.get("conversations")
     if not isinstance(convs, list) or not convs:
         raise QllavaError(f"{label}: `conversations` must be a non-empty list")
     turns: list[tuple[str, str]] = []
     system = None
-    tags = 0
+    tags = video_tags = 0
     for t, turn in enumerate(convs):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise QllavaError(f"{label}: turn {t} must be an object with `from` and a string `value`")
@@ -83,7 +94,8 @@ def parse_sample(record, index: int, source: str) -> Sample:
             )
         value = turn["value"]
         # `<image>` alone is a question (LLaVA's stage-1 caption data); any other empty turn is a mistake.
-        if not value.replace(IMAGE_TAG, "").strip() and not (role == "user" and IMAGE_TAG in value):
+        tagged = IMAGE_TAG in value or VIDEO_TAG in value
+        if not value.replace(IMAGE_TAG, "").replace(VIDEO_TAG, "").strip() and not (role == "user" and tagged):
             raise QllavaError(f"{label}: turn {t} ({turn.get('from')}) has empty text")
         if role == "system":
             if t != 0:
@@ -94,12 +106,21 @@ def parse_sample(record, index: int, source: str) -> Sample:
             if role != "user":
                 raise QllavaError(f"{label}: turn {t}: `<image>` may only appear in a human turn")
             tags += value.count(IMAGE_TAG)
+        if VIDEO_TAG in value:
+            if role != "user":
+                raise QllavaError(f"{label}: turn {t}: `<video>` may only appear in a human turn")
+            video_tags += value.count(VIDEO_TAG)
         turns.append((role, value))
     # One image may go without its tag (LLaVA places it); several need theirs, which say where each goes.
     if tags > len(images) or (len(images) > 1 and tags != len(images)):
         raise QllavaError(
             f"{label}: {tags} `<image>` tag(s) but {len(images)} image(s); each image needs one `<image>` "
             "in the human turns, where it belongs in the text"
+        )
+    if video_tags != len(videos):
+        raise QllavaError(
+            f"{label}: {video_tags} `<video>` tag(s) but {len(videos)} video(s); a sample's `video` needs one "
+            "`<video>` in its first human turn"
         )
     if not any(role == "assistant" for role, _ in turns):
         raise QllavaError(f"{label}: no assistant (gpt) turn, so nothing would be trained")
@@ -109,11 +130,12 @@ def parse_sample(record, index: int, source: str) -> Sample:
             raise QllavaError(f"{label}: turns must alternate human/gpt starting with human; turn {t} is `{role}`")
     if turns[-1][0] != "assistant":
         raise QllavaError(f"{label}: the last human turn has no gpt reply")
-    if len(images) == 1:
-        # LLaVA moves a single image to the start of the first human turn; several stay where the text puts them.
-        turns = [(role, text.replace(IMAGE_TAG, "").strip()) for role, text in turns]
-        turns[0] = ("user", f"{IMAGE_TAG}\n{turns[0][1]}")
-    return Sample(sid, where, images, turns, system)
+    # LLaVA moves a single image to the start of the first human turn (a video likewise); several stay where the
+    # text puts them.
+    for tag in ([IMAGE_TAG] if len(images) == 1 else []) + [VIDEO_TAG] * len(videos):
+        turns = [(role, text.replace(tag, "").strip()) for role, text in turns]
+        turns[0] = ("user", f"{tag}\n{turns[0][1]}")
+    return Sample(sid, where, images, turns, system, videos)
 
 
 def num_image_tokens(config) -> int:
@@ -129,6 +151,8 @@ def num_image_tokens(config) -> int:
 
 
 Size = tuple[int, int]
+VideoSize = tuple[int, int, int]
+"""A clip's (frames, height, width): what its video-token count depends on."""
 
 
 class Encoder:
@@ -137,6 +161,9 @@ class Encoder:
     `image_tokens`: what one image becomes when that does not depend on its size (LLaVA-1.5), else a typical
     count (for length grouping); `tokens_for_images(sizes)`, when given, is the count of each image of a sample
     whose images have these (height, width) sizes (AnyRes), and the sizes must then be passed with each sample.
+    `tokens_for_video(size)`, for a family that takes video, is the count of a clip of (frames, height, width); each
+    clip's size is then passed with its sample, and `video_tokens` is a typical count (for length grouping).
+    `no_video`: why a video cannot be trained, for a family that takes none.
     """
 
     def __init__(
@@ -150,6 +177,12 @@ class Encoder:
         system: str | None = None,
         tokens_for_images: Callable[[tuple[Size, ...]], list[int]] | None = None,
         image_text: str = IMAGE_TAG,
+        video_token_id: int | None = None,
+        video_text: str = VIDEO_TAG,
+        tokens_for_video: Callable[[VideoSize], int] | None = None,
+        video_tokens: int = 0,
+        video_frames: int = 8,
+        no_video: str | None = None,
     ) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise QllavaError("a fast tokenizer (tokenizer.json) is needed to map reply spans to tokens")
@@ -161,6 +194,12 @@ class Encoder:
         self.system = system
         self.tokens_for_images = tokens_for_images
         self.image_text = image_text
+        self.video_token_id = video_token_id
+        self.video_text = video_text
+        self.tokens_for_video = tokens_for_video
+        self.video_tokens = video_tokens
+        self.video_frames = video_frames
+        self.no_video = no_video
 
     @property
     def sized(self) -> bool:
@@ -175,11 +214,24 @@ class Encoder:
             raise QllavaError(f"{label}: internal error: the size of each image is needed to count its tokens")
         return self.tokens_for_images(tuple(tuple(size) for size in sizes))
 
+    def video_counts(self, videos: int, sizes: list[VideoSize] | None, label: str) -> list[int]:
+        """Tokens of each of a sample's `videos` clips, whose (frames, height, width) are `sizes`."""
+        if not videos:
+            return []
+        if self.tokens_for_video is None:
+            raise QllavaError(f"{label}: {self.no_video}")
+        if sizes is None or len(sizes) != videos:
+            raise QllavaError(f"{label}: internal error: the size of each clip is needed to count its tokens")
+        return [self.tokens_for_video(tuple(size)) for size in sizes]
+
     def _with_image_text(self, turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Turns with each `<image>` tag as the text the family's processor puts there (`Family.image_text`)."""
-        if self.image_text == IMAGE_TAG:
+        """Turns with each `<image>` (`<video>`) tag as the text the family's processor puts there
+        (`Family.image_text`, `Family.video_text`)."""
+        if self.image_text == IMAGE_TAG and self.video_text == VIDEO_TAG:
             return turns
-        return [(role, text.replace(IMAGE_TAG, self.image_text)) for role, text in turns]
+        return [
+            (role, text.replace(IMAGE_TAG, self.image_text).replace(VIDEO_TAG, self.video_text)) for role, text in turns
+        ]
 
     def _render(self, sample: Sample):
         turns = self._with_image_text(sample.turns)
@@ -189,11 +241,13 @@ class Encoder:
         enc = self.tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=True)
         return self._expand(rendered, enc["input_ids"], enc["offset_mapping"], label, counts)
 
-    def _expand(self, rendered, token_ids, offsets, label: str, counts: list[int]) -> tuple[list[int], list[int], int]:
-        """Token ids with the i-th image tag expanded to `counts[i]` tokens, labels (reply spans only) and where
-        the last image block ends."""
+    def _expand(
+        self, rendered, token_ids, offsets, label: str, counts: list[int], video_counts: list[int] = ()
+    ) -> tuple[list[int], list[int], int]:
+        """Token ids with the i-th image tag expanded to `counts[i]` tokens (the i-th video tag to
+        `video_counts[i]`), labels (reply spans only) and where the last image or video block ends."""
         ids, labels = [], []
-        images_seen = 0
+        images_seen = videos_seen = 0
         image_end = 0
         # Reply spans are in text order and do not overlap, so one sweep marks every token. This loop runs over
         # every token of the dataset in train's start-up check: it keeps to cheap operations.
@@ -206,6 +260,13 @@ class Encoder:
                 labels += [IGNORE_INDEX] * per_image
                 image_end = len(ids)
                 continue
+            if tok == self.video_token_id:
+                per_video = video_counts[videos_seen] if videos_seen < len(video_counts) else 1  # refused below
+                videos_seen += 1
+                ids += [tok] * per_video
+                labels += [IGNORE_INDEX] * per_video
+                image_end = len(ids)
+                continue
             while t < last and targets[t][1] <= start:
                 t += 1
             ids.append(tok)
@@ -216,32 +277,47 @@ class Encoder:
                 "template keep every `<image>` (`plain` takes one image) and the tokenizer know `<image>` as a "
                 "special token?"
             )
+        if videos_seen != len(video_counts):
+            raise QllavaError(
+                f"{label}: the prompt holds {videos_seen} video token(s) for {len(video_counts)} video(s); does the "
+                "template keep the `<video>` tag?"
+            )
         return ids, labels, image_end
 
-    def _cut_check(self, label: str, ids: list[int], labels: list[int], image_end: int) -> tuple[list[int], list[int]]:
-        # Cutting inside any image block leaves the model more image tokens than features (or fewer images).
+    def _cut_check(
+        self, label: str, ids: list[int], labels: list[int], image_end: int, kind: str = "image"
+    ) -> tuple[list[int], list[int]]:
+        # Cutting inside any image (or video) block leaves the model more tokens than features (or fewer images).
         if len(ids) > self.max_length and image_end > self.max_length:
             raise QllavaError(
-                f"data.max_length={self.max_length} cuts the image tokens of {label}, "
+                f"data.max_length={self.max_length} cuts the {kind} tokens of {label}, "
                 f"which end at token {image_end}; raise data.max_length"
             )
         return ids, labels
 
-    def encode_full(self, sample: Sample, image_sizes: list[Size] | None = None) -> tuple[list[int], list[int]]:
+    def encode_full(
+        self, sample: Sample, image_sizes: list[Size] | None = None, video_sizes: list[VideoSize] | None = None
+    ) -> tuple[list[int], list[int]]:
         """Untruncated token ids and labels; raises if data.max_length would cut an image block.
-        `image_sizes`: (height, width) of each of the sample's images, needed when the encoder is `sized`."""
-        result = self.encode_full_batch([sample], [image_sizes])[0]
+        `image_sizes`: (height, width) of each of the sample's images, needed when the encoder is `sized`;
+        `video_sizes`: (frames, height, width) of its clip, needed when it has one."""
+        result = self.encode_full_batch([sample], [image_sizes], [video_sizes])[0]
         if isinstance(result, QllavaError):
             raise result
         return result
 
     def encode_full_batch(
-        self, samples: list[Sample], image_sizes: list[list[Size] | None] | None = None
+        self,
+        samples: list[Sample],
+        image_sizes: list[list[Size] | None] | None = None,
+        video_sizes: list[list[VideoSize] | None] | None = None,
     ) -> list[tuple[list[int], list[int]] | QllavaError]:
         """`encode_full` of each sample, or the error naming it; one tokenizer call for all of them, which the
         fast tokenizer can spread over cores (train's start-up scan of a whole dataset; a training item is a
-        batch of one, so both encode alike). `image_sizes`: each sample's images' (height, width), or None."""
+        batch of one, so both encode alike). `image_sizes`: each sample's images' (height, width), or None;
+        `video_sizes`: each sample's clip's (frames, height, width) in a list, or None."""
         image_sizes = image_sizes or [None] * len(samples)
+        video_sizes = video_sizes or [None] * len(samples)
         results: list = [None] * len(samples)
         labels = [f"sample {sample.id!r} ({sample.where})" for sample in samples]
         rendered = {}
@@ -257,14 +333,17 @@ class Encoder:
         for i, token_ids, offsets in zip(order, enc["input_ids"], enc["offset_mapping"]):
             try:
                 counts = self.image_counts(len(samples[i].images), image_sizes[i], labels[i])
-                expanded = self._expand(rendered[i], token_ids, offsets, labels[i], counts)
-                results[i] = self._cut_check(labels[i], *expanded)
+                clips = self.video_counts(len(samples[i].videos), video_sizes[i], labels[i])
+                expanded = self._expand(rendered[i], token_ids, offsets, labels[i], counts, clips)
+                results[i] = self._cut_check(labels[i], *expanded, "video" if samples[i].videos else "image")
             except QllavaError as exc:
                 results[i] = exc
         return results
 
-    def encode(self, sample: Sample, image_sizes: list[Size] | None = None) -> dict:
-        ids, labels = self.encode_full(sample, image_sizes)
+    def encode(
+        self, sample: Sample, image_sizes: list[Size] | None = None, video_sizes: list[VideoSize] | None = None
+    ) -> dict:
+        ids, labels = self.encode_full(sample, image_sizes, video_sizes)
         truncated = len(ids) > self.max_length
         return {"input_ids": ids[: self.max_length], "labels": labels[: self.max_length], "truncated": truncated}
 
@@ -307,9 +386,11 @@ class LlavaDataset(Dataset):
         *,
         tiles: bool = False,
         sample_inputs: tuple[str, ...] = (),
+        processor=None,
     ) -> None:
         """`tiles`: images become AnyRes tile stacks (`Family.tiles`), `image_aspect` does not apply;
-        `sample_inputs`: the family's per-sample image inputs (`Family.sample_inputs`)."""
+        `sample_inputs`: the family's per-sample image inputs (`Family.sample_inputs`); `processor`: the model's
+        processor, whose `__call__` makes a clip's inputs (families that take video)."""
         self.samples = samples
         self.encoder = encoder
         self.image_folder = Path(image_folder) if image_folder else None
@@ -317,6 +398,7 @@ class LlavaDataset(Dataset):
         self.image_aspect = image_aspect
         self.tiles = tiles
         self.sample_inputs = sample_inputs
+        self.processor = processor
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -338,42 +420,55 @@ class LlavaDataset(Dataset):
                 )
             except Exception as exc:  # decoded, but the processor refuses it: which image is not known
                 raise _unreadable(sample, paths[0] if len(paths) == 1 else ", ".join(map(str, paths)), exc) from None
+        video_sizes = None
+        if sample.videos:
+            path = self.image_folder / sample.videos[0]
+            try:
+                inputs |= clip_inputs(read_clip(path, self.encoder.video_frames), self.processor)
+            except VideoError as exc:
+                raise _unreadable(sample, path, exc, "video") from None
+            video_sizes = [inputs["video_size"]]
         # The images' own sizes, as the processor saw them: what their token counts depend on (AnyRes).
-        return self.encoder.encode(sample, sizes_of(inputs)) | inputs
+        return self.encoder.encode(sample, sizes_of(inputs), video_sizes) | inputs
 
     def modality_lengths(self) -> list[int]:
-        """Approximate lengths as LLaVA computes them: words plus image tokens of every image, negative for
-        text-only."""
+        """Approximate lengths as LLaVA computes them: words plus image tokens of every image (and video tokens of
+        a clip), negative for text-only."""
         lengths = []
         for s in self.samples:
             words = sum(len(text.split()) for _, text in s.turns)
-            lengths.append(words + len(s.images) * self.encoder.image_tokens if s.images else -words)
+            media = len(s.images) * self.encoder.image_tokens + len(s.videos) * self.encoder.video_tokens
+            lengths.append(words + media if s.images or s.videos else -words)
         return lengths
 
 
-def _unreadable(sample: Sample, path, exc: Exception) -> UnreadableImage:
+def _unreadable(sample: Sample, path, exc: Exception, kind: str = "image") -> UnreadableImage:
     return UnreadableImage(
-        f"sample {sample.id!r} ({sample.where}): cannot read image {path}: {exc}",
+        f"sample {sample.id!r} ({sample.where}): cannot read {kind} {path}: {exc}",
         sample.id,
         path,
         f"{type(exc).__name__}: {exc}",
+        kind,
     )
 
 
 class UnreadableImage(QllavaError):
-    """A sample's image could not be read when the sample was drawn (it passed the start-up check).
+    """A sample's image (or video) could not be read when the sample was drawn (it passed the start-up check).
 
     Constructible from the message alone: a dataloader worker's exception is re-raised in the
     training process as `type(exc)(message)`.
     """
 
-    def __init__(self, message: str, sample_id=None, path: Path | None = None, cause: str = "") -> None:
+    def __init__(
+        self, message: str, sample_id=None, path: Path | None = None, cause: str = "", kind: str = "image"
+    ) -> None:
         super().__init__(message)
-        self.sample_id, self.path, self.cause = sample_id, str(path), cause
+        self.sample_id, self.path, self.cause, self.kind = sample_id, str(path), cause, kind
 
 
 def collate(items: list[dict], pad_token_id: int) -> dict:
-    """Right-pad a micro-batch; images of the samples that have one are batched in order (`image_batch`)."""
+    """Right-pad a micro-batch; images and clips of the samples that have them are batched in order
+    (`image_batch`)."""
     longest = max(len(it["input_ids"]) for it in items)
     input_ids = torch.full((len(items), longest), pad_token_id, dtype=torch.long)
     labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
@@ -397,7 +492,8 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
 
     Image-token counts are the processor's own (`_get_num_multimodal_tokens`): one count for every image when
     the family's images are one tile, else one per image size (asked once per size), or, for an image among
-    several where the family's processor counts those alike (`several_image_tokens`), one per image count.
+    several where the family's processor counts those alike (`several_image_tokens`), one per image count. A clip's
+    count is asked once per (frames, height, width).
     """
     tokenizer = processor.tokenizer
     image_token_id = config.image_token_id
@@ -439,6 +535,30 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
 
     # A square image of the vision tower's input size: the count of a one-tile family, a typical one otherwise.
     typical = tokens_for_size(input_size(processor.image_processor))
+    video = {}
+    if family.video_text is not None:
+        video_token_id = config.video_token_id
+        placed = tokenizer(family.video_text, add_special_tokens=False)["input_ids"].count(video_token_id)
+        if placed != 1:
+            raise QllavaError(
+                f"the tokenizer turns `{family.video_text}` (what `{VIDEO_TAG}` becomes for {family.model_type} "
+                f"models) into {placed} video tokens (id {video_token_id}) instead of one; is model.base a "
+                f"{family.model_type} checkpoint with its own processor files?"
+            )
+        clips: dict[VideoSize, int] = {}
+
+        def tokens_for_video(size: VideoSize) -> int:
+            if size not in clips:
+                clips[size] = video_tokens(processor, [size])[0]
+            return clips[size]
+
+        frames = recipe.data.video_frames
+        video = dict(
+            video_token_id=video_token_id,
+            video_text=family.video_text,
+            tokens_for_video=tokens_for_video,
+            video_tokens=tokens_for_video((frames, *input_size(processor.image_processor))),
+        )
     return Encoder(
         tokenizer,
         recipe.data.template,
@@ -448,4 +568,7 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
         system=recipe.data.system_prompt,
         tokens_for_images=tokens_for_images if family.tiles else None,
         image_text=family.image_text,
+        video_frames=recipe.data.video_frames,
+        no_video=video_refusal(family),
+        **video,
     )

@@ -1,7 +1,7 @@
 """One validation of a recipe's data files, shared by `qllava data check` and `qllava train`.
 
-`train` runs it before any weights load and only checks that images exist (decoding every image of a
-665k-sample dataset at start would take long); `data check` also decodes them and prints statistics.
+`train` runs it before any weights load and only checks that images exist and reads each video's header (decoding
+every image of a 665k-sample dataset at start would take long); `data check` also decodes them and prints statistics.
 Samples that lose every trained token to `data.max_length` are errors for `data check` and a start-up
 warning for `train`; duplicate ids are a warning for both.
 """
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from qllava.data.dataset import IGNORE_INDEX, LlavaDataset, Sample, encoder_from_recipe, parse_sample, read_records
 from qllava.data.images import image_missing, image_size
+from qllava.data.video import VideoError, decoded_frames, read_header
 from qllava.errors import QllavaError, problem_list
 from qllava.model.families import family_of
 
@@ -62,6 +63,10 @@ class Scan:
     image_tokens: list[int] = field(default_factory=list)
     """Sized (AnyRes) encoders: the image-token count of each image of `samples`, as its size (and, for
     OneVision, the sample's number of images) makes it."""
+    video_frames: list[int] = field(default_factory=list)
+    """The frame count of the clip of each of `samples` that has one."""
+    video_tokens: list[int] = field(default_factory=list)
+    """The video-token count of each of those clips."""
     kept_tokens: int = 0
     kept_trained: int = 0
     over: int = 0
@@ -70,6 +75,8 @@ class Scan:
     """One message per sample whose every trained token lies beyond data.max_length."""
     lost_all_with_image: int = 0
     """How many of `lost_all` have an image."""
+    lost_all_with_video: int = 0
+    """How many of `lost_all` have a video."""
     lost_part: int = 0
     """Samples that keep some trained tokens within data.max_length but not all."""
     duplicates: dict[str, int] = field(default_factory=dict)
@@ -111,12 +118,14 @@ def scan_file(
     encoder,
     image_problem: Callable[[Path], str | None] = image_missing,
     keep_unreadable: bool = False,
+    decode_videos: bool = False,
 ) -> Scan:
     """Validate every sample of `data`; every problem is collected, each naming the sample and file.
 
     `image_problem(path)` says what is wrong with an image file (None: nothing). `keep_unreadable`: a sample
     whose image has a problem stays in (a warning, not an error), for a run that skips it when drawn; the
-    epoch's order, drawn over all samples, stays that of the run's checkpoints.
+    epoch's order, drawn over all samples, stays that of the run's checkpoints. A clip's header is always read (its
+    token count depends on its size); `decode_videos` decodes every frame of it too.
     """
     scan = Scan(data)
     records = read_records(data.path)
@@ -134,14 +143,15 @@ def scan_file(
     counts = collections.Counter(str(r["id"]) for r in records if isinstance(r, dict) and "id" in r)
     scan.duplicates = {sid: n for sid, n in counts.items() if n > 1}
 
-    with_image = [sample for sample in parsed if sample.images]
+    with_image = [sample for sample in parsed if sample.images or sample.videos]
+    media = "an image or a video" if any(sample.videos for sample in with_image) else "an image"
     folder = Path(data.folder) if data.folder else None
     if with_image and folder is None:
-        scan.errors.append(f"{len(with_image)} sample(s) of {data.path} have an image but {data.folder_key} is not set")
+        scan.errors.append(f"{len(with_image)} sample(s) of {data.path} have {media} but {data.folder_key} is not set")
     elif with_image and not folder.is_dir():
         # The same words for train and eval when they share the folder: one error after deduplication.
-        scan.errors.append(f"{data.folder_key} `{data.folder}` is not a folder (samples with an image need it)")
-    text_only = [sample for sample in parsed if not sample.images]
+        scan.errors.append(f"{data.folder_key} `{data.folder}` is not a folder (samples with {media} need it)")
+    text_only = [sample for sample in parsed if not (sample.images or sample.videos)]
     if text_only and not recipe.lora.enabled:
         # Stage 1 trains only the projector: a text-only batch would have nothing to train at all.
         scan.errors.append(
@@ -153,9 +163,13 @@ def scan_file(
     folder_found = folder is not None and folder.is_dir()
     bar = tqdm(total=len(parsed), desc=f"check {Path(data.path).name}", unit="sample", disable=None, leave=False)
     for start in range(0, len(parsed), _BATCH):
-        usable, sizes = [], []
+        usable, sizes, clip_sizes, clip_frames = [], [], [], []
         for sample in parsed[start : start + _BATCH]:
-            if sample.images and encoder.sized and not folder_found:
+            if sample.videos and encoder.no_video:
+                label = f"sample {sample.id!r} ({sample.where})"
+                scan.errors.append(f"{label}: video `{sample.videos[0]}`: {encoder.no_video}")
+                continue
+            if (sample.images and encoder.sized or sample.videos) and not folder_found:
                 continue  # its tokens cannot be counted without its images; the folder's error is reported
             problems, sample_sizes = [], []
             for name in sample.images if folder_found else ():
@@ -168,10 +182,28 @@ def scan_file(
                         problem = f"cannot be read ({type(exc).__name__}: {exc})"
                 if problem:
                     problems.append(f"image `{name}` {problem}")
-            if problems and keep_unreadable and not encoder.sized:  # AnyRes needs the images to count their tokens
+            video_sizes, frames = [], []
+            for name in sample.videos if folder_found else ():
+                problem = image_missing(folder / name)
+                if not problem:
+                    try:
+                        # Decoded first where asked: what the frames say is more precise than the header's lack.
+                        count = decoded_frames(folder / name) if decode_videos else None
+                        # The clip's token count depends on its size, read from its header.
+                        header = read_header(folder / name)
+                        frames.append(count or header.frames)
+                        video_sizes.append((encoder.video_frames, header.height, header.width))
+                    except VideoError as exc:
+                        problem = str(exc)
+                if problem:
+                    problems.append(f"video `{name}` {problem}")
+            # A clip's token count needs its header, and AnyRes images their sizes: those samples cannot be kept.
+            if problems and keep_unreadable and not encoder.sized and not sample.videos:
                 scan.unreadable.append(f"{sample.id!r} ({sample.where}): {'; '.join(problems)}")
                 usable.append(sample)
                 sizes.append(None)
+                clip_sizes.append(None)
+                clip_frames.append(frames)
             elif problems:
                 scan.errors += [
                     f"sample {sample.id!r} ({sample.where}): {problem} in {data.folder_key} `{data.folder}`"
@@ -180,13 +212,23 @@ def scan_file(
             else:
                 usable.append(sample)
                 sizes.append(sample_sizes if encoder.sized else None)
-        for sample, sample_sizes, encoded in zip(usable, sizes, encoder.encode_full_batch(usable, sizes)):
+                clip_sizes.append(video_sizes or None)
+                clip_frames.append(frames)
+        encoded_all = encoder.encode_full_batch(usable, sizes, clip_sizes)
+        for sample, sample_sizes, video_sizes, frames, encoded in zip(
+            usable, sizes, clip_sizes, clip_frames, encoded_all
+        ):
             if isinstance(encoded, QllavaError):
                 scan.errors.append(str(encoded))
                 continue
             _count(scan, sample, *encoded, encoder.max_length)
-            if sample_sizes and scan.samples and scan.samples[-1] is sample:  # counted as trainable
+            if not (scan.samples and scan.samples[-1] is sample):  # not counted as trainable
+                continue
+            if sample_sizes:
                 scan.image_tokens += encoder.image_counts(len(sample.images), sample_sizes, sample.id)
+            if video_sizes:
+                scan.video_frames += frames
+                scan.video_tokens += encoder.video_counts(len(sample.videos), video_sizes, sample.id)
         bar.update(min(_BATCH, len(parsed) - start))
     bar.close()
     return scan
@@ -208,6 +250,7 @@ def _count(scan: Scan, sample: Sample, ids: list[int], labels: list[int], max_le
     scan.over += len(ids) > max_length
     if kept == 0:
         scan.lost_all_with_image += bool(sample.images)
+        scan.lost_all_with_video += bool(sample.videos)
         scan.lost_all.append(
             f"{label}: all {trained} trained tokens lie beyond data.max_length={max_length} (the sample has "
             f"{len(ids)} tokens), so it trains nothing; raise data.max_length or shorten the sample"
@@ -245,6 +288,7 @@ def _datasets(files: list[DataFile], recipe, processor, config, warn: Callable[[
             recipe.data.image_aspect,
             tiles=family.tiles,
             sample_inputs=family.sample_inputs,
+            processor=processor,
         )
         for scan in scans
     ]

@@ -74,6 +74,18 @@ class Family:
     """The forward's per-token modality input (1 on image tokens, 0 elsewhere), made from input_ids for each batch:
     Gemma 3's `token_type_ids` (image tokens attend to their whole block, both ways), Qwen2.5-VL's
     `mm_token_type_ids` (where its 3-D M-RoPE positions come from). None when the forward takes none."""
+    video_text: str | None = None
+    """What a sample's `<video>` tag becomes in the prompt text, with the video token (`config.video_token_id`) once,
+    which the encoder repeats as many times as the processor counts for the clip (OneVision's `<video>`, Qwen2.5-VL's
+    video pad token between vision start/end tokens). None: the architecture takes no video, and a sample with one
+    is refused at start-up."""
+    video_inputs: tuple[str, ...] = ()
+    """Processor outputs the forward needs beside `pixel_values_videos`, one row per clip, stacked over the batch's
+    clips in sample order (Qwen2.5-VL's `video_grid_thw`, which splits the patches and places the 3-D positions, and
+    `second_per_grid_ts`, the seconds between temporal patches that space their positions)."""
+    video_token_type: int | None = None
+    """The value `token_types` takes on video tokens (Qwen2.5-VL: 2, which `get_rope_index` reads as video, as the
+    processor's `mm_token_type_ids` has it); None when video tokens are not marked."""
 
     @property
     def skip_quantization(self) -> list[str]:
@@ -148,6 +160,7 @@ FAMILIES: dict[str, Family] = {
             **_ANYRES,
             sample_inputs=("batch_num_images",),
             default_template="chatml",
+            video_text="<video>",
         ),
         # Qwen2.5-VL: a windowed ViT at each image's own resolution whose patch merger (the projector) lies inside the
         # vision module; 3-D M-RoPE positions, placed from mm_token_type_ids and image_grid_thw.
@@ -163,6 +176,9 @@ FAMILIES: dict[str, Family] = {
             image_text="<|vision_start|><|image_pad|><|vision_end|>",
             image_prompt="<|vision_start|><|image_pad|><|vision_end|>",
             token_types="mm_token_type_ids",
+            video_text="<|vision_start|><|video_pad|><|vision_end|>",
+            video_inputs=("video_grid_thw", "second_per_grid_ts"),
+            video_token_type=2,
         ),
         # Gemma 3: SigLIP, a projector that pools the patch features to a fixed count, bidirectional attention
         # inside each image block (token_type_ids).
@@ -244,6 +260,17 @@ IMAGE_INPUTS = tuple(sorted({key for family in FAMILIES.values() for key in fami
 """Every architecture's extra image inputs: the keys a dataset item or batch may carry beside pixel_values."""
 SAMPLE_INPUTS = tuple(sorted({key for family in FAMILIES.values() for key in family.sample_inputs}))
 """Every architecture's per-sample image inputs (`Family.sample_inputs`)."""
+VIDEO_INPUTS = tuple(sorted({key for family in FAMILIES.values() for key in family.video_inputs}))
+"""Every architecture's video inputs beside pixel_values_videos (`Family.video_inputs`)."""
+VIDEO_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.video_text is not None)
+"""The architectures that take video."""
+
+
+def video_refusal(family: Family) -> str | None:
+    """Why a sample with a video cannot train a family that takes none (None when it takes video)."""
+    if family.video_text is not None:
+        return None
+    return f"`{family.model_type}` models take no video; architectures that take video: {', '.join(VIDEO_FAMILIES)}"
 
 
 def _rows(tensor: torch.Tensor, dims: int) -> torch.Tensor:
@@ -252,17 +279,18 @@ def _rows(tensor: torch.Tensor, dims: int) -> torch.Tensor:
 
 
 def image_batch(items: list[dict]) -> dict:
-    """The batch's image inputs from dataset items, samples and their images in order: pixel_values
+    """The batch's image and video inputs from dataset items, samples and their images in order: pixel_values
     concatenated (an item's one image of 3 dims, or its stack of images or AnyRes tiles, `Family.tiles`), each
     of the family's `image_inputs` (one row per image) and `sample_inputs` (one per sample) concatenated;
-    pixel_values None when no sample has an image."""
+    pixel_values None when no sample has an image. Clips (`video_batch`) join them when a sample has one."""
+    batch = video_batch(items)
     with_image = [it for it in items if it["pixel_values"] is not None]
     if not with_image:
-        return {"pixel_values": None}
+        return {"pixel_values": None} | batch
     # An item's one untiled image is (3, H, W); tile stacks, stacks of several images and Qwen2.5-VL's patch
     # blocks are concatenated as they are.
     pixels = [it["pixel_values"] for it in with_image]
-    batch = {"pixel_values": torch.cat([p[None] if p.dim() == 3 else p for p in pixels])}
+    batch["pixel_values"] = torch.cat([p[None] if p.dim() == 3 else p for p in pixels])
     for key in IMAGE_INPUTS:
         if key in with_image[0]:
             batch[key] = torch.cat([_rows(it[key], 2) for it in with_image])
@@ -272,16 +300,33 @@ def image_batch(items: list[dict]) -> dict:
     return batch
 
 
+def video_batch(items: list[dict]) -> dict:
+    """The clips of the items that have one, in sample order: pixel_values_videos and the family's `video_inputs`,
+    each as the processor made it for one clip, concatenated (OneVision's (1, frames, 3, H, W) clips; Qwen2.5-VL's
+    patch blocks); empty when no sample has a clip."""
+    with_video = [it for it in items if it.get("pixel_values_videos") is not None]
+    if not with_video:
+        return {}
+    keys = ("pixel_values_videos",) + tuple(key for key in VIDEO_INPUTS if key in with_video[0])
+    return {key: torch.cat([it[key] for it in with_video]) for key in keys}
+
+
 def forward_image_inputs(batch: dict, device: torch.device, dtype: torch.dtype, config) -> dict:
-    """The forward's image keyword arguments from a collated batch and the model's config: pixel_values in the
-    vision dtype, the other image inputs (`image_sizes`, `batch_num_images`) as they are and, for a family with
-    `token_types`, that input marking the batch's image tokens (from its input_ids), on `device`."""
+    """The forward's image and video keyword arguments from a collated batch and the model's config: pixel_values
+    (and pixel_values_videos) in the vision dtype, the other image and video inputs (`image_sizes`, `batch_num_images`,
+    `video_grid_thw`) as they are and, for a family with `token_types`, that input marking the batch's image (and
+    video) tokens (from its input_ids), on `device`."""
     pixels = batch["pixel_values"]
     inputs = {"pixel_values": None if pixels is None else pixels.to(device, dtype)}
-    for key in IMAGE_INPUTS + SAMPLE_INPUTS:
+    if batch.get("pixel_values_videos") is not None:
+        inputs["pixel_values_videos"] = batch["pixel_values_videos"].to(device, dtype)
+    for key in IMAGE_INPUTS + SAMPLE_INPUTS + VIDEO_INPUTS:
         if batch.get(key) is not None:
             inputs[key] = batch[key].to(device)
-    key = family_of(config).token_types
-    if key is not None:
-        inputs[key] = (batch["input_ids"] == config.image_token_id).long().to(device)
+    family = family_of(config)
+    if family.token_types is not None:
+        types = (batch["input_ids"] == config.image_token_id).long()
+        if family.video_token_type is not None:
+            types[batch["input_ids"] == config.video_token_id] = family.video_token_type
+        inputs[family.token_types] = types.to(device)
     return inputs

@@ -36,7 +36,7 @@ class DrawnSamples(Dataset):
         try:
             return self.dataset[index]
         except UnreadableImage as exc:
-            return {"unreadable": {"id": exc.sample_id, "file": exc.path, "error": exc.cause}}
+            return {"unreadable": {"id": exc.sample_id, "file": exc.path, "error": exc.cause, "kind": exc.kind}}
 
 
 def collate_drawn(items: list[dict], collate, pad_token_id: int) -> dict:
@@ -65,7 +65,7 @@ class BadSamples:
         found = gather_object([record for batch in window for record in batch["unreadable"]])
         step = state.step + 1
         first = found[0]
-        named = f"sample {first['id']!r}: cannot read image {first['file']} ({first['error']})"
+        named = f"sample {first['id']!r}: cannot read {first['kind']} {first['file']} ({first['error']})"
         more = f" and {len(found) - 1} more" if len(found) > 1 else ""
         if self.recipe.data.on_bad_sample == "stop":
             raise StopAtCheckpoint(
@@ -86,7 +86,11 @@ class BadSamples:
         state.skipped_samples = skipped
         if self.accelerator.is_main_process:
             with open(self.log, "a") as f:
-                f.writelines(json.dumps({"step": step} | record) + "\n" for record in found)
+                # The log keeps its fields (step, id, file, error); `kind` only words the message.
+                f.writelines(
+                    json.dumps({"step": step} | {k: v for k, v in record.items() if k != "kind"}) + "\n"
+                    for record in found
+                )
         if skipped == count:  # the first ones of the run
             self.accelerator.print(
                 f"\nqllava: warning: step {step}: {named}{more}; skipped (data.on_bad_sample=skip), "

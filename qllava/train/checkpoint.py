@@ -287,8 +287,9 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
 
 def _images_key(sample) -> str:
     # Every image of a sample; one image or none reads as before samples could hold several ("None": none), so
-    # that checkpoints written then still resume.
-    return "\t".join(sample.images) or "None"
+    # that checkpoints written then still resume. A clip (never beside images) is marked as one, so that a video
+    # and an image of the same path differ.
+    return "\t".join(sample.images + [f"video:{name}" for name in sample.videos]) or "None"
 
 
 def record_samples(state: TrainState, samples: list, checkpoint: Path | None) -> None:
