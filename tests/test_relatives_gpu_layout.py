@@ -1,4 +1,4 @@
-"""LLaVA-OneVision, Qwen2.5-VL and Gemma 3 in the dtypes a CUDA device gets (bf16 base, vision tower and pixels;
+"""LLaVA-OneVision, Qwen2.5-VL and Gemma 3 in the dtypes a CUDA device gets (bf16 base, vision tower, pixels and clips;
 fp32 projector; bf16 autocast; 8-bit AdamW), on the CPU under QLLAVA_GPU_LAYOUT=1, as LLaVA-1.5 (test_gpu_layout.py)
 and LLaVA-NeXT (test_anyres_run.py) are: padded and, where the family allows it, packed batches with evaluation, a bf16
 merge that passes its verification, generation from the export, and two DDP processes."""
@@ -46,7 +46,13 @@ def _recipe(base, data_dir, out, **sections):
 
 @pytest.fixture(scope="module", params=KINDS)
 def base_and_data(request, tmp_path_factory):
+    """The kind's tiny base and its data: images of several sizes, text-only samples and, for the families that
+    take video, clips among them (pixel_values_videos in the vision dtype too)."""
     root = tmp_path_factory.mktemp(f"{request.param}-layout")
+    if family_named(request.param).video_text is not None:
+        from tests.data.test_video import write_video_data
+
+        return tiny_of(request.param, request), write_video_data(root, 12)
     return tiny_of(request.param, request), write_color_data(root, 12, sizes=SIZES)
 
 
