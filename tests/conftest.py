@@ -143,6 +143,25 @@ def lora_model_with_random_b(recipe, device: str = "cpu"):
 # --- multi-process runs (tests/train/test_distributed.py, test_fsdp.py) ---
 
 
+def train_is_refused(base: Path, data_dir: Path, out: Path, **data) -> str:
+    """`qllava train` on a minimal recipe (data_dir's train.json and images, `data` keys beside them) refused as a
+    user sees it: exit 1, one message, no traceback, no run directory. Its output."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from qllava.cli import app
+
+    section = {"train": str(data_dir / "train.json"), "image_folder": str(data_dir / "images"), **data}
+    recipe = out / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump({"model": {"base": str(base)}, "data": section, "output": {"dir": str(out / "run")}})
+    )
+    result = CliRunner().invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and not (out / "run").exists()
+    return result.output
+
+
 def run_launcher(command: list[str]):
     """Run a launching command (`qllava train --num-processes`, `accelerate launch`) as a user would:
     outside any launched process (no inherited LOCAL_RANK); fail with its stderr."""

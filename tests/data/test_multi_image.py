@@ -18,7 +18,15 @@ from qllava.errors import QllavaError
 from qllava.model.families import family_of
 from qllava.model.load import load_processor
 from qllava.train.checkpoint import TrainState, record_samples
-from tests.conftest import COLORS, assert_each_sample_computes_alone, kinds, make_recipe, template_of, tiny_of
+from tests.conftest import (
+    COLORS,
+    assert_each_sample_computes_alone,
+    kinds,
+    make_recipe,
+    template_of,
+    tiny_of,
+    train_is_refused,
+)
 
 TWO = "The first <image> and the second <image>: what color is the shape?"
 
@@ -103,21 +111,9 @@ def test_an_image_list_holds_path_strings():
 
 
 def test_a_tag_mismatch_is_one_message_and_exit_1(tiny_base, tmp_path):
-    from typer.testing import CliRunner
-
-    from qllava.cli import app
-
     data = _write_images(tmp_path / "data", [((32, 32), (32, 32))], tag_text="Only one <image> here.")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        f"model: {{base: {tiny_base}}}\n"
-        f"data: {{train: {data / 'train.json'}, image_folder: {data / 'images'}}}\n"
-        f"output: {{dir: {tmp_path / 'run'}}}\n"
-    )
-    result = CliRunner().invoke(app, ["train", str(recipe)])
-    assert result.exit_code == 1
-    assert "sample 'm0'" in result.output and "1 `<image>` tag(s) but 2 image(s)" in result.output
-    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+    output = train_is_refused(tiny_base, data, tmp_path)
+    assert "sample 'm0'" in output and "1 `<image>` tag(s) but 2 image(s)" in output
 
 
 # --- image tokens and pixels against the HF processor ---
