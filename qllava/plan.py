@@ -75,12 +75,16 @@ class Shape:
     vision_hidden: int
     vision_intermediate: int
     vision_layers: int
+    vision_working: int
+    """Elements per patch one vision layer holds at its worst moment (`_vision_working`)."""
     vision_keeps_hidden_states: bool
     """LLaVA families read a hidden layer of the vision tower (vision_feature_layer): every layer's output is kept."""
     pixels_per_tile: int
     """pixel_values elements of one tile (Qwen2.5-VL: of the worst image's patches)."""
     image_size: int  # the vision tower's input side; 0 where it runs at each image's own resolution
     tied: bool
+    projector_keeps: int
+    """Elements the trained projector keeps for its backward per tile (`_projector_keeps`)."""
     tile_tokens: int
     """Vision features per tile that the projector reads (its input: tiles x tile_tokens per image)."""
     worst_image: tuple[int, int] | None = None
@@ -173,7 +177,11 @@ def shape_from_config(config, processor=None, max_image_tokens: int | None = Non
             tile_tokens = tile_patches - int(select == "default")
         else:
             tile_patches = tile_tokens = tokens * merge**2  # the merger reads every patch of the image
+    keeps_hidden_states = hasattr(config, "vision_feature_layer")
+    projector_keeps = _projector_keeps(model.get_submodule(family.projector), tile_tokens, vision.hidden_size)
     return Shape(
+        vision_working=_vision_working(model.get_submodule(family.vision), vision, keeps_hidden_states, fixed_side),
+        projector_keeps=projector_keeps,
         hidden=text.hidden_size,
         layers=text.num_hidden_layers,
         intermediate=text.intermediate_size,
@@ -187,7 +195,7 @@ def shape_from_config(config, processor=None, max_image_tokens: int | None = Non
         vision_hidden=vision.hidden_size,
         vision_intermediate=vision.intermediate_size,
         vision_layers=vision.num_hidden_layers,
-        vision_keeps_hidden_states=hasattr(config, "vision_feature_layer"),
+        vision_keeps_hidden_states=keeps_hidden_states,
         pixels_per_tile=tile_patches * 3 * getattr(vision, "temporal_patch_size", 1) * vision.patch_size**2
         if not fixed_side
         else 3 * fixed_side**2,
@@ -199,6 +207,50 @@ def shape_from_config(config, processor=None, max_image_tokens: int | None = Non
         tile_tokens=tile_tokens,
         worst_image=worst,
     )
+
+
+def _vision_working(tower, vision, keeps_hidden_states: bool, fixed_side: int | None) -> int:
+    """Elements per patch that one layer of the frozen vision tower holds at its worst moment (no grad), measured
+    on CPU with tools/peak_memory.py on tiny towers of several widths (h hidden, I MLP intermediate): CLIP's
+    quick_gelu holds 3 intermediate-wide tensors at once (h + 3I, beside the layer outputs LLaVA keeps), SigLIP's
+    gelu-tanh 2 (4h + 2I); Qwen2.5-VL's windowed ViT at the image's own resolution, a gated MLP (3.5h + 3I) or its
+    attention, whose rotary q and k are upcast to fp32 (10h + 2 head_dim), whichever is larger."""
+    import torch
+
+    h, inter = vision.hidden_size, vision.intermediate_size
+    widths = [m.out_features for m in tower.modules() if isinstance(m, torch.nn.Linear)]
+    gated = widths.count(inter) >= 2 * vision.num_hidden_layers  # gate and up projections
+    if gated:
+        mlp = 7 * h // 2 + 3 * inter
+    elif vision.hidden_act == "quick_gelu":
+        mlp = (1 if keeps_hidden_states else 4) * h + 3 * inter
+    else:
+        mlp = (1 if keeps_hidden_states else 4) * h + 2 * inter
+    if fixed_side:
+        return mlp
+    head_dim = h // vision.num_attention_heads
+    return max(mlp, 10 * h + 2 * head_dim)
+
+
+def _projector_keeps(projector, rows: int, width: int) -> int:
+    """Elements the trained projector keeps for its backward per tile of `rows` vision features: what autograd saves
+    in its forward on the `meta` device (the storages of saved tensors, its own parameters aside). LLaVA's MLP keeps
+    its input, linear_1's output and GELU's; Qwen2.5-VL's merger also its RMSNorm's input, all at 4 patches per
+    token; Gemma 3's only its input pooled to the image's tokens."""
+    import torch
+
+    own = {p.untyped_storage()._cdata for p in projector.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in own:
+            saved[storage._cdata] = storage.nbytes() // tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        projector(torch.empty(1, rows, width, device="meta"))
+    return sum(saved.values())
 
 
 def _group(name: str, family) -> str:
@@ -528,21 +580,20 @@ def estimate(shape: Shape, recipe: Recipe, micro_batch: int, seq_len: int, devic
         # weight cast in the forward (2 B per trained parameter; from torch's autocast weight cache,
         # not measured on a GPU). Below the recompute moment for the shipped 7B recipes.
         logits += 2 * trained
-    # Projector (trained, so its activations are kept): the vision features it reads (copied by the
-    # reshape of the non-contiguous [:, 1:] slice), linear_1's output (kept by GELU), GELU's output; AnyRes: of
-    # every tile.
-    proj_act = B * shape.tiles * shape.tile_tokens * (shape.vision_hidden + 2 * H) * dt
+    # Projector (trained, so what autograd saves in it is kept until backward), for every tile.
+    proj_act = B * shape.tiles * shape.projector_keeps * dt
+    pixels = B * shape.tiles * shape.pixels_per_tile * dt  # the batch's pixel_values, alive for the whole step
     if recipe.model.gradient_checkpointing:
-        persistent = L * checkpoint + proj_act + tokens * final_keep
+        persistent = L * checkpoint + proj_act + pixels + tokens * final_keep
         phases = {"logits + loss": logits, "one layer recomputed in backward": recompute}
-        phases["optimizer step"] = grads + step_temp - persistent
+        phases["optimizer step"] = grads + step_temp + pixels - persistent
         rows_act = [
             ("activations: layer inputs kept", L * checkpoint, f"{L} layers x B*S*H*{dt} B (checkpointing)"),
             ("activations: one layer recomputed", recompute, "its saved set + held tensors + gradients in"),
         ]
     else:
         layer_tok = saved_tok + H * dt  # + each layer's input
-        persistent = L * tokens * layer_tok + proj_act + tokens * final_keep
+        persistent = L * tokens * layer_tok + proj_act + pixels + tokens * final_keep
         # The last layer's backward: down_proj's (gradient out, LoRA-scaled copy, the product's
         # gradient, dequantized weight) or gate*up's (as with checkpointing; its down branch freed).
         last_layer = max(
@@ -550,18 +601,18 @@ def estimate(shape: Shape, recipe: Recipe, micro_batch: int, seq_len: int, devic
             tokens * (dt * H + dt * 3 * Ii - lora_down - product * ("down_in" in lora_keeps)),
         )
         phases = {"logits + loss": logits, "backward gradients": last_layer - tokens * final_keep}
-        phases["optimizer step"] = grads + step_temp - persistent
+        phases["optimizer step"] = grads + step_temp + pixels - persistent
         rows_act = [("activations: every layer saved", L * tokens * layer_tok, "no checkpointing")]
     images = B * shape.tiles  # AnyRes: every tile of every image runs through the tower in one batch
-    # One layer's working set (hidden states, attention, MLP intermediate); LLaVA families also keep every layer's
-    # output (output_hidden_states, to read vision_feature_layer); the pixels.
+    # One layer's working set; LLaVA families also keep every layer's output (output_hidden_states, to read
+    # vision_feature_layer).
     kept = shape.vision_layers + 1 if shape.vision_keeps_hidden_states else 0
-    vt = images * shape.vision_tokens * dt * (shape.vision_hidden * (kept + 4) + shape.vision_intermediate)
-    vt += images * shape.pixels_per_tile * dt
+    vt = images * shape.vision_tokens * dt * (shape.vision_hidden * kept + shape.vision_working) + pixels
     rows += rows_act + [
         ("gradients (LoRA + projector)", grads, "fp32, all alive at the optimizer step"),
         ("optimizer step temporaries", step_temp, "torch AdamW foreach" if opt == "adamw" else "one tensor"),
         ("activations: projector + final norm", proj_act + tokens * final_keep, "kept until backward"),
+        ("pixel_values", pixels, "the batch's images, alive for the whole step"),
         (
             "logits + loss",
             logits,

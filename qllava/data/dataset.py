@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from qllava.data.images import images_inputs, input_size, open_rgb, sizes_of
+from qllava.data.images import images_inputs, open_rgb, sizes_of, typical_size
 from qllava.data.jsonl import parse_jsonl
 from qllava.data.templates import render
 from qllava.errors import QllavaError
@@ -429,8 +429,8 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
                 return [among[len(sizes)]] * len(sizes)
         return [tokens_for_size(size) for size in sizes]
 
-    # A square image of the vision tower's input size: the count of a one-tile family, a typical one otherwise.
-    typical = tokens_for_size(input_size(processor.image_processor))
+    # The count of a one-tile family, a typical image's otherwise (`typical_size`).
+    typical = tokens_for_size(typical_size(processor.image_processor))
     return Encoder(
         tokenizer,
         recipe.data.template,
