@@ -624,8 +624,13 @@ def estimate(shape: Shape, recipe: Recipe, micro_batch: int, seq_len: int, devic
     return Estimate(rows, static, persistent, phases, vt)
 
 
+MICRO_BATCH_LIMIT = 1 << 16
+"""Where the search for the largest micro-batch stops: a recipe that fits even there is reported as `>=` it."""
+
+
 def largest_micro_batch(shape: Shape, recipe: Recipe, seq_len: int, budget: int, device: str = "cuda") -> int:
-    """Largest micro-batch whose device total (cuda) or peak (cpu) fits `budget` bytes; 0 if none."""
+    """Largest micro-batch whose device total (cuda) or peak (cpu) fits `budget` bytes, up to MICRO_BATCH_LIMIT;
+    0 if none."""
 
     def fits(b: int) -> bool:
         e = estimate(shape, recipe, b, seq_len, device)
@@ -634,8 +639,10 @@ def largest_micro_batch(shape: Shape, recipe: Recipe, seq_len: int, budget: int,
     if not fits(1):
         return 0
     lo, hi = 1, 2
-    while fits(hi) and hi < 1 << 16:
+    while hi <= MICRO_BATCH_LIMIT and fits(hi):
         lo, hi = hi, hi * 2
+    if lo == MICRO_BATCH_LIMIT:
+        return lo
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
@@ -699,7 +706,8 @@ def render(shape: Shape, recipe: Recipe, seq_len: int, gpu_gb: float | None) -> 
                 f"biggest rows: {names}"
             )
         else:
-            lines.append(f"{gb:g} GB: micro_batch={mb} {verdict}; largest micro-batch that fits: {best}")
+            largest = f">= {best} (the search stops there)" if best == MICRO_BATCH_LIMIT else str(best)
+            lines.append(f"{gb:g} GB: micro_batch={mb} {verdict}; largest micro-batch that fits: {largest}")
     return "\n".join(lines)
 
 

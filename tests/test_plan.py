@@ -636,3 +636,14 @@ def test_plan_assumes_the_largest_image_that_fits_the_length():
     assert "the largest image becomes 2928 tokens, more than seq_len=2048 holds" in text
     assert "the plan assumes the largest image that fits, 2046 tokens" in text and "at 352x576" in text
     assert "note:" not in plan(load_recipe(str(RECIPES_DIR / "llava-v1.6-mistral-7b-qlora.yaml"), []), 24)
+
+
+def test_a_micro_batch_beyond_the_search_is_not_printed_as_found():
+    """The demo's stage-1 recipe (a tiny base, projector only) fits any micro-batch the search tries at 80 GB: the plan
+    says so instead of printing the search's limit as the largest that fits."""
+    from qllava.plan import MICRO_BATCH_LIMIT, plan
+    from qllava.recipe import load_recipe
+
+    text = plan(load_recipe(str(RECIPES_DIR / "demo-pretrain-projector.yaml"), []), gpu_memory=80)
+    assert f"largest micro-batch that fits: >= {MICRO_BATCH_LIMIT} (the search stops there)" in text
+    assert str(MICRO_BATCH_LIMIT - 1) not in text
