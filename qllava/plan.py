@@ -1,10 +1,10 @@
 """Predict the peak GPU memory of a training recipe before renting the GPU: `qllava plan`.
 
 Everything is computed from the base's config.json (read with AutoConfig, the model is built on the
-`meta` device to count parameters per group: no weights are read), for AnyRes bases its processor settings
-(the image-token count of the worst image), and the recipe. Before a shipped recipe's base is downloaded, the
-copies of those files in `qllava.bases` stand in for it. The estimate is a function of (shape, recipe,
-micro_batch, seq_len), so the largest fitting micro-batch is a search.
+`meta` device to count parameters per group: no weights are read), where image tokens come from the processor
+(AnyRes, Qwen2.5-VL, Gemma 3) its processor settings (the image-token count of the worst image), and the recipe.
+Before a shipped recipe's base is downloaded, the copies of those files in `qllava.bases` stand in for it. The
+estimate is a function of (shape, recipe, micro_batch, seq_len), so the largest fitting micro-batch is a search.
 
 Where the bytes go, per component (B = micro-batch, S = seq_len image tokens included, H = hidden,
 I = MLP intermediate, V = vocab, L = decoder layers, dt = activation dtype bytes: 2 on GPU, 4 on CPU):
@@ -26,8 +26,9 @@ the optimizer step (all gradients), the vision tower forward.
 - logits: 12 bytes per logit in the backward of log-softmax (its fp32 output and two fp32
   gradients; on CPU the full logits' forward, logits + shifted copy + log-softmax, is as large), on
   B*S*V logits (the largest row for big vocabularies); with `train.loss_chunk_size` = C > 0 on C*V.
-- the vision tower runs without grad: its activations are transient (all hidden states kept by
-  output_hidden_states + one layer's working set) and freed before the language model runs.
+- the vision tower runs without grad: its activations are transient (LLaVA's hidden states kept by
+  output_hidden_states + one layer's working set per patch) and freed before the language model runs; the
+  projector trains, so what autograd saves in it stays until backward; the batch's pixel_values stay all step.
 The activation terms are what torch.profiler's memory timeline (tools/peak_memory.py) shows alive at
 each peak: measured on CPU in fp32 (tests/test_plan.py); the bf16 counts from a LoRA layer and the
 loss run in bf16 under autocast on CPU, by hand; no GPU run has checked them.
