@@ -69,6 +69,9 @@ class Shape:
     """Weight sizes of one decoder layer's RMSNorms (hidden-wide ones, head_dim-wide q/k norms)."""
     image_tokens: int
     """Tokens of the worst image the plan assumes (the most any admitted image gets)."""
+    fewest_image_tokens: int
+    """The fewest tokens any image gets: the loss's worst sample is the one with the most text, so the smallest
+    image."""
     largest_image_tokens: int
     """The most tokens the processor makes of any image, admitted or not (more than `image_tokens` when a sample
     of data.max_length tokens cannot hold such an image)."""
@@ -148,7 +151,7 @@ def shape_from_config(config, processor=None, max_image_tokens: int | None = Non
         for name, m in model.named_modules()
         if name.startswith(f"{family.llm_prefix}layers.0.") and type(m).__name__.endswith("RMSNorm")
     ]
-    tiles, worst, largest = 1, None, None
+    tiles, worst, largest, fewest = 1, None, None, None
     if processor is None:
         tokens = tile_tokens = num_image_tokens(config)
     else:
@@ -168,7 +171,7 @@ def shape_from_config(config, processor=None, max_image_tokens: int | None = Non
             sizes = [(h, w) for h in range(128, 8193, 128) for w in range(128, 8193, 128)]
             sizes.sort(key=lambda size: max(size) / min(size))
         counts = image_tokens(processor, sizes)
-        largest = max(counts)
+        largest, fewest = max(counts), min(counts)
         admitted = [c if max_image_tokens is None or c <= max_image_tokens else -1 for c in counts]
         tokens = max(admitted) if max(admitted) > 0 else min(counts)
         if len(set(counts)) > 1:
@@ -191,6 +194,7 @@ def shape_from_config(config, processor=None, max_image_tokens: int | None = Non
         q_dim=heads * head_dim,
         layer_norms=layer_norms,
         image_tokens=tokens,
+        fewest_image_tokens=fewest or tokens,
         largest_image_tokens=largest or tokens,
         vision_tokens=tile_patches,
         vision_hidden=vision.hidden_size,
@@ -510,7 +514,9 @@ def estimate(shape: Shape, recipe: Recipe, micro_batch: int, seq_len: int, devic
     # autocast, run on CPU (same autograd graph; CPU's unfused dropout keeps a noise tensor where
     # CUDA's fused dropout keeps a bool mask, the one difference accounted for below).
     tokens = B * S
-    trained_rows = B * max(S - shape.image_tokens, 1)  # positions whose next token carries loss
+    # Positions whose next token carries loss, in the sample with the most text: its image the smallest (the other
+    # terms assume the largest; taking the worst of each over-counts a little where the two differ).
+    trained_rows = B * max(S - shape.fewest_image_tokens, 1)
     kv = shape.kv_dim
     Q = shape.q_dim  # heads x head_dim: the hidden size, except where head_dim is set apart (Gemma 3)
     gqa = 2 * (Q - kv) if kv < Q else 0  # repeat_kv copies before sdpa
@@ -670,7 +676,6 @@ def render(shape: Shape, recipe: Recipe, seq_len: int, gpu_gb: float | None) -> 
     lines = [
         f"plan for micro_batch={mb}, seq_len={seq_len} ({images}), "
         f"bits={recipe.model.bits}, gradient_checkpointing={recipe.model.gradient_checkpointing}",
-        f"{'component':{width}}  {'bytes':>15}  {'GiB':>8}  note",
     ]
     if shape.image_tokens > seq_len:
         lines.append(
@@ -684,6 +689,7 @@ def render(shape: Shape, recipe: Recipe, seq_len: int, gpu_gb: float | None) -> 
             "holds: data.max_length must exceed the image tokens of every sample (`qllava data check` reports "
             f"them), so the plan assumes the largest image that fits, {shape.image_tokens} tokens"
         )
+    lines.append(f"{'component':{width}}  {'bytes':>15}  {'GiB':>8}  note")
     lines += [f"{n:{width}}  {b:15,d}  {_gib(b)}  {note}" for n, b, note in e.rows]
     lines += [
         f"{'torch peak allocated':{width}}  {e.peak:15,d}  {_gib(e.peak)}  "
