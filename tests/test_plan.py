@@ -416,8 +416,9 @@ def relative_bases(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-# `python tests/test_plan.py` prints the seven relative cases; the test runs one per family: Gemma 3 without
-# checkpointing, Qwen2.5-VL where its vision tower's forward is the peak.
+# `python tests/test_plan.py` prints the seven relative cases, ratios 0.990-1.018 (the largest |ratio - 1|: Qwen2.5-VL
+# without checkpointing); the test runs one per family: Gemma 3 without checkpointing (0.990), Qwen2.5-VL where its
+# vision tower's forward is the peak (0.990).
 @pytest.mark.parametrize("case", [RELATIVE_CASES[2], RELATIVE_CASES[6]], ids=lambda c: f"{c[0]}-b{c[4]}-s{c[5]}")
 def test_relative_estimate_matches_measured_cpu_peak(relative_bases, case):
     """Gemma 3 (head_dim apart from hidden / heads, its four norms and q/k norms, tied 32k vocabulary, a sliding
