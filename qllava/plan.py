@@ -1,10 +1,10 @@
 """Predict the peak GPU memory of a training recipe before renting the GPU: `qllava plan`.
 
 Everything is computed from the base's config.json (read with AutoConfig, the model is built on the
-`meta` device to count parameters per group: no weights are read), for AnyRes bases its processor settings
-(the image-token count of the worst image), and the recipe. Before a shipped recipe's base is downloaded, the
-copies of those files in `qllava.bases` stand in for it. The estimate is a function of (shape, recipe,
-micro_batch, seq_len), so the largest fitting micro-batch is a search.
+`meta` device to count parameters per group: no weights are read), where image tokens come from the processor
+(AnyRes, Qwen2.5-VL, Gemma 3) its processor settings (the image-token count of the worst image), and the recipe.
+Before a shipped recipe's base is downloaded, the copies of those files in `qllava.bases` stand in for it. The
+estimate is a function of (shape, recipe, micro_batch, seq_len), so the largest fitting micro-batch is a search.
 
 Where the bytes go, per component (B = micro-batch, S = seq_len image tokens included, H = hidden,
 I = MLP intermediate, V = vocab, L = decoder layers, dt = activation dtype bytes: 2 on GPU, 4 on CPU):
@@ -26,8 +26,9 @@ the optimizer step (all gradients), the vision tower forward.
 - logits: 12 bytes per logit in the backward of log-softmax (its fp32 output and two fp32
   gradients; on CPU the full logits' forward, logits + shifted copy + log-softmax, is as large), on
   B*S*V logits (the largest row for big vocabularies); with `train.loss_chunk_size` = C > 0 on C*V.
-- the vision tower runs without grad: its activations are transient (all hidden states kept by
-  output_hidden_states + one layer's working set) and freed before the language model runs.
+- the vision tower runs without grad: its activations are transient (LLaVA's hidden states kept by
+  output_hidden_states + one layer's working set per patch) and freed before the language model runs; the
+  projector trains, so what autograd saves in it stays until backward; the batch's pixel_values stay all step.
 The activation terms are what torch.profiler's memory timeline (tools/peak_memory.py) shows alive at
 each peak: measured on CPU in fp32 (tests/test_plan.py); the bf16 counts from a LoRA layer and the
 loss run in bf16 under autocast on CPU, by hand; no GPU run has checked them.
@@ -63,17 +64,35 @@ class Shape:
     intermediate: int
     vocab: int
     kv_dim: int
+    q_dim: int
+    layer_norms: list[int]
+    """Weight sizes of one decoder layer's RMSNorms (hidden-wide ones, head_dim-wide q/k norms)."""
     image_tokens: int
-    vision_tokens: int  # patches (+ CLS) that run through the vision tower
+    """Tokens of the worst image the plan assumes (the most any admitted image gets)."""
+    fewest_image_tokens: int
+    """The fewest tokens any image gets: the loss's worst sample is the one with the most text, so the smallest
+    image."""
+    largest_image_tokens: int
+    """The most tokens the processor makes of any image, admitted or not (more than `image_tokens` when a sample
+    of data.max_length tokens cannot hold such an image)."""
+    vision_tokens: int  # patches (+ CLS) of one tile that run through the vision tower
     vision_hidden: int
     vision_intermediate: int
     vision_layers: int
-    image_size: int
+    vision_working: int
+    """Elements per patch one vision layer holds at its worst moment (`_vision_working`)."""
+    vision_keeps_hidden_states: bool
+    """LLaVA families read a hidden layer of the vision tower (vision_feature_layer): every layer's output is kept."""
+    pixels_per_tile: int
+    """pixel_values elements of one tile (Qwen2.5-VL: of the worst image's patches)."""
+    image_size: int  # the vision tower's input side; 0 where it runs at each image's own resolution
     tied: bool
+    projector_keeps: int
+    """Elements the trained projector keeps for its backward per tile (`_projector_keeps`)."""
     tile_tokens: int
     """Vision features per tile that the projector reads (its input: tiles x tile_tokens per image)."""
     worst_image: tuple[int, int] | None = None
-    """AnyRes: the (height, width) of `image_tokens`, the image_grid_pinpoints size that gets the most tokens."""
+    """Where the count depends on the image's size: the (height, width) of `image_tokens`."""
     params: dict[str, int] = field(default_factory=dict)
     linears: list[tuple[str, int, int]] = field(default_factory=list)  # (LLM linear name, in, out)
     tiles: int = 1
@@ -84,27 +103,27 @@ class Shape:
         return max(i * o for _, i, o in self.linears)
 
 
-def shape_from_config(config, processor=None) -> Shape:
+def shape_from_config(config, processor=None, max_image_tokens: int | None = None) -> Shape:
     """Count parameters per group on a `meta`-device model built from the config (any supported family).
 
-    AnyRes families (`Family.tiles`) need the base's `processor` (`counting_processor`): an image's token count
-    depends on its size, and the plan assumes the worst the config admits: the `image_grid_pinpoints` size that
-    the processor counts the most tokens for (an image of a grid's own size fills it without padding, so no image
-    of that grid gets more; AnyRes-max pools the largest grids down, so it need not be the largest grid), and
-    the vision tower and projector over the base image plus the largest grid's tiles."""
+    Image tokens: a LLaVA config's own arithmetic when no `processor` is given, else the base's processor
+    (`counting_processor`), asked for the worst image: the plan assumes the most tokens any image gets, and the
+    vision tower and projector over that image. Where the count depends on the image's size, the candidates are
+    AnyRes's `image_grid_pinpoints` sizes and every size up to the largest grid, 32 px apart (an image of a grid's
+    own size fills it without padding; AnyRes-max pools the largest grids down, so the worst need not be the
+    largest grid), or, for a vision tower without a fixed input size (Qwen2.5-VL's, at the image's own
+    resolution within the processor's pixel bounds), every size up to 8192x8192, 128 px apart. `max_image_tokens`:
+    the worst image among those that get at most that many tokens (a sample's image must fit data.max_length)."""
     import torch
 
     from qllava.data.dataset import num_image_tokens
     from qllava.model.families import family_of, image_tokens
 
     family = family_of(config)
-    if not hasattr(config, "vision_feature_select_strategy"):
-        # Image tokens and tiles are read from LLaVA-family configs (and their processors); other families (Gemma 3,
-        # Qwen2.5-VL) lay them out otherwise.
-        raise QllavaError(
-            f"qllava plan does not estimate `{family.model_type}` models yet: it reads image tokens and tiles from "
-            "LLaVA-family configs only"
-        )
+    # LLaVA configs count their image tokens; the other families' processors lay them out themselves.
+    config_counts = hasattr(config, "vision_feature_select_strategy") and not family.tiles
+    if processor is None and not config_counts:
+        raise QllavaError(f"planning a `{family.model_type}` base needs its processor settings")
     with torch.device("meta"):
         model = family.model_class()(config)
     params: dict[str, int] = {}
@@ -119,38 +138,73 @@ def shape_from_config(config, processor=None) -> Shape:
     text, vision = config.text_config, config.vision_config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    patches = (vision.image_size // vision.patch_size) ** 2
+    # A tower of one input size (CLIP, SigLIP) or one at each image's own resolution (Qwen2.5-VL's ViT, whose
+    # merger makes one token of spatial_merge_size^2 patches).
+    fixed_side = getattr(vision, "image_size", None)
+    merge = getattr(vision, "spatial_merge_size", 1)
     has_cls = vision.model_type.startswith("clip")
-    tiles, worst = 1, None
-    if family.tiles:
-        if processor is None:
-            raise QllavaError(f"planning a `{family.model_type}` base needs its processor settings")
-        grids = [tuple(pinpoint) for pinpoint in config.image_grid_pinpoints]
-        # Every size up to the largest grid, 32 px apart, besides the grids themselves: AnyRes-max pools an image's
-        # features when they exceed its budget by 10%, so the worst image of OneVision lies between grids, just
-        # under that threshold (8765 tokens, at 1248x1024 or 1168x960, against 8154 for the worst grid, 1920x768;
-        # a 16 px sweep finds no more). Counting is arithmetic: 0.4 s for OneVision's 5184 sizes.
-        top_h, top_w = max(h for h, _ in grids), max(w for _, w in grids)
-        sizes = grids + [(h, w) for h in range(32, top_h + 1, 32) for w in range(32, top_w + 1, 32)]
-        counts = image_tokens(processor, sizes)
-        worst = sizes[counts.index(max(counts))]
-        tokens = max(counts)
-        tiles = 1 + max((h // vision.image_size) * (w // vision.image_size) for h, w in grids)
-        tile_tokens = patches + int(has_cls) - int(config.vision_feature_select_strategy == "default")
-    else:
+    tile_patches = (fixed_side // vision.patch_size) ** 2 + int(has_cls) if fixed_side else 0
+    # The widths of a decoder layer's norms (Llama, Qwen2: two of the hidden size; Gemma 3: four, and q/k norms of
+    # head_dim).
+    layer_norms = [
+        m.weight.numel()
+        for name, m in model.named_modules()
+        if name.startswith(f"{family.llm_prefix}layers.0.") and type(m).__name__.endswith("RMSNorm")
+    ]
+    tiles, worst, largest, fewest = 1, None, None, None
+    if processor is None:
         tokens = tile_tokens = num_image_tokens(config)
+    else:
+        grids = [tuple(pinpoint) for pinpoint in getattr(config, "image_grid_pinpoints", None) or []]
+        if grids:
+            # AnyRes-max pools an image's features when they exceed its budget by 10%, so the worst image of
+            # OneVision lies between grids, just under that threshold (8765 tokens, at 1248x1024 or 1168x960,
+            # against 8154 for the worst grid, 1920x768; a 16 px sweep finds no more). Counting is arithmetic:
+            # 0.4 s for OneVision's 5184 sizes.
+            top_h, top_w = max(h for h, _ in grids), max(w for _, w in grids)
+            sizes = grids + [(h, w) for h in range(32, top_h + 1, 32) for w in range(32, top_w + 1, 32)]
+            tiles = 1 + max((h // fixed_side) * (w // fixed_side) for h, w in grids)
+        elif fixed_side:
+            sizes = [(fixed_side, fixed_side)]
+        else:
+            # Nearest to square first: the worst image reported is the squarest of those that get the most tokens.
+            sizes = [(h, w) for h in range(128, 8193, 128) for w in range(128, 8193, 128)]
+            sizes.sort(key=lambda size: max(size) / min(size))
+        counts = image_tokens(processor, sizes)
+        largest, fewest = max(counts), min(counts)
+        admitted = [c if max_image_tokens is None or c <= max_image_tokens else -1 for c in counts]
+        tokens = max(admitted) if max(admitted) > 0 else min(counts)
+        if len(set(counts)) > 1:
+            worst = sizes[admitted.index(tokens) if tokens in admitted else counts.index(tokens)]
+        if fixed_side:
+            select = getattr(config, "vision_feature_select_strategy", "full")
+            tile_tokens = tile_patches - int(select == "default")
+        else:
+            tile_patches = tile_tokens = tokens * merge**2  # the merger reads every patch of the image
+    keeps_hidden_states = hasattr(config, "vision_feature_layer")
+    projector_keeps = _projector_keeps(model.get_submodule(family.projector), tile_tokens, vision.hidden_size)
     return Shape(
+        vision_working=_vision_working(model.get_submodule(family.vision), vision, keeps_hidden_states, fixed_side),
+        projector_keeps=projector_keeps,
         hidden=text.hidden_size,
         layers=text.num_hidden_layers,
         intermediate=text.intermediate_size,
         vocab=text.vocab_size,
         kv_dim=(getattr(text, "num_key_value_heads", None) or heads) * head_dim,
+        q_dim=heads * head_dim,
+        layer_norms=layer_norms,
         image_tokens=tokens,
-        vision_tokens=patches + int(has_cls),
+        fewest_image_tokens=fewest or tokens,
+        largest_image_tokens=largest or tokens,
+        vision_tokens=tile_patches,
         vision_hidden=vision.hidden_size,
         vision_intermediate=vision.intermediate_size,
         vision_layers=vision.num_hidden_layers,
-        image_size=vision.image_size,
+        vision_keeps_hidden_states=keeps_hidden_states,
+        pixels_per_tile=tile_patches * 3 * getattr(vision, "temporal_patch_size", 1) * vision.patch_size**2
+        if not fixed_side
+        else 3 * fixed_side**2,
+        image_size=fixed_side or 0,
         tied="lm_head" not in params,
         params=params,
         linears=linears,
@@ -158,6 +212,50 @@ def shape_from_config(config, processor=None) -> Shape:
         tile_tokens=tile_tokens,
         worst_image=worst,
     )
+
+
+def _vision_working(tower, vision, keeps_hidden_states: bool, fixed_side: int | None) -> int:
+    """Elements per patch that one layer of the frozen vision tower holds at its worst moment (no grad), measured
+    on CPU with tools/peak_memory.py on tiny towers of several widths (h hidden, I MLP intermediate): CLIP's
+    quick_gelu holds 3 intermediate-wide tensors at once (h + 3I, beside the layer outputs LLaVA keeps), SigLIP's
+    gelu-tanh 2 (4h + 2I); Qwen2.5-VL's windowed ViT at the image's own resolution, a gated MLP (3.5h + 3I) or its
+    attention, whose rotary q and k are upcast to fp32 (10h + 2 head_dim), whichever is larger."""
+    import torch
+
+    h, inter = vision.hidden_size, vision.intermediate_size
+    widths = [m.out_features for m in tower.modules() if isinstance(m, torch.nn.Linear)]
+    gated = widths.count(inter) >= 2 * vision.num_hidden_layers  # gate and up projections
+    if gated:
+        mlp = 7 * h // 2 + 3 * inter
+    elif vision.hidden_act == "quick_gelu":
+        mlp = (1 if keeps_hidden_states else 4) * h + 3 * inter
+    else:
+        mlp = (1 if keeps_hidden_states else 4) * h + 2 * inter
+    if fixed_side:
+        return mlp
+    head_dim = h // vision.num_attention_heads
+    return max(mlp, 10 * h + 2 * head_dim)
+
+
+def _projector_keeps(projector, rows: int, width: int) -> int:
+    """Elements the trained projector keeps for its backward per tile of `rows` vision features: what autograd saves
+    in its forward on the `meta` device (the storages of saved tensors, its own parameters aside). LLaVA's MLP keeps
+    its input, linear_1's output and GELU's; Qwen2.5-VL's merger also its RMSNorm's input, all at 4 patches per
+    token; Gemma 3's only its input pooled to the image's tokens."""
+    import torch
+
+    own = {p.untyped_storage()._cdata for p in projector.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in own:
+            saved[storage._cdata] = storage.nbytes() // tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        projector(torch.empty(1, rows, width, device="meta"))
+    return sum(saved.values())
 
 
 def _group(name: str, family) -> str:
@@ -202,8 +300,7 @@ def plan_base(base: str) -> tuple[Path, str | None]:
 
         raise QllavaError(
             f"model.base `{base}` is not there yet and qllava ships no settings for it, so `qllava plan` needs the "
-            "downloaded base; note that the plan estimates LLaVA-family bases only (llava, llava_next, "
-            f"llava_onevision; shipped settings: {', '.join(sorted(BASES))})"
+            f"downloaded base (shipped settings: {', '.join(sorted(BASES))})"
         )
     return check_base(base), None  # its error says what the directory lacks
 
@@ -211,15 +308,23 @@ def plan_base(base: str) -> tuple[Path, str | None]:
 def counting_processor(folder: Path):
     """The base's processor class holding its image processor and its processor_config.json settings: all that
     `_get_num_multimodal_tokens` reads. Made without `__init__`, which wants the tokenizer (shipped settings have
-    none) and, for OneVision, a video processor that transformers cannot build without torchvision; counting
-    reads neither."""
+    none) and, for OneVision and Qwen2.5-VL, a video processor that transformers cannot build without torchvision;
+    counting reads neither. A base without processor_config.json (Qwen2.5-VL's) names its processor class in
+    preprocessor_config.json."""
     import transformers
     from transformers import AutoImageProcessor
 
     settings_file = folder / "processor_config.json"
-    if not settings_file.is_file():
-        raise QllavaError(f"{folder} has no processor_config.json: the image-token counts of an AnyRes base need it")
-    settings = json.loads(settings_file.read_text())
+    image_file = folder / "preprocessor_config.json"
+    if settings_file.is_file():
+        settings = json.loads(settings_file.read_text())
+    elif image_file.is_file():
+        settings = {"processor_class": json.loads(image_file.read_text()).get("processor_class")}
+    else:
+        raise QllavaError(
+            f"{folder} has no processor_config.json nor preprocessor_config.json: the plan asks the processor for "
+            "this base's image-token counts"
+        )
     settings.pop("image_processor", None)  # transformers 5 nests the image processor's settings here
     settings.pop("chat_template", None)
     processor_class = getattr(transformers, settings.pop("processor_class"))
@@ -230,7 +335,8 @@ def counting_processor(folder: Path):
     return processor
 
 
-def read_shape(base: str) -> Shape:
+def read_shape(base: str, max_image_tokens: int | None = None) -> Shape:
+    """The plan's shape of `base` (a folder or a shipped base's Hub id); `max_image_tokens`: as `shape_from_config`."""
     from transformers import AutoConfig
 
     from qllava.model.families import family_of
@@ -241,7 +347,9 @@ def read_shape(base: str) -> Shape:
         family = family_of(config)
     except QllavaError as exc:
         raise QllavaError(f"model.base `{base}`: {exc}") from None
-    return shape_from_config(config, counting_processor(folder) if family.tiles else None)
+    config_counts = hasattr(config, "vision_feature_select_strategy") and not family.tiles
+    processor = None if config_counts else counting_processor(folder)
+    return shape_from_config(config, processor, max_image_tokens)
 
 
 def lora_modules(shape: Shape, target_modules) -> list[tuple[str, int, int]]:
@@ -406,17 +514,25 @@ def estimate(shape: Shape, recipe: Recipe, micro_batch: int, seq_len: int, devic
     # autocast, run on CPU (same autograd graph; CPU's unfused dropout keeps a noise tensor where
     # CUDA's fused dropout keeps a bool mask, the one difference accounted for below).
     tokens = B * S
-    trained_rows = B * max(S - shape.image_tokens, 1)  # positions whose next token carries loss
+    # Positions whose next token carries loss, in the sample with the most text: its image the smallest (the other
+    # terms assume the largest; taking the worst of each over-counts a little where the two differ).
+    trained_rows = B * max(S - shape.fewest_image_tokens, 1)
     kv = shape.kv_dim
-    gqa = 2 * (H - kv) if kv < H else 0  # repeat_kv copies before sdpa
+    Q = shape.q_dim  # heads x head_dim: the hidden size, except where head_dim is set apart (Gemma 3)
+    gqa = 2 * (Q - kv) if kv < Q else 0  # repeat_kv copies before sdpa
     # Saved for backward by one layer: rotary q and k, v (+ GQA copies) and the attention output
     # kept by sdpa/flash (no S*S matrix); the RMSNorms' fp32 inputs: on CPU the post-attention
     # norm keeps the residual sum itself and the input norm the layer input (counted as the layer
     # input), on GPU each keeps an fp32 copy of its bf16 input (4 B, the bf16 tensors are freed); the
     # MLP's gate output, silu output and up output (their product is not kept: down_proj's base is
     # frozen). Norm outputs are not kept (frozen norm weights).
-    attn = dt * (H + 2 * kv + gqa + H)
+    attn = dt * (Q + 2 * kv + gqa + Q)
     norms = 4 * H + (4 * H if dt == 2 else 0)
+    # Norms beyond those two (Gemma 3: after attention and after the MLP, q and k norms over every head) keep their
+    # input in fp32 (CPU: the tensor; GPU: the fp32 copy).
+    hidden_norms = sum(1 for width in shape.layer_norms if width == H)
+    head_norms = any(width != H for width in shape.layer_norms)
+    norms += 4 * (H * max(hidden_norms - 2, 0) + (Q + kv if head_norms else 0))
     mlp = dt * 3 * Ii
     lora_common, lora_down, lora_down_extra, lora_keeps = _lora_activation_bytes(shape, targets, recipe, dt, r)
     core = attn + norms + mlp + lora_common  # kept until the layer's backward, down_proj's branch aside
@@ -471,21 +587,20 @@ def estimate(shape: Shape, recipe: Recipe, micro_batch: int, seq_len: int, devic
         # weight cast in the forward (2 B per trained parameter; from torch's autocast weight cache,
         # not measured on a GPU). Below the recompute moment for the shipped 7B recipes.
         logits += 2 * trained
-    # Projector (trained, so its activations are kept): the vision features it reads (copied by the
-    # reshape of the non-contiguous [:, 1:] slice), linear_1's output (kept by GELU), GELU's output; AnyRes: of
-    # every tile.
-    proj_act = B * shape.tiles * shape.tile_tokens * (shape.vision_hidden + 2 * H) * dt
+    # Projector (trained, so what autograd saves in it is kept until backward), for every tile.
+    proj_act = B * shape.tiles * shape.projector_keeps * dt
+    pixels = B * shape.tiles * shape.pixels_per_tile * dt  # the batch's pixel_values, alive for the whole step
     if recipe.model.gradient_checkpointing:
-        persistent = L * checkpoint + proj_act + tokens * final_keep
+        persistent = L * checkpoint + proj_act + pixels + tokens * final_keep
         phases = {"logits + loss": logits, "one layer recomputed in backward": recompute}
-        phases["optimizer step"] = grads + step_temp - persistent
+        phases["optimizer step"] = grads + step_temp + pixels - persistent
         rows_act = [
             ("activations: layer inputs kept", L * checkpoint, f"{L} layers x B*S*H*{dt} B (checkpointing)"),
             ("activations: one layer recomputed", recompute, "its saved set + held tensors + gradients in"),
         ]
     else:
         layer_tok = saved_tok + H * dt  # + each layer's input
-        persistent = L * tokens * layer_tok + proj_act + tokens * final_keep
+        persistent = L * tokens * layer_tok + proj_act + pixels + tokens * final_keep
         # The last layer's backward: down_proj's (gradient out, LoRA-scaled copy, the product's
         # gradient, dequantized weight) or gate*up's (as with checkpointing; its down branch freed).
         last_layer = max(
@@ -493,15 +608,18 @@ def estimate(shape: Shape, recipe: Recipe, micro_batch: int, seq_len: int, devic
             tokens * (dt * H + dt * 3 * Ii - lora_down - product * ("down_in" in lora_keeps)),
         )
         phases = {"logits + loss": logits, "backward gradients": last_layer - tokens * final_keep}
-        phases["optimizer step"] = grads + step_temp - persistent
+        phases["optimizer step"] = grads + step_temp + pixels - persistent
         rows_act = [("activations: every layer saved", L * tokens * layer_tok, "no checkpointing")]
     images = B * shape.tiles  # AnyRes: every tile of every image runs through the tower in one batch
-    vt = images * (shape.vision_tokens * shape.vision_hidden * dt * (shape.vision_layers + 1 + 4))
-    vt += images * shape.vision_tokens * shape.vision_intermediate * dt + images * 3 * shape.image_size**2 * dt
+    # One layer's working set; LLaVA families also keep every layer's output (output_hidden_states, to read
+    # vision_feature_layer).
+    kept = shape.vision_layers + 1 if shape.vision_keeps_hidden_states else 0
+    vt = images * shape.vision_tokens * dt * (shape.vision_hidden * kept + shape.vision_working) + pixels
     rows += rows_act + [
         ("gradients (LoRA + projector)", grads, "fp32, all alive at the optimizer step"),
         ("optimizer step temporaries", step_temp, "torch AdamW foreach" if opt == "adamw" else "one tensor"),
         ("activations: projector + final norm", proj_act + tokens * final_keep, "kept until backward"),
+        ("pixel_values", pixels, "the batch's images, alive for the whole step"),
         (
             "logits + loss",
             logits,
@@ -513,8 +631,13 @@ def estimate(shape: Shape, recipe: Recipe, micro_batch: int, seq_len: int, devic
     return Estimate(rows, static, persistent, phases, vt)
 
 
+MICRO_BATCH_LIMIT = 1 << 16
+"""Where the search for the largest micro-batch stops: a recipe that fits even there is reported as `>=` it."""
+
+
 def largest_micro_batch(shape: Shape, recipe: Recipe, seq_len: int, budget: int, device: str = "cuda") -> int:
-    """Largest micro-batch whose device total (cuda) or peak (cpu) fits `budget` bytes; 0 if none."""
+    """Largest micro-batch whose device total (cuda) or peak (cpu) fits `budget` bytes, up to MICRO_BATCH_LIMIT;
+    0 if none."""
 
     def fits(b: int) -> bool:
         e = estimate(shape, recipe, b, seq_len, device)
@@ -523,8 +646,10 @@ def largest_micro_batch(shape: Shape, recipe: Recipe, seq_len: int, budget: int,
     if not fits(1):
         return 0
     lo, hi = 1, 2
-    while fits(hi) and hi < 1 << 16:
+    while hi <= MICRO_BATCH_LIMIT and fits(hi):
         lo, hi = hi, hi * 2
+    if lo == MICRO_BATCH_LIMIT:
+        return lo
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
@@ -544,21 +669,27 @@ def render(shape: Shape, recipe: Recipe, seq_len: int, gpu_gb: float | None) -> 
         images = f"image tokens {shape.image_tokens} included"
     else:
         h, w = shape.worst_image
-        images = (
-            f"image tokens {shape.image_tokens} included: the most one image gets, at {h}x{w} (one image per "
-            f"sample assumed); the vision tower runs up to {shape.tiles} tiles per image"
-        )
+        images = f"image tokens {shape.image_tokens} included: the most one image gets, at {h}x{w}"
+        images += " (one image per sample assumed)"
+        if shape.tiles > 1:
+            images += f"; the vision tower runs up to {shape.tiles} tiles per image"
     lines = [
         f"plan for micro_batch={mb}, seq_len={seq_len} ({images}), "
         f"bits={recipe.model.bits}, gradient_checkpointing={recipe.model.gradient_checkpointing}",
-        f"{'component':{width}}  {'bytes':>15}  {'GiB':>8}  note",
     ]
     if shape.image_tokens > seq_len:
         lines.append(
-            f"warning: the largest image becomes {shape.image_tokens} tokens, more than seq_len={seq_len}: "
-            "data.max_length must exceed the image tokens of every sample (`qllava data check` reports them), "
-            "so this plan understates such a run; plan with a larger data.max_length or --seq-len"
+            f"warning: the smallest image becomes {shape.image_tokens} tokens, more than seq_len={seq_len}: "
+            "data.max_length must exceed the image tokens of every sample (`qllava data check` reports them); "
+            "plan with a larger data.max_length or --seq-len"
         )
+    elif shape.largest_image_tokens > shape.image_tokens:
+        lines.append(
+            f"note: the largest image becomes {shape.largest_image_tokens} tokens, more than seq_len={seq_len} "
+            "holds: data.max_length must exceed the image tokens of every sample (`qllava data check` reports "
+            f"them), so the plan assumes the largest image that fits, {shape.image_tokens} tokens"
+        )
+    lines.append(f"{'component':{width}}  {'bytes':>15}  {'GiB':>8}  note")
     lines += [f"{n:{width}}  {b:15,d}  {_gib(b)}  {note}" for n, b, note in e.rows]
     lines += [
         f"{'torch peak allocated':{width}}  {e.peak:15,d}  {_gib(e.peak)}  "
@@ -582,7 +713,8 @@ def render(shape: Shape, recipe: Recipe, seq_len: int, gpu_gb: float | None) -> 
                 f"biggest rows: {names}"
             )
         else:
-            lines.append(f"{gb:g} GB: micro_batch={mb} {verdict}; largest micro-batch that fits: {best}")
+            largest = f">= {best} (the search stops there)" if best == MICRO_BATCH_LIMIT else str(best)
+            lines.append(f"{gb:g} GB: micro_batch={mb} {verdict}; largest micro-batch that fits: {largest}")
     return "\n".join(lines)
 
 
@@ -605,6 +737,7 @@ def plan(recipe: Recipe, gpu_memory: float | None = None, seq_len: int | None = 
 
     recipe = resolve_demo_paths(recipe)  # the demo's tiny bases are generated (and cached) on first use
     folder, note = plan_base(recipe.model.base)
-    shape = read_shape(str(folder))
-    text = render(shape, recipe, seq_len or recipe.data.max_length, gpu_memory)
+    seq_len = seq_len or recipe.data.max_length
+    shape = read_shape(str(folder), max_image_tokens=seq_len)
+    text = render(shape, recipe, seq_len, gpu_memory)
     return f"{note}\n{text}" if note else text

@@ -19,7 +19,6 @@ import yaml
 from PIL import Image
 from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from qllava.errors import QllavaError
 from qllava.model.tiny import LLAVA_1_5_7B, build_tiny_llava, llava_config
 from qllava.plan import estimate, largest_micro_batch, read_shape, shape_from_config
 from qllava.recipe import RECIPES_DIR, build_recipe
@@ -66,43 +65,59 @@ def make_recipe(base: Path, **overrides):
     return build_recipe(raw)
 
 
+def _training_parts(base):
+    """What the measured step reads of the processor: its tokenizer and image processor. Loaded apart because
+    transformers builds the whole processor of Qwen2.5-VL (and OneVision) only with torchvision."""
+    from types import SimpleNamespace
+
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    return SimpleNamespace(
+        tokenizer=AutoTokenizer.from_pretrained(base), image_processor=AutoImageProcessor.from_pretrained(base)
+    )
+
+
 def measure_cpu_peak(recipe, micro_batch: int, seq_len: int) -> int:
     """Peak bytes of live tensors during qllava's training step on CPU (see the module docstring)."""
+    from unittest import mock
+
     from qllava.data.dataset import collate
+    from qllava.data.images import tiled_inputs
+    from qllava.model.families import forward_image_inputs
     from qllava.model.load import load_for_training, set_train_mode
     from qllava.train.loss import forward_loss_sum
     from qllava.train.optim import build_optimizer
 
     device = torch.device("cpu")
-    model, processor = load_for_training(recipe, device)
+    with mock.patch("qllava.model.load.load_processor", _training_parts):
+        model, processor = load_for_training(recipe, device)
     set_train_mode(model)
     optimizer = build_optimizer(model, recipe, device)
     config = AutoConfig.from_pretrained(recipe.model.base)
-    shape = read_shape(recipe.model.base)
+    shape = read_shape(recipe.model.base, max_image_tokens=seq_len)
     image_tokens = shape.image_tokens
-    size = config.vision_config.image_size
     g = torch.Generator().manual_seed(0)
     items = []
     for _ in range(micro_batch):
         ids = torch.randint(10, config.text_config.vocab_size, (seq_len,), generator=g)
+        ids[ids == config.image_token_id] = 10
         ids[:image_tokens] = config.image_token_id
         labels = ids.clone()
         labels[:image_tokens] = -100
         item = {"input_ids": ids.tolist(), "labels": labels.tolist(), "truncated": False}
         if shape.worst_image is None:
-            item["pixel_values"] = torch.randn(3, size, size, generator=g)
+            item["pixel_values"] = torch.randn(3, shape.image_size, shape.image_size, generator=g)
         else:
-            # AnyRes: the plan's worst image, as its processor tiles it.
+            # The plan's worst image, as its processor makes it (AnyRes tiles, Qwen2.5-VL's patches).
             height, width = shape.worst_image
             image = Image.fromarray(torch.randint(0, 255, (height, width, 3), generator=g, dtype=torch.uint8).numpy())
-            pixels = processor.image_processor(images=image, return_tensors="pt")
-            item["pixel_values"], item["image_sizes"] = pixels["pixel_values"][0], pixels["image_sizes"][0]
+            item |= {k: v for k, v in tiled_inputs(image, processor.image_processor).items() if k != "size"}
         items.append(item)
     batch = collate(items, processor.tokenizer.pad_token_id)
 
     def step():
-        keys = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
-        inputs = {k: batch[k] for k in keys if k in batch}
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs |= forward_image_inputs(batch, device, torch.float32, config)
         loss = forward_loss_sum(model, batch["labels"], recipe.train.loss_chunk_size, **inputs, use_cache=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -110,7 +125,7 @@ def measure_cpu_peak(recipe, micro_batch: int, seq_len: int) -> int:
         optimizer.zero_grad(set_to_none=True)
 
     step()
-    del items
+    del items, item  # the batch holds its own copies; the last item's pixels would count as live
     return tensor_peak(step)
 
 
@@ -294,6 +309,182 @@ def test_next_estimate_matches_measured_cpu_peak(next_base):
     assert abs(predicted / measured - 1) <= TOLERANCE, (predicted, measured)
 
 
+def build_relative(
+    out: Path,
+    family: str,
+    *,
+    hidden: int,
+    layers: int,
+    intermediate: int,
+    vocab: int,
+    vision_hidden: int = 64,
+    max_side: int = 128,
+    **text,
+) -> Path:
+    """A random Gemma 3 or Qwen2.5-VL of the given LLM shape (8 heads, 4 KV heads; `text`: other text settings), on
+    the tiny builder's vision tower (`vision_hidden` wide) and tokenizer. Qwen2.5-VL: images up to `max_side` px
+    square (128: 256 patches of 8 px, 64 tokens); its processor files are the image processor's alone
+    (transformers builds the whole processor only with torchvision), with the processor class named as the real
+    base's preprocessor_config.json names it."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from qllava.model.tiny import build_tiny_gemma3, build_tiny_qwen2_5_vl
+
+    tiny = out.parent / f"{out.name}-tiny"
+    if family == "gemma3":
+        build_tiny_gemma3(tiny, CORPUS, vision_hidden=vision_hidden)
+    else:
+        build_tiny_qwen2_5_vl(tiny, CORPUS, processor=False, vision_hidden=vision_hidden)
+    config = AutoConfig.from_pretrained(tiny)
+    dims = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=intermediate,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
+    for key, value in {**dims, **text}.items():
+        setattr(config.text_config, key, value)
+    if family == "qwen2_5_vl":
+        config.vision_config.out_hidden_size = hidden  # the merger projects into the LLM
+    # One layer type per layer (Gemma 3: local layers and a last global one, as its 5:1 pattern ends).
+    local = "sliding_attention" if family == "gemma3" else "full_attention"
+    config.text_config.layer_types = [local] * (layers - 1) + ["full_attention"]
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    for name in tiny.iterdir():
+        if name.suffix == ".json" and name.name not in ("config.json", "generation_config.json"):
+            shutil.copy(name, out / name.name)
+    if family == "qwen2_5_vl":
+        from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+        from qllava.model.tiny import CLIP_MEAN, CLIP_STD, PATCH_SIZE
+
+        Qwen2VLImageProcessorPil(
+            patch_size=PATCH_SIZE,
+            merge_size=2,
+            temporal_patch_size=2,
+            size={"shortest_edge": 16 * 16, "longest_edge": max_side * max_side},
+            image_mean=CLIP_MEAN,
+            image_std=CLIP_STD,
+        ).save_pretrained(out)
+        settings = json.loads((out / "preprocessor_config.json").read_text())
+        settings["processor_class"] = "Qwen2_5_VLProcessor"
+        (out / "preprocessor_config.json").write_text(json.dumps(settings))
+    return out
+
+
+# (name, family, LLM shape, recipe overrides, micro_batch, seq_len); Gemma 3: head_dim apart from hidden / heads,
+# a vocabulary large beside the hidden size, a sliding window shorter than the sequence.
+GEMMA = dict(hidden=256, layers=4, intermediate=688, vocab=32000, head_dim=48, sliding_window=128)
+QWEN = dict(hidden=256, layers=4, intermediate=688, vocab=8000)
+# A wide ViT over a 512x512 image (4096 patches) before a small LLM: the vision tower's forward is the peak.
+QWEN_VISION = dict(hidden=256, layers=1, intermediate=256, vocab=2000, vision_hidden=384, max_side=512)
+RELATIVE_CASES = [
+    ("gemma3 h256-L4-v32k nf4 ckpt", "gemma3", GEMMA, {}, 2, 256),
+    ("gemma3 h256-L4-v32k nf4 ckpt full-logits", "gemma3", GEMMA, {"train__loss_chunk_size": 0}, 2, 256),
+    ("gemma3 h256-L4-v32k nf4 no-ckpt", "gemma3", GEMMA, {"model__gradient_checkpointing": False}, 2, 256),
+    ("qwen2.5-vl h256-L4-v8k nf4 ckpt", "qwen2_5_vl", QWEN, {}, 2, 256),
+    ("qwen2.5-vl h256-L4-v8k nf4 ckpt full-logits", "qwen2_5_vl", QWEN, {"train__loss_chunk_size": 0}, 2, 256),
+    ("qwen2.5-vl h256-L4-v8k nf4 no-ckpt", "qwen2_5_vl", QWEN, {"model__gradient_checkpointing": False}, 2, 256),
+    ("qwen2.5-vl vision-bound ViT h384 4096 patches", "qwen2_5_vl", QWEN_VISION, {}, 1, 1100),
+]
+
+
+def relatives_table(root: Path, cases=RELATIVE_CASES) -> list[tuple]:
+    rows, built = [], {}
+    for name, family, dims, overrides, mb, seq in cases:
+        key = family + json.dumps(dims, sort_keys=True)
+        if key not in built:
+            built[key] = build_relative(root / f"r{len(built)}", family, **dims)
+        recipe = make_recipe(built[key], **overrides)
+        predicted = estimate(read_shape(str(built[key]), seq), recipe, mb, seq, device="cpu").peak
+        measured = measure_cpu_peak(recipe, mb, seq)
+        rows.append((name, mb, seq, predicted, measured, predicted / measured))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def relative_bases(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("plan-relatives")
+    return {
+        "gemma3": build_relative(root / "gemma3", "gemma3", **GEMMA),
+        "qwen2_5_vl": build_relative(root / "qwen2_5_vl", "qwen2_5_vl", **QWEN),
+    }
+
+
+# `python tests/test_plan.py` prints the seven relative cases, ratios 0.990-1.018 (the largest |ratio - 1|: Qwen2.5-VL
+# without checkpointing); the test runs one per family: Gemma 3 without checkpointing (0.990), Qwen2.5-VL where its
+# vision tower's forward is the peak (0.990).
+@pytest.mark.parametrize("case", [RELATIVE_CASES[2], RELATIVE_CASES[6]], ids=lambda c: f"{c[0]}-b{c[4]}-s{c[5]}")
+def test_relative_estimate_matches_measured_cpu_peak(relative_bases, case):
+    """Gemma 3 (head_dim apart from hidden / heads, its four norms and q/k norms, tied 32k vocabulary, a sliding
+    window) and Qwen2.5-VL (the worst image at its own resolution through the windowed ViT: the step's peak)."""
+    name, family, _, overrides, micro_batch, seq_len = case
+    recipe = make_recipe(relative_bases[family], **overrides)
+    shape = read_shape(str(relative_bases[family]), seq_len)
+    predicted = estimate(shape, recipe, micro_batch, seq_len, device="cpu").peak
+    measured = measure_cpu_peak(recipe, micro_batch, seq_len)
+    assert abs(predicted / measured - 1) <= TOLERANCE, (name, predicted, measured)
+
+
+def test_relative_shapes_read_the_worst_image(relative_bases):
+    """The tiny Qwen2.5-VL's processor admits up to 128x128 px: 64 tokens of 4 patches; bounded by a length, the
+    largest image that fits. Gemma 3's count does not depend on the image."""
+    qwen = read_shape(str(relative_bases["qwen2_5_vl"]))
+    assert (qwen.image_tokens, qwen.worst_image, qwen.vision_tokens, qwen.tiles) == (64, (128, 128), 256, 1)
+    bounded = read_shape(str(relative_bases["qwen2_5_vl"]), max_image_tokens=40)
+    assert bounded.image_tokens <= 40 < bounded.largest_image_tokens == 64
+    gemma = read_shape(str(relative_bases["gemma3"]))
+    assert (gemma.image_tokens, gemma.worst_image, gemma.q_dim, gemma.tied) == (4, None, 8 * 48, True)
+
+
+def test_shipped_relative_settings():
+    """The shipped Qwen2.5-VL-7B and Gemma 3 4B settings, as the plan reads them (SOURCES.md)."""
+    qwen = read_shape("Qwen/Qwen2.5-VL-7B-Instruct")
+    assert (qwen.hidden, qwen.layers, qwen.intermediate, qwen.vocab, qwen.kv_dim) == (3584, 28, 18944, 152064, 512)
+    # max_pixels 12845056 = 3584^2: 128x128 patch pairs merged 2x2, 16384 tokens; 4096 tokens (data.max_length of
+    # the recipe) hold at most a 1792x1792 image.
+    assert (qwen.largest_image_tokens, qwen.worst_image, qwen.vision_tokens) == (16384, (3584, 3584), 65536)
+    bounded = read_shape("Qwen/Qwen2.5-VL-7B-Instruct", max_image_tokens=4096)
+    assert (bounded.image_tokens, bounded.worst_image, bounded.vision_tokens) == (4096, (1792, 1792), 16384)
+    assert not qwen.tied and 8.2e9 < sum(qwen.params.values()) < 8.4e9
+    gemma = read_shape("google/gemma-3-4b-it")
+    assert (gemma.hidden, gemma.layers, gemma.intermediate, gemma.vocab) == (2560, 34, 10240, 262208)
+    assert (gemma.q_dim, gemma.kv_dim, gemma.image_tokens, gemma.vision_tokens, gemma.tied) == (
+        2048,
+        1024,
+        256,
+        4096,
+        True,
+    )
+    assert 4.2e9 < sum(gemma.params.values()) < 4.4e9
+
+
+@pytest.mark.torchvision
+def test_shipped_qwen_settings_count_as_their_processor():
+    """The processor built from the shipped settings counts what the plan assumes, and no image gets more."""
+    from transformers import AutoImageProcessor, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl import Qwen2VLVideoProcessor
+
+    from qllava.bases import BASES_DIR
+    from qllava.model.tiny import build_tokenizer
+
+    folder = BASES_DIR / "Qwen2.5-VL-7B-Instruct"
+    processor = Qwen2_5_VLProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(folder),
+        tokenizer=build_tokenizer(CORPUS + ["<|image_pad|>", "<|video_pad|>"]),
+        video_processor=Qwen2VLVideoProcessor(),
+    )
+    counted = processor._get_num_multimodal_tokens(image_sizes=[[3584, 3584], [1792, 1792], [9000, 300]])
+    assert counted.num_image_tokens[:2] == [16384, 4096] and counted.num_image_tokens[2] <= 16384
+    pixels = processor.image_processor(images=Image.new("RGB", (1792, 1792)), return_tensors="pt")
+    assert pixels["pixel_values"].shape[0] == 16384 and pixels["image_grid_thw"].tolist() == [[1, 128, 128]]
+
+
 def _config_7b(vocab: int = 32064) -> LlavaConfig:
     return LlavaConfig(
         vision_config=CLIPVisionConfig(**LLAVA_1_5_7B["vision"]),
@@ -375,7 +566,7 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as d:
         print("| shape | micro-batch | seq | predicted MiB | measured MiB | ratio |\n|---|---|---|---|---|---|")
-        for name, mb, seq, pred, meas, ratio in validation_table(Path(d)):
+        for name, mb, seq, pred, meas, ratio in validation_table(Path(d)) + relatives_table(Path(d)):
             print(f"| {name} | {mb} | {seq} | {pred / 2**20:.1f} | {meas / 2**20:.1f} | {ratio:.3f} |", flush=True)
 
 
@@ -389,29 +580,40 @@ def test_plan_refuses_the_fp32_base_it_does_not_model():
         plan(recipe, gpu_memory=24)
 
 
-NOT_PLANNED = ("gemma-3-4b-qlora.yaml", "qwen2.5-vl-7b-qlora.yaml")
-
-
 @pytest.mark.parametrize("name", sorted(p.name for p in RECIPES_DIR.glob("*.yaml")))
 def test_every_shipped_recipe_plans_before_its_base_is_downloaded(name, tmp_path, monkeypatch):
-    """No recipe's base exists here: the hub bases are planned from the settings qllava ships, the demo's built.
-    The plan does not estimate Gemma 3 and Qwen2.5-VL yet (`NOT_PLANNED`): their recipes are refused clearly."""
+    """No recipe's base exists here: the hub bases are planned from the settings qllava ships, the demo's built."""
     from typer.testing import CliRunner
 
     from qllava.cli import app
 
     monkeypatch.chdir(tmp_path)  # the recipes' `checkpoints/...` bases are relative paths: none exists here
     result = CliRunner().invoke(app, ["plan", str(RECIPES_DIR / name), "--gpu-memory", "24"])
-    if name in NOT_PLANNED:
-        assert result.exit_code == 1 and "qllava ships no settings for it" in result.output
-        assert "the plan estimates LLaVA-family bases only" in result.output
-        return
     assert result.exit_code == 0, result.output
     assert "largest micro-batch that fits" in result.output
     assert "does NOT fit" not in result.output  # every shipped recipe's micro-batch is meant for 24 GB or less
     base = yaml.safe_load((RECIPES_DIR / name).read_text())["model"]["base"]
     if not base.startswith("demo:"):
         assert f"model.base `{base}` is not there yet" in result.output and "that qllava ships" in result.output
+
+
+@pytest.mark.parametrize("name", ["gemma-3-4b-qlora.yaml", "qwen2.5-vl-7b-qlora.yaml"])
+def test_relative_recipes_print_a_micro_batch_table(name, tmp_path, monkeypatch):
+    """Without --gpu-memory (and no GPU) the plan prints its table of the largest micro-batch per GPU size, from the
+    shipped settings only: no model file exists."""
+    from qllava.plan import plan
+    from qllava.recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    text = plan(load_recipe(str(RECIPES_DIR / name), []))
+    verdicts = [line for line in text.splitlines() if line.split(" GB:")[0] in {"12", "16", "24", "40", "80"}]
+    assert len(verdicts) == 5 and all("largest micro-batch that fits" in line for line in verdicts[1:])
+    if name.startswith("qwen"):
+        assert "image tokens 4096 included: the most one image gets, at 1792x1792" in text
+        assert "the largest image becomes 16384 tokens, more than seq_len=4096 holds" in text
+    else:
+        assert "image tokens 256 included" in text and "262208 logits" in text
 
 
 def test_plan_base_prefers_the_local_base(base_7b):
@@ -426,16 +628,23 @@ def test_plan_base_prefers_the_local_base(base_7b):
         plan_base("someone/other-model")
 
 
-def test_plan_warns_when_the_largest_image_does_not_fit_the_length():
+def test_plan_assumes_the_largest_image_that_fits_the_length():
     from qllava.plan import plan
     from qllava.recipe import load_recipe
 
     recipe = load_recipe(str(RECIPES_DIR / "llava-v1.6-mistral-7b-qlora.yaml"), ["data.max_length=2048"])
-    assert "the largest image becomes 2928 tokens, more than seq_len=2048" in plan(recipe, gpu_memory=24)
-    assert "warning" not in plan(load_recipe(str(RECIPES_DIR / "llava-v1.6-mistral-7b-qlora.yaml"), []), 24)
+    text = plan(recipe, gpu_memory=24)
+    assert "the largest image becomes 2928 tokens, more than seq_len=2048 holds" in text
+    assert "the plan assumes the largest image that fits, 2046 tokens" in text and "at 352x576" in text
+    assert "note:" not in plan(load_recipe(str(RECIPES_DIR / "llava-v1.6-mistral-7b-qlora.yaml"), []), 24)
 
 
-def test_plan_refuses_relatives_it_does_not_count(tiny_gemma3):
-    """Gemma 3 counts image tokens in its processor, not in a LLaVA config: a clear refusal, not a traceback."""
-    with pytest.raises(QllavaError, match="does not estimate `gemma3` models yet"):
-        shape_from_config(AutoConfig.from_pretrained(tiny_gemma3))
+def test_a_micro_batch_beyond_the_search_is_not_printed_as_found():
+    """The demo's stage-1 recipe (a tiny base, projector only) fits any micro-batch the search tries at 80 GB: the plan
+    says so instead of printing the search's limit as the largest that fits."""
+    from qllava.plan import MICRO_BATCH_LIMIT, plan
+    from qllava.recipe import load_recipe
+
+    text = plan(load_recipe(str(RECIPES_DIR / "demo-pretrain-projector.yaml"), []), gpu_memory=80)
+    assert f"largest micro-batch that fits: >= {MICRO_BATCH_LIMIT} (the search stops there)" in text
+    assert str(MICRO_BATCH_LIMIT - 1) not in text

@@ -1,7 +1,7 @@
-"""The settings of the bases the shipped recipes name (config.json and, for AnyRes bases, the processor settings that
-image-token counts need), so that `qllava plan` works before a base is downloaded. SOURCES.md says where each
-value comes from. Only the planner (and tools/bench.py, for the LLaVA-NeXT 7B shape) reads them: training needs
-the real checkpoint.
+"""The settings of the bases the shipped recipes name (config.json and, where image-token counts come from the
+processor, the processor settings those counts need), so that `qllava plan` works before a base is downloaded.
+SOURCES.md says where each value comes from. Only the planner (and tools/bench.py, for the LLaVA-NeXT 7B shape)
+reads them: training needs the real checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ BASES = {
     "llava-v1.6-mistral-7b-hf": "llava-hf/llava-v1.6-mistral-7b-hf",
     "llava-v1.6-vicuna-7b-hf": "llava-hf/llava-v1.6-vicuna-7b-hf",
     "llava-onevision-qwen2-7b-ov-hf": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+    "Qwen2.5-VL-7B-Instruct": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "gemma-3-4b-it": "google/gemma-3-4b-it",
     # Not on the Hub: what `qllava compose --vision clip-vit-large-patch14-336 --llm vicuna-7b-v1.5` writes, the
     # base of the two-stage recipes.
     "clip-vicuna-7b": None,

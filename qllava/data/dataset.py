@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from qllava.data.images import images_inputs, input_size, open_rgb, sizes_of
+from qllava.data.images import images_inputs, open_rgb, sizes_of, typical_size
 from qllava.data.jsonl import parse_jsonl
 from qllava.data.templates import render
 from qllava.data.video import VIDEO_TAG, VideoError, clip_inputs, read_clip, video_tokens
@@ -533,8 +533,8 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
                 return [among[len(sizes)]] * len(sizes)
         return [tokens_for_size(size) for size in sizes]
 
-    # A square image of the vision tower's input size: the count of a one-tile family, a typical one otherwise.
-    typical = tokens_for_size(input_size(processor.image_processor))
+    # The count of a one-tile family, a typical image's otherwise (`typical_size`); a typical clip has as many frames.
+    typical = tokens_for_size(typical_size(processor.image_processor))
     video = {}
     if family.video_text is not None:
         video_token_id = config.video_token_id
@@ -557,7 +557,7 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
             video_token_id=video_token_id,
             video_text=family.video_text,
             tokens_for_video=tokens_for_video,
-            video_tokens=tokens_for_video((frames, *input_size(processor.image_processor))),
+            video_tokens=tokens_for_video((frames, *typical_size(processor.image_processor))),
         )
     return Encoder(
         tokenizer,

@@ -39,6 +39,21 @@ def input_size(image_processor) -> tuple[int, int]:
     return size["shortest_edge"], size["shortest_edge"]
 
 
+TYPICAL_PHOTO = (480, 640)
+"""(height, width) of a typical photo, COCO's most common size."""
+
+
+def typical_size(image_processor) -> tuple[int, int]:
+    """(height, width) of a typical image as the processor takes it, for counts that must stand for any image
+    (length grouping): its input size, or a typical photo where the processor resizes each image within a pixel
+    budget instead. Those processors (Qwen2-VL's and its descendants', the ones with a patch `merge_size`) keep the
+    budget's bounds in `size` as `shortest_edge` / `longest_edge`, which are pixel counts there, not sides: read as a
+    side, Qwen2.5-VL's min_pixels 3136 would be a 3136x3136 image of 12544 tokens."""
+    if hasattr(image_processor, "merge_size"):
+        return TYPICAL_PHOTO
+    return input_size(image_processor)
+
+
 def square(image: Image.Image, aspect: str, image_processor) -> Image.Image:
     if aspect == "pad":
         # LLaVA-1.5 (expand2square): center the image on a square filled with the normalization

@@ -27,7 +27,7 @@ def _planned_micro_batch(recipe: Recipe, seq_len: int, budget: int | None) -> in
         return None
     from qllava.plan import largest_micro_batch, read_shape
 
-    return largest_micro_batch(read_shape(recipe.model.base), recipe, seq_len, budget)
+    return largest_micro_batch(read_shape(recipe.model.base, max_image_tokens=seq_len), recipe, seq_len, budget)
 
 
 def smaller_micro_batch(micro_batch: int, planned: int | None) -> int:

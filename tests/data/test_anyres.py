@@ -116,3 +116,36 @@ def test_a_few_qlora_steps_lower_the_loss(kind, request, tmp_path):
     newline = load_file(final / "adapter_model.safetensors")["base_model.model.model.image_newline"]
     untrained = AutoModelForImageTextToText.from_pretrained(base).model.image_newline.detach()
     assert (newline - untrained).abs().max() > 1e-3
+
+
+def test_length_grouping_counts_a_typical_image_where_size_is_a_pixel_budget():
+    """Qwen2.5-VL's processor keeps min/max pixel COUNTS in `size` (shortest_edge / longest_edge): the typical image
+    that length grouping counts is a photo's size, not min_pixels 3136 read as a side (12544 tokens). One-tile and
+    AnyRes processors keep their input size."""
+    from transformers import AutoImageProcessor
+
+    from qllava.bases import BASES_DIR
+    from qllava.data.images import TYPICAL_PHOTO, typical_size
+    from qllava.model.families import image_tokens
+    from qllava.plan import counting_processor
+
+    processor = counting_processor(BASES_DIR / "Qwen2.5-VL-7B-Instruct")
+    assert typical_size(processor.image_processor) == TYPICAL_PHOTO == (480, 640)
+    assert image_tokens(processor, [TYPICAL_PHOTO, (3136, 3136)]) == [391, 12544]  # 391: 476x644 px, 17x23 tokens
+    assert typical_size(AutoImageProcessor.from_pretrained(BASES_DIR / "llava-v1.6-mistral-7b-hf")) == (336, 336)
+    assert typical_size(AutoImageProcessor.from_pretrained(BASES_DIR / "gemma-3-4b-it")) == (896, 896)
+
+
+@pytest.mark.torchvision
+def test_qwen_encoder_counts_a_typical_photo(tiny_qwen2_5_vl):
+    """The encoder of a Qwen2.5-VL recipe (what modality_lengths adds per image) counts TYPICAL_PHOTO as the
+    processor does, not its shortest_edge (256 pixels) read as a 256x256 image."""
+    from qllava.data.dataset import encoder_from_recipe
+    from qllava.data.images import TYPICAL_PHOTO
+    from qllava.recipe import build_recipe
+
+    processor = load_processor(tiny_qwen2_5_vl)
+    recipe = build_recipe({"model": {"base": str(tiny_qwen2_5_vl)}, "data": {"train": "t", "template": "chatml"}})
+    encoder = encoder_from_recipe(recipe, processor, AutoConfig.from_pretrained(tiny_qwen2_5_vl))
+    counted = processor._get_num_multimodal_tokens(image_sizes=[list(TYPICAL_PHOTO), [256, 256]]).num_image_tokens
+    assert encoder.image_tokens == counted[0] != counted[1]
