@@ -11,7 +11,7 @@ from transformers import AutoConfig
 from qllava.data.dataset import IGNORE_INDEX, encoder_from_recipe, parse_sample, read_records
 from qllava.data.images import image_problem, image_size
 from qllava.data.validate import Scan, data_files, scan_file
-from qllava.data.video import VideoError, read_header
+from qllava.data.video import VideoError, read_header, video_problem
 from qllava.errors import QllavaError, problem_list
 from qllava.model.load import check_base, load_processor
 from qllava.recipe import Recipe
@@ -200,17 +200,19 @@ def show_sample(recipe: Recipe, index: int) -> str:
         f"sample {sample.id!r} ({sample.where}), template {recipe.data.template}: {len(ids)} tokens, "
         f"{n_trained} carry loss (marked [[ ]]){', truncated' if item['truncated'] else ''}"
     )
-    warnings = "".join(f"\nwarning: {problem}" for problem in _image_problems(recipe, sample.images))
+    warnings = "".join(f"\nwarning: {problem}" for problem in _media_problems(recipe, sample))
     return header + warnings + "\n\n" + "".join(pieces)
 
 
-def _image_problems(recipe: Recipe, images: list[str]) -> list[str]:
-    """What is wrong with a shown sample's image files: its blocks are shown by count alone where the count does
-    not depend on the image, so a missing or broken file would otherwise go unnoticed until training draws it."""
-    if not images:
+def _media_problems(recipe: Recipe, sample) -> list[str]:
+    """What is wrong with a shown sample's image and video files: its blocks are shown from counts that need no
+    decoding (an image's from its size or none, a clip's from its header), so a missing, broken or cut-short file
+    would otherwise go unnoticed until training draws it."""
+    if not sample.images and not sample.videos:
         return []
     if not recipe.data.image_folder:
-        return ["the sample has images but data.image_folder is not set"]
+        return ["the sample has images or a video but data.image_folder is not set"]
     folder = Path(recipe.data.image_folder)
-    found = [(name, image_problem(folder / name)) for name in images]
-    return [f"image `{name}` {problem} in data.image_folder `{folder}`" for name, problem in found if problem]
+    found = [("image", name, image_problem(folder / name)) for name in sample.images]
+    found += [("video", name, video_problem(folder / name)) for name in sample.videos]
+    return [f"{kind} `{name}` {problem} in data.image_folder `{folder}`" for kind, name, problem in found if problem]

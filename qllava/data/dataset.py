@@ -553,6 +553,15 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
             return clips[size]
 
         frames = recipe.data.video_frames
+        step = getattr(processor.video_processor, "temporal_patch_size", 1)
+        if frames % step:
+            # The processor would pad the clip with copies of its last frame to whole temporal patches, spending
+            # tokens on a repeated frame; Qwen's own tools sample an even count for the same reason.
+            raise QllavaError(
+                f"data.video_frames={frames} is not a multiple of {step}, the frames {family.model_type}'s vision "
+                f"tower takes together (temporal_patch_size); use {frames - frames % step or step} or "
+                f"{frames - frames % step + step}"
+            )
         video = dict(
             video_token_id=video_token_id,
             video_text=family.video_text,

@@ -165,23 +165,36 @@ def read_clip(path: str | Path, count: int) -> Clip:
     return Clip(np.stack([kept[i] for i in indices]), header, indices)
 
 
-def clip_inputs(clip: Clip, processor) -> dict:
-    """The clip as the model's inputs, made by the processor's own `__call__` on its video token: pixel_values_videos
-    and the family's other video inputs (Qwen2.5-VL's `video_grid_thw`, `second_per_grid_ts`), each for one clip, and
-    `video_size`, the (frames, height, width) its token count depends on."""
-    out = processor(
+def _processed(clip: Clip, processor):
+    # The processor's own `__call__` on its video token alone: the clip's inputs and its expanded tokens.
+    return processor(
         text=[processor.video_token],
         videos=[clip.frames],
         video_metadata=[clip.metadata()],
         do_sample_frames=False,  # sampled here already, over the whole clip
         return_tensors="pt",
     )
+
+
+def clip_inputs(clip: Clip, processor) -> dict:
+    """The clip as the model's inputs, made by the processor's own `__call__` on its video token: pixel_values_videos
+    and the family's other video inputs (Qwen2.5-VL's `video_grid_thw`, `second_per_grid_ts`), each for one clip, and
+    `video_size`, the (frames, height, width) its token count depends on."""
+    out = _processed(clip, processor)
     text_keys = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"}
     inputs = {key: value for key, value in out.items() if key not in text_keys}
     return inputs | {"video_size": (len(clip.frames), clip.header.height, clip.header.width)}
 
 
 def video_tokens(processor, sizes: list[tuple[int, int, int]]) -> list[int]:
-    """Video tokens the processor expands each clip of (frames, height, width) into, as its `__call__` does."""
-    counted = processor._get_num_multimodal_tokens(video_sizes=[list(size) for size in sizes])
-    return [int(n) for n in counted.num_video_tokens]
+    """Video tokens the processor expands each clip of (frames, height, width) into, counted in what its `__call__`
+    makes of a blank clip of that size. Not `_get_num_multimodal_tokens`: in transformers 5.24 it ignores Qwen2-VL's
+    `cap_pixels_per_frame` (a per-frame share of a whole-video pixel budget), which `__call__` applies, so a processor
+    with the cap on would get more video tokens than the clip has features."""
+    token_id = processor.tokenizer.convert_tokens_to_ids(processor.video_token)
+    counts = []
+    for frames, height, width in sizes:
+        header = Header(frames=frames, height=height, width=width, fps=1.0)
+        blank = Clip(np.zeros((frames, height, width, 3), np.uint8), header, list(range(frames)))
+        counts.append(int((_processed(blank, processor)["input_ids"] == token_id).sum()))
+    return counts

@@ -249,6 +249,34 @@ def test_encoded_video_sample_equals_the_hf_processor(kind, request, tmp_path):
     assert checked == 4
 
 
+@pytest.mark.torchvision
+def test_video_tokens_follow_a_pixel_cap_the_processor_applies(tiny_qwen2_5_vl, tmp_path):
+    """A Qwen2.5-VL video processor with `cap_pixels_per_frame` (a whole-clip pixel budget; transformers announces it
+    as the coming default) shrinks the frames in `__call__`, which transformers 5.24's `_get_num_multimodal_tokens`
+    ignores: qllava counts what `__call__` makes, so the clip's tokens are its features and the forward takes it."""
+    import shutil
+
+    base = shutil.copytree(tiny_qwen2_5_vl, tmp_path / "capped")
+    processor = AutoProcessor.from_pretrained(base)
+    processor.video_processor.cap_pixels_per_frame = True
+    processor.video_processor.max_video_tokens = 4
+    processor.save_pretrained(base)
+    data = write_video_data(tmp_path / "data", 1)
+    recipe = _recipe("qwen2_5_vl", base, data, tmp_path / "out")
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32).eval()
+    train_set, _ = datasets_from_recipe(recipe, load_processor(base), model.config, warn=lambda _: None)
+    item = train_set[0]
+    features = int(item["video_grid_thw"].prod()) // processor.video_processor.merge_size**2
+    assert item["input_ids"].count(model.config.video_token_id) == features
+    assert processor._get_num_multimodal_tokens(video_sizes=[list(item["video_size"])]).num_video_tokens[0] > features
+    batch = collate([item], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        model(
+            input_ids=batch["input_ids"],
+            **forward_image_inputs(batch, torch.device("cpu"), torch.float32, model.config),
+        )
+
+
 @pytest.mark.parametrize("kind", VIDEO_KINDS)
 def test_forward_accepts_a_batch_mixing_clips_images_and_text(kind, request, tmp_path):
     """A padded (and, where the family packs, a packed) batch of two clips of different sizes, an image and a
@@ -306,6 +334,17 @@ def test_check_show_truncation_and_length_grouping_count_the_clip(kind, request,
     cut = _recipe(kind, base, data, tmp_path / "out", data={"max_length": positions[-1]})
     with pytest.raises(QllavaError, match=f"cuts the video tokens of sample 'v0'.*end at token {positions[-1] + 1}"):
         datasets_from_recipe(cut, processor, config, warn=lambda _: None)
+
+    # `data show` reads a clip's header only: a clip whose frames stop early is shown, with a warning line.
+    faststart = write_clip(tmp_path / "faststart.mp4", movflags="faststart").read_bytes()
+    (data / "images" / "0.mp4").write_bytes(faststart[: len(faststart) * 4 // 5])
+    shown = show_sample(recipe, 0).splitlines()
+    assert shown[1].startswith("warning: video `0.mp4` declares 12 frames but 5 decode"), shown[:2]
+
+    if family_named(kind).model_type == "qwen2_5_vl":  # frames go to its vision tower two at a time
+        odd = _recipe(kind, base, data, tmp_path / "out", data={"video_frames": 5})
+        with pytest.raises(QllavaError, match=r"data.video_frames=5 is not a multiple of 2, .* use 4 or 6"):
+            datasets_from_recipe(odd, processor, config, warn=lambda _: None)
 
 
 @pytest.mark.parametrize("kind", VIDEO_KINDS)
