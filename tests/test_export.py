@@ -194,12 +194,32 @@ def test_saved_processors_reproduce_the_training_pixels(trained_adapter, merged_
     assert not torch.equal(cropped, pixel_values(images[0], "pad", training))  # the test can fail
 
 
-def test_processor_to_save_keeps_the_base_processor_without_padding(tiny_base):
+def test_processor_to_save_changes_only_the_image_processor(tiny_base):
     processor = load_processor(tiny_base)
-    assert processor_to_save(processor, "resize") is processor
     padded = processor_to_save(processor, "pad")
     assert padded.image_processor.do_pad and not getattr(processor.image_processor, "do_pad", False)
     assert padded.tokenizer is processor.tokenizer  # only the image processor differs; the original is untouched
+    stretched = processor_to_save(processor, "resize")
+    assert not stretched.image_processor.do_center_crop and processor.image_processor.do_center_crop
+
+
+@pytest.mark.parametrize("base, own_stretches", [("tiny_base", False), ("tiny_gemma3", True)])
+def test_saved_processors_reproduce_resized_training_pixels(base, own_stretches, request, tmp_path):
+    """`image_aspect: resize` stretches an image to the tower's square: a saved processor, loaded with plain
+    AutoProcessor, gives exactly the training pixels (CLIP's own center-crops; Gemma 3's own stretches already,
+    with its bilinear filter, and is kept)."""
+    base = request.getfixturevalue(base)
+    processor = load_processor(base)
+    processor_to_save(processor, "resize").save_pretrained(tmp_path)
+    saved = AutoProcessor.from_pretrained(tmp_path).image_processor
+    rng = np.random.default_rng(0)
+    for w, h in PIXEL_SIZES:
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        pixels = pixel_values(image, "resize", processor.image_processor)
+        assert torch.equal(saved(images=image, return_tensors="pt")["pixel_values"][0], pixels), (w, h)
+    # The base's own processor on the last (20x1000) image: Gemma 3's stretches as training did, CLIP's crops.
+    own = AutoProcessor.from_pretrained(base).image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(own, pixels) == own_stretches
 
 
 def _eval_forward(model) -> torch.Tensor:

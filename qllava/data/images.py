@@ -54,23 +54,36 @@ def typical_size(image_processor) -> tuple[int, int]:
     return input_size(image_processor)
 
 
-def square(image: Image.Image, aspect: str, image_processor) -> Image.Image:
-    if aspect == "pad":
-        # LLaVA-1.5 (expand2square): center the image on a square filled with the normalization
-        # mean, truncated to integers as LLaVA does, so no content is cropped away.
-        w, h = image.size
-        side = max(w, h)
-        fill = tuple(int(m * 255) for m in image_processor.image_mean)
-        canvas = Image.new("RGB", (side, side), fill)
-        canvas.paste(image, ((side - w) // 2, (side - h) // 2))
-        image = canvas
+def padded_square(image: Image.Image, image_processor) -> Image.Image:
+    """LLaVA-1.5's expand2square: the image centered on a square filled with the normalization mean, truncated to
+    integers as LLaVA does (no content is cropped away), resized to the vision tower's input size."""
+    w, h = image.size
+    side = max(w, h)
+    fill = tuple(int(m * 255) for m in image_processor.image_mean)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
     height, width = input_size(image_processor)
-    return image.resize((width, height), Image.BICUBIC)
+    return canvas.resize((width, height), Image.BICUBIC)
+
+
+def stretching(image_processor):
+    """The image processor with which `resize` makes an image's pixels: the base's own where it already stretches
+    every image to the input square (SigLIP's, Gemma 3's), else (CLIP's resizes the short side and center-crops) the
+    same settings resizing straight to the input square without a crop. Training and every saved processor use it,
+    so an export given to plain transformers sees the pixels training saw, with the base's resample filter."""
+    if not getattr(image_processor, "do_center_crop", False) and "height" in image_processor.size:
+        return image_processor
+    height, width = input_size(image_processor)
+    settings = {**image_processor.to_dict(), "size": {"height": height, "width": width}, "do_center_crop": False}
+    return type(image_processor)(**settings)
 
 
 def pixel_values(image: Image.Image, aspect: str, image_processor) -> torch.Tensor:
-    """An RGB image as the normalized (3, H, W) float tensor the vision tower takes."""
-    return image_processor(images=square(image, aspect, image_processor), return_tensors="pt")["pixel_values"][0]
+    """An RGB image as the normalized (3, H, W) float tensor the vision tower takes: padded to a square (`pad`,
+    LLaVA-1.5) or stretched to it (`resize`)."""
+    if aspect == "pad":
+        return image_processor(images=padded_square(image, image_processor), return_tensors="pt")["pixel_values"][0]
+    return stretching(image_processor)(images=image, return_tensors="pt")["pixel_values"][0]
 
 
 def image_missing(path: str | Path) -> str | None:
@@ -186,12 +199,19 @@ def processor_to_save(processor, aspect: str, *, tiles: bool = False):
 
     With `pad`, the base's image processor (CLIP's center-crops) becomes a `LlavaImageProcessor` with `do_pad=True`
     and the base's resize, crop and normalization settings: it pastes the image centered on a square of the mean
-    color truncated to integers, as `square` does, and gives the same pixels. Other aspects, and families with
-    `tiles` (whose processor chose each image's geometry in training, whatever `aspect` says), keep the processor.
-    The given processor is left unchanged.
+    color truncated to integers, as `padded_square` does, and gives the same pixels. With `resize`, the image
+    processor is `stretching`'s. Families with `tiles` (whose processor chose each image's geometry in training,
+    whatever `aspect` says) keep the processor. The given processor is left unchanged.
     """
     image_processor = processor.image_processor
-    if tiles or aspect != "pad" or getattr(image_processor, "do_pad", False):
+    if tiles or getattr(image_processor, "do_pad", False):
+        return processor
+    if aspect == "resize":
+        stretched = stretching(image_processor)
+        if stretched is image_processor:
+            return processor
+        processor = copy.copy(processor)
+        processor.image_processor = stretched
         return processor
     settings = {
         key: getattr(image_processor, key)
