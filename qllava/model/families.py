@@ -61,7 +61,8 @@ class Family:
     """What a sample's `<image>` tag becomes in the prompt text: the text the model's processor puts there, with
     the image token (`config.image_token_id`) once; the encoder repeats that token as many times as the processor
     counts. LLaVA's processors expand the tag itself; Gemma 3's wraps its soft tokens in begin/end-of-image tokens
-    and blank lines; Qwen2.5-VL's chat format wraps its pad token in vision start/end tokens."""
+    and blank lines; Qwen2.5-VL's chat format wraps its pad token in vision start/end tokens; InternVL's processor wraps
+    its context tokens in `<img>` `</img>`."""
     pad: bool = True
     """Whether `data.image_aspect: pad` is available: a merged export then pads through a LLaVA padding image
     processor inside the family's processor, which Gemma 3's processor cannot call (it passes its pan-and-scan
@@ -69,7 +70,7 @@ class Family:
     image_prompt: str = "<image>"
     """What the model's processor takes in the text for one image, and what the chat template written into a merged
     export puts for an image part: Gemma 3's `<start_of_image>` (its processor expands it to `image_text`), Qwen2.5-VL's
-    pad token between vision start/end tokens."""
+    pad token between vision start/end tokens, InternVL's `<IMG_CONTEXT>` (expanded to `image_text`)."""
     token_types: str | None = None
     """The forward's per-token modality input (1 on image tokens, 0 elsewhere), made from input_ids for each batch:
     Gemma 3's `token_type_ids` (image tokens attend to their whole block, both ways), Qwen2.5-VL's
@@ -179,6 +180,17 @@ FAMILIES: dict[str, Family] = {
             video_text="<|vision_start|><|video_pad|><|vision_end|>",
             video_inputs=("video_grid_thw", "second_per_grid_ts"),
             video_token_type=2,
+        ),
+        # InternVL (2.5, 3): InternViT tiles of the image's aspect-ratio grid plus a thumbnail, pixel-shuffled and
+        # projected by an MLP into a Qwen2 LLM with plain 1-D RoPE and causal attention; the processor wraps each
+        # image's context tokens in `<img>` `</img>`, which its token count includes.
+        Family(
+            "internvl",
+            "InternVLForConditionalGeneration",
+            tiles=True,
+            default_template="chatml",
+            image_text="<img><IMG_CONTEXT></img>",
+            image_prompt="<IMG_CONTEXT>",
         ),
         # Gemma 3: SigLIP, a projector that pools the patch features to a fixed count, bidirectional attention
         # inside each image block (token_type_ids).
