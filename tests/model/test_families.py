@@ -136,10 +136,14 @@ def test_anyres_family_policy(kind, request, tmp_path):
 
 
 # Relatives of LLaVA: the builder fixture and the template of each; Qwen2.5-VL's processor needs torchvision.
-RELATIVES = {"gemma3": ("tiny_gemma3", "gemma"), "qwen2_5_vl": ("tiny_qwen2_5_vl", "chatml")}
+RELATIVES = {
+    "gemma3": ("tiny_gemma3", "gemma"),
+    "qwen2_5_vl": ("tiny_qwen2_5_vl", "chatml"),
+    "internvl": ("tiny_internvl", "chatml"),
+}
 
 
-@pytest.mark.parametrize("kind", ["gemma3", pytest.param("qwen2_5_vl", marks=pytest.mark.torchvision)])
+@pytest.mark.parametrize("kind", kinds(*RELATIVES))
 def test_relative_family_policy(kind, request, tmp_path):
     """4-bit only on the LLM's linear layers, LoRA only there, the projector trained and saved in the adapter, the
     vision tower frozen, unquantized and absent from the adapter."""
