@@ -181,17 +181,6 @@ FAMILIES: dict[str, Family] = {
             video_inputs=("video_grid_thw", "second_per_grid_ts"),
             video_token_type=2,
         ),
-        # InternVL (2.5, 3): InternViT tiles of the image's aspect-ratio grid plus a thumbnail, pixel-shuffled and
-        # projected by an MLP into a Qwen2 LLM with plain 1-D RoPE and causal attention; the processor wraps each
-        # image's context tokens in `<img>` `</img>`, which its token count includes.
-        Family(
-            "internvl",
-            "InternVLForConditionalGeneration",
-            tiles=True,
-            default_template="chatml",
-            image_text="<img><IMG_CONTEXT></img>",
-            image_prompt="<IMG_CONTEXT>",
-        ),
         # Gemma 3: SigLIP, a projector that pools the patch features to a fixed count, bidirectional attention
         # inside each image block (token_type_ids).
         Family(
@@ -203,6 +192,17 @@ FAMILIES: dict[str, Family] = {
             image_text="\n\n<start_of_image><image_soft_token><end_of_image>\n\n",
             image_prompt="<start_of_image>",
             token_types="token_type_ids",
+        ),
+        # InternVL (2.5, 3): InternViT tiles of the image's aspect-ratio grid plus a thumbnail, pixel-shuffled and
+        # projected by an MLP into a Qwen2 LLM with plain 1-D RoPE and causal attention; the processor wraps each
+        # image's context tokens in `<img>` `</img>`, which its token count includes.
+        Family(
+            "internvl",
+            "InternVLForConditionalGeneration",
+            tiles=True,
+            default_template="chatml",
+            image_text="<img><IMG_CONTEXT></img>",
+            image_prompt="<IMG_CONTEXT>",
         ),
     )
 }

@@ -19,7 +19,8 @@ from tests.conftest import CORPUS, kinds, make_recipe, tiny_of
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     llm = build_tiny_llm(tmp_path / "llama", "llama")
     with pytest.raises(
-        QllavaError, match="`llama` models are not supported.*llava, llava_next, llava_onevision, qwen2_5_vl, gemma3"
+        QllavaError,
+        match="`llama` models are not supported.*llava, llava_next, llava_onevision, qwen2_5_vl, gemma3, internvl",
     ):
         check_base(llm)
     with pytest.raises(QllavaError, match="supported architectures"):
