@@ -39,9 +39,10 @@ class Family:
     `model.image_newline`, the learned separator after each row of image features)."""
     tiles: bool = False
     """An image goes to the processor as it is and becomes a number of pieces that depends on its size: AnyRes
-    tiles (pixel_values (tiles, 3, H, W) per image) or Qwen2.5-VL's flattened patches at the image's own
-    resolution ((patches, dim) per image). A batch concatenates them; the model splits them again by the
-    family's `image_inputs`, and the image's token count is asked of the processor for its size."""
+    tiles (pixel_values (tiles, 3, H, W) per image), InternVL's tiles of its aspect-ratio grid (likewise) or
+    Qwen2.5-VL's flattened patches at the image's own resolution ((patches, dim) per image). A batch concatenates
+    them; the model splits them again by the family's `image_inputs` (InternVL's needs none: its features fill the
+    image tokens in order), and the image's token count is asked of the processor for its size."""
     image_inputs: tuple[str, ...] = ()
     """Processor outputs the forward needs beside pixel_values, one row per image, stacked over the batch's
     images in sample order (`image_sizes`: (height, width) of each original image, which the AnyRes forward
