@@ -194,7 +194,7 @@ def max_abs_diff(a: dict, b: dict) -> float:
 # --- AnyRes families (LLaVA-NeXT, LLaVA-OneVision) ---
 
 
-TORCHVISION_KINDS = ("llava_onevision", "qwen2_5_vl")
+TORCHVISION_KINDS = ("llava_onevision", "qwen2_5_vl", "internvl")
 """Architectures whose transformers processor needs torchvision (its video processor): their tests are marked
 `torchvision`, skipped without it and run by `python -m pytest -m torchvision` where it is installed (.ci/run)."""
 TINY_BASES = {
@@ -203,6 +203,7 @@ TINY_BASES = {
     "llava_onevision": "tiny_onevision",
     "qwen2_5_vl": "tiny_qwen2_5_vl",
     "gemma3": "tiny_gemma3",
+    "internvl": "tiny_internvl",
 }
 
 
@@ -237,7 +238,7 @@ def tiny_onevision(tmp_path_factory) -> Path:
     return build_tiny_llava_onevision(tmp_path_factory.mktemp("ov") / "model", CORPUS, seed=0)
 
 
-# --- relatives of LLaVA (Gemma 3, Qwen2.5-VL) ---
+# --- relatives of LLaVA (Gemma 3, Qwen2.5-VL, InternVL) ---
 
 
 @pytest.fixture(scope="session")
@@ -252,6 +253,13 @@ def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
     from qllava.model.tiny import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl") / "model", CORPUS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl(tmp_path_factory) -> Path:
+    from qllava.model.tiny import build_tiny_internvl
+
+    return build_tiny_internvl(tmp_path_factory.mktemp("internvl") / "model", CORPUS, seed=0)
 
 
 def assert_each_sample_computes_alone(model, items: list[dict], pad_token_id: int, *, packed: bool = True) -> dict:

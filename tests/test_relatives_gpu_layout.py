@@ -1,7 +1,7 @@
-"""LLaVA-OneVision, Qwen2.5-VL and Gemma 3 in the dtypes a CUDA device gets (bf16 base, vision tower, pixels and clips;
-fp32 projector; bf16 autocast; 8-bit AdamW), on the CPU under QLLAVA_GPU_LAYOUT=1, as LLaVA-1.5 (test_gpu_layout.py)
-and LLaVA-NeXT (test_anyres_run.py) are: padded and, where the family allows it, packed batches with evaluation, a bf16
-merge that passes its verification, generation from the export, and two DDP processes."""
+"""LLaVA-OneVision, Qwen2.5-VL, Gemma 3 and InternVL in the dtypes a CUDA device gets (bf16 base, vision tower,
+pixels and clips; fp32 projector; bf16 autocast; 8-bit AdamW), on the CPU under QLLAVA_GPU_LAYOUT=1, as LLaVA-1.5
+(test_gpu_layout.py) and LLaVA-NeXT (test_anyres_run.py) are: padded and, where the family allows it, packed batches
+with evaluation, a bf16 merge that passes its verification, generation from the export, and two DDP processes."""
 
 import pytest
 import torch
@@ -28,7 +28,7 @@ from tests.conftest import (
 )
 from tests.train.test_fsdp import FSDP_CONFIG
 
-KINDS = kinds("llava_onevision", "qwen2_5_vl", "gemma3")
+KINDS = kinds("llava_onevision", "qwen2_5_vl", "gemma3", "internvl")
 SIZES = ((32, 32), (28, 40), (64, 20), (40, 28))
 
 

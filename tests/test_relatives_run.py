@@ -16,13 +16,14 @@ from qllava.data.templates import render
 from qllava.data.validate import datasets_from_recipe
 from qllava.errors import QllavaError
 from qllava.export import merge_checkpoint
-from qllava.model.families import family_of, forward_image_inputs
+from qllava.model.families import family_named, family_of, forward_image_inputs
 from qllava.model.load import load_processor
 from qllava.recipe import load_recipe
 from qllava.train.loop import train
 from tests.conftest import (
     adapter_tensors,
     assert_each_sample_computes_alone,
+    kinds,
     make_recipe,
     max_abs_diff,
     run_metrics,
@@ -31,13 +32,16 @@ from tests.conftest import (
 from tests.test_inference import check_answer_and_chat
 
 # kind -> (fixture, template, what the model's processor takes where qllava's data has `<image>`, training steps
-# in which the loss falls by 15%: measured 0.80 after 20 steps for the tiny Qwen2.5-VL, 0.92 after 10)
+# in which the loss falls by 15%: measured 0.80 after 20 steps for the tiny Qwen2.5-VL, 0.92 after 10; 0.74 after 20
+# for the tiny InternVL, 0.82 after 10)
 RELATIVES = {
     "gemma3": ("tiny_gemma3", "gemma", "<start_of_image>", 10),
     "qwen2_5_vl": ("tiny_qwen2_5_vl", "chatml", "<|vision_start|><|image_pad|><|vision_end|>", 20),
+    "internvl": ("tiny_internvl", "chatml", "<IMG_CONTEXT>", 20),
 }
-# Qwen2.5-VL's processor needs torchvision (the `torchvision` tier); Gemma 3's runs in the default one.
-KINDS = [pytest.param(kind, marks=pytest.mark.torchvision) if kind == "qwen2_5_vl" else kind for kind in RELATIVES]
+# Qwen2.5-VL's and InternVL's processors need torchvision (the `torchvision` tier); Gemma 3's runs in the default one.
+KINDS = kinds(*RELATIVES)
+UNPACKED = kinds(*(kind for kind in RELATIVES if not family_named(kind).packing))
 END_OF_TURN = {"gemma": "<end_of_turn>", "chatml": "<|im_end|>"}
 SIZES = ((32, 32), (28, 40), (64, 20), (100, 300))
 
@@ -82,16 +86,20 @@ def test_encoded_sample_equals_the_hf_processor(kind, request, tmp_path):
         replies = [text for role, text in sample.turns if role == "assistant"]
         trained = processor.tokenizer.decode([t for t in item["labels"] if t != -100])
         assert trained == "".join(f"{reply}{END_OF_TURN[recipe.data.template]}" for reply in replies), sample.id
-        # One image: Qwen2.5-VL's processor returns its patches (patches, dim), the others a batch of one.
+        # One image: Qwen2.5-VL's processor returns its patches (patches, dim), InternVL's its tiles (tiles, 3, H, W),
+        # Gemma 3's a batch of one.
         pixels = theirs["pixel_values"]
-        torch.testing.assert_close(item["pixel_values"], pixels if pixels.dim() == 2 else pixels[0])
+        torch.testing.assert_close(item["pixel_values"], pixels if family.tiles else pixels[0])
         for key in family.image_inputs:
             assert torch.equal(item[key], theirs[key][0]), (sample.id, key)
         batch = collate([item], processor.tokenizer.pad_token_id)
         ours = forward_image_inputs(batch, torch.device("cpu"), torch.float32, model_config)
-        hf_key = "token_type_ids" if "token_type_ids" in theirs else "mm_token_type_ids"
-        assert torch.equal(ours[family.token_types], theirs[hf_key]), sample.id
-        assert ours[family.token_types].sum() > 0
+        if family.token_types is not None:
+            hf_key = "token_type_ids" if "token_type_ids" in theirs else "mm_token_type_ids"
+            assert torch.equal(ours[family.token_types], theirs[hf_key]), sample.id
+            assert ours[family.token_types].sum() > 0
+        # Nothing the processor gives the forward is missing from qllava's inputs (InternVL: pixel_values alone).
+        assert set(theirs) - {"input_ids", "attention_mask"} <= set(ours) | {family.token_types}, sample.id
         # The model on qllava's inputs is the model on the processor's (Qwen2.5-VL's 3-D positions included).
         with torch.no_grad():
             reference = model(**theirs, use_cache=False).logits
@@ -103,7 +111,8 @@ def test_encoded_sample_equals_the_hf_processor(kind, request, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_forward_accepts_batches(kind, request, tmp_path):
     """A padded batch of images of several sizes and a text-only sample gives every sample the logits it gets
-    alone (the extra inputs land on each sample's own image tokens)."""
+    alone (the extra inputs land on each sample's own image tokens), and so does the packed batch where the family
+    packs (InternVL: 1-D RoPE, causal attention; the others are refused, test_packing_is_refused_at_start_up)."""
     base = _base(kind, request)
     data = write_color_data(tmp_path, 4, sizes=SIZES)
     recipe = _recipe(kind, base, data, tmp_path / "out")
@@ -113,11 +122,10 @@ def test_forward_accepts_batches(kind, request, tmp_path):
     train_set, _ = datasets_from_recipe(recipe, processor, model.config, warn=lambda _: None)
     items = [train_set[i] for i in range(4)]
     assert any(it["pixel_values"] is None for it in items)
-    assert_each_sample_computes_alone(model, items, processor.tokenizer.pad_token_id, packed=False)
-    assert not family.packing  # none of these takes 1-D packing: test_packing_is_refused covers them
+    assert_each_sample_computes_alone(model, items, processor.tokenizer.pad_token_id, packed=family.packing)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", UNPACKED)
 def test_packing_is_refused_at_start_up(kind, request, tmp_path):
     """data.packing with a base whose packed samples would see each other (Gemma 3's image-block mask) or get
     wrong positions (M-RoPE) is refused before any model is loaded, naming the key."""

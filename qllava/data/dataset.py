@@ -516,13 +516,16 @@ def encoder_from_recipe(recipe, processor, config) -> Encoder:
             f"into {placed} image tokens (id {image_token_id}) instead of one; is model.base a {family.model_type} "
             "checkpoint with its own processor files?"
         )
-    family = family_of(config)
+    # `_get_num_multimodal_tokens` counts every token of the processor's `image_token_ids` in an image's expansion:
+    # InternVL's includes the `<img>` and `</img>` around its context tokens, which `image_text` already holds once.
+    wrapping = set(processor.image_token_ids) - {image_token_id}
+    wrappers = sum(token in wrapping for token in tokenizer(family.image_text, add_special_tokens=False)["input_ids"])
     counts: dict[Size, int] = {}
     among: dict[int, int | None] = {}
 
     def tokens_for_size(size: Size) -> int:
         if size not in counts:
-            counts[size] = processor_image_tokens(processor, [size])[0]
+            counts[size] = processor_image_tokens(processor, [size])[0] - wrappers
         return counts[size]
 
     def tokens_for_images(sizes: tuple[Size, ...]) -> list[int]:

@@ -132,8 +132,8 @@ def tiled_inputs(image: Image.Image, image_processor) -> dict:
     out = image_processor(images=image, return_tensors="pt")
     pixels = out["pixel_values"]
     # AnyRes processors return one tile stack per image (images, tiles, 3, H, W); Qwen2.5-VL's the images' patches
-    # back to back (patches, dim), here those of the one image.
-    inputs = {"pixel_values": pixels if pixels.dim() == 2 else pixels[0]}
+    # back to back (patches, dim) and InternVL's their tiles back to back (tiles, 3, H, W), here those of the one image.
+    inputs = {"pixel_values": pixels if pixels.dim() in (2, 4) else pixels[0]}
     inputs |= {key: out[key][0] for key in IMAGE_INPUTS if key in out}
     return inputs | {"size": (image.height, image.width)}
 

@@ -39,9 +39,10 @@ class Family:
     `model.image_newline`, the learned separator after each row of image features)."""
     tiles: bool = False
     """An image goes to the processor as it is and becomes a number of pieces that depends on its size: AnyRes
-    tiles (pixel_values (tiles, 3, H, W) per image) or Qwen2.5-VL's flattened patches at the image's own
-    resolution ((patches, dim) per image). A batch concatenates them; the model splits them again by the
-    family's `image_inputs`, and the image's token count is asked of the processor for its size."""
+    tiles (pixel_values (tiles, 3, H, W) per image), InternVL's tiles of its aspect-ratio grid (likewise) or
+    Qwen2.5-VL's flattened patches at the image's own resolution ((patches, dim) per image). A batch concatenates
+    them; the model splits them again by the family's `image_inputs` (InternVL's needs none: its features fill the
+    image tokens in order), and the image's token count is asked of the processor for its size."""
     image_inputs: tuple[str, ...] = ()
     """Processor outputs the forward needs beside pixel_values, one row per image, stacked over the batch's
     images in sample order (`image_sizes`: (height, width) of each original image, which the AnyRes forward
@@ -61,7 +62,8 @@ class Family:
     """What a sample's `<image>` tag becomes in the prompt text: the text the model's processor puts there, with
     the image token (`config.image_token_id`) once; the encoder repeats that token as many times as the processor
     counts. LLaVA's processors expand the tag itself; Gemma 3's wraps its soft tokens in begin/end-of-image tokens
-    and blank lines; Qwen2.5-VL's chat format wraps its pad token in vision start/end tokens."""
+    and blank lines; Qwen2.5-VL's chat format wraps its pad token in vision start/end tokens; InternVL's processor wraps
+    its context tokens in `<img>` `</img>`."""
     pad: bool = True
     """Whether `data.image_aspect: pad` is available: a merged export then pads through a LLaVA padding image
     processor inside the family's processor, which Gemma 3's processor cannot call (it passes its pan-and-scan
@@ -69,7 +71,7 @@ class Family:
     image_prompt: str = "<image>"
     """What the model's processor takes in the text for one image, and what the chat template written into a merged
     export puts for an image part: Gemma 3's `<start_of_image>` (its processor expands it to `image_text`), Qwen2.5-VL's
-    pad token between vision start/end tokens."""
+    pad token between vision start/end tokens, InternVL's `<IMG_CONTEXT>` (expanded to `image_text`)."""
     token_types: str | None = None
     """The forward's per-token modality input (1 on image tokens, 0 elsewhere), made from input_ids for each batch:
     Gemma 3's `token_type_ids` (image tokens attend to their whole block, both ways), Qwen2.5-VL's
@@ -191,6 +193,17 @@ FAMILIES: dict[str, Family] = {
             image_text="\n\n<start_of_image><image_soft_token><end_of_image>\n\n",
             image_prompt="<start_of_image>",
             token_types="token_type_ids",
+        ),
+        # InternVL (2.5, 3): InternViT tiles of the image's aspect-ratio grid plus a thumbnail, pixel-shuffled and
+        # projected by an MLP into a Qwen2 LLM with plain 1-D RoPE and causal attention; the processor wraps each
+        # image's context tokens in `<img>` `</img>`, which its token count includes.
+        Family(
+            "internvl",
+            "InternVLForConditionalGeneration",
+            tiles=True,
+            default_template="chatml",
+            image_text="<img><IMG_CONTEXT></img>",
+            image_prompt="<IMG_CONTEXT>",
         ),
     )
 }

@@ -156,6 +156,11 @@ def load_base(
 
 def load_processor(base: str | Path):
     processor = AutoProcessor.from_pretrained(base)
+    # qllava calls the image processor itself (an image at a time, in the dataset's workers): give it the settings the
+    # processor's `__call__` passes it over its own saved ones (InternVL's turns on crop_to_patches, which its
+    # preprocessor_config.json leaves off: called alone, the image processor would make one tile of every image).
+    for key, value in getattr(type(processor), "images_kwargs", {}).items():
+        setattr(processor.image_processor, key, value)
     if processor.tokenizer.pad_token_id is None:
         # LLaVA pads with unk when the tokenizer has no pad token; labels mask padding anyway.
         processor.tokenizer.pad_token = processor.tokenizer.unk_token or processor.tokenizer.eos_token

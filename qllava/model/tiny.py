@@ -642,3 +642,84 @@ def build_tiny_qwen2_5_vl(
         video_processor=Qwen2VLVideoProcessor(**settings),
     ).save_pretrained(out)
     return out
+
+
+INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+INTERNVL_TILE_TOKENS = 4
+"""Image tokens per 32 px tile of the tiny InternVL: its 4x4 patches pixel-shuffled (downsample 0.5) to 2x2."""
+INTERNVL_MAX_TILES = 4
+"""Tiles of the tiny InternVL's grid (InternVL3: 12), plus a thumbnail of the whole image when there are several."""
+
+
+def build_tiny_internvl(
+    out_dir: str | Path, corpus: list[str], *, seed: int = 0, vision_hidden: int = 64, text_hidden: int = 128
+) -> Path:
+    """Create and save a random tiny InternVL (InternViT-style vision with pixel-shuffle downsampling, Qwen2-style LLM
+    with tied, padded embeddings, chatml) with its `InternVLProcessor`; return its directory. Images become a grid of
+    up to `INTERNVL_MAX_TILES` 32 px tiles chosen by their aspect ratio, plus a thumbnail.
+
+    transformers' `InternVLProcessor` cannot be built, nor loaded, without torchvision (its video processor needs it).
+    """
+    _require_torchvision("InternVL", "InternVLVideoProcessor")
+    from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers.models.internvl import InternVLVideoProcessor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # The processor finds its wrapper, context and video tokens by these names on the tokenizer, as on the released one.
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_train_bpe(corpus, INTERNVL_SPECIALS, unk=None, bos=None, vocab_size=512),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+        additional_special_tokens=["<|im_start|>"],
+        model_max_length=512,
+    )
+    tile = [IMAGE_SIZE, IMAGE_SIZE]
+    config = InternVLConfig(
+        vision_config=dict(
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=tile,
+            patch_size=[PATCH_SIZE, PATCH_SIZE],
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=64 * (len(tokenizer) // 64 + 2),  # padded, as Qwen2's
+            hidden_size=text_hidden,
+            intermediate_size=2 * text_hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=INTERNVL_TILE_TOKENS,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        tie_word_embeddings=True,
+    )
+    _save_random(InternVLForConditionalGeneration, config, tokenizer, out, seed)
+    settings = dict(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    # crop_to_patches stays off in the image processor's own settings, as in the released preprocessor_config.json:
+    # the processor turns it on for each call, which a direct call of the image processor would miss.
+    InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(
+            crop_to_patches=False, min_patches=1, max_patches=INTERNVL_MAX_TILES, **settings
+        ),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(**settings),
+        image_seq_length=INTERNVL_TILE_TOKENS,
+    ).save_pretrained(out)
+    return out

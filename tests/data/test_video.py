@@ -165,7 +165,7 @@ def test_each_bad_video_file_says_what_is_wrong(tmp_path):
 # --- families without video ---
 
 
-@pytest.mark.parametrize("kind", ["llava", "llava_next", "gemma3"])
+@pytest.mark.parametrize("kind", kinds("llava", "llava_next", "gemma3", "internvl"))
 def test_a_video_is_refused_for_a_family_without_video_input(kind, request, tmp_path):
     """`data check` and `train` (exit 1, one message, nothing written) name the sample and the architectures that
     take video."""

@@ -19,7 +19,8 @@ from tests.conftest import CORPUS, kinds, make_recipe, tiny_of
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     llm = build_tiny_llm(tmp_path / "llama", "llama")
     with pytest.raises(
-        QllavaError, match="`llama` models are not supported.*llava, llava_next, llava_onevision, qwen2_5_vl, gemma3"
+        QllavaError,
+        match="`llama` models are not supported.*llava, llava_next, llava_onevision, qwen2_5_vl, gemma3, internvl",
     ):
         check_base(llm)
     with pytest.raises(QllavaError, match="supported architectures"):
@@ -136,10 +137,14 @@ def test_anyres_family_policy(kind, request, tmp_path):
 
 
 # Relatives of LLaVA: the builder fixture and the template of each; Qwen2.5-VL's processor needs torchvision.
-RELATIVES = {"gemma3": ("tiny_gemma3", "gemma"), "qwen2_5_vl": ("tiny_qwen2_5_vl", "chatml")}
+RELATIVES = {
+    "gemma3": ("tiny_gemma3", "gemma"),
+    "qwen2_5_vl": ("tiny_qwen2_5_vl", "chatml"),
+    "internvl": ("tiny_internvl", "chatml"),
+}
 
 
-@pytest.mark.parametrize("kind", ["gemma3", pytest.param("qwen2_5_vl", marks=pytest.mark.torchvision)])
+@pytest.mark.parametrize("kind", kinds(*RELATIVES))
 def test_relative_family_policy(kind, request, tmp_path):
     """4-bit only on the LLM's linear layers, LoRA only there, the projector trained and saved in the adapter, the
     vision tower frozen, unquantized and absent from the adapter."""
