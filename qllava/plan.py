@@ -138,12 +138,16 @@ def shape_from_config(config, processor=None, max_image_tokens: int | None = Non
     text, vision = config.text_config, config.vision_config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    # A tower of one input size (CLIP, SigLIP) or one at each image's own resolution (Qwen2.5-VL's ViT, whose
-    # merger makes one token of spatial_merge_size^2 patches).
-    fixed_side = getattr(vision, "image_size", None)
+    # A tower of one input size (CLIP, SigLIP, InternViT: (height, width) pairs there) or one at each image's own
+    # resolution (Qwen2.5-VL's ViT, whose merger makes one token of spatial_merge_size^2 patches).
+    fixed_side = _side(getattr(vision, "image_size", None))
+    patch = _side(vision.patch_size)
     merge = getattr(vision, "spatial_merge_size", 1)
-    has_cls = vision.model_type.startswith("clip")
-    tile_patches = (fixed_side // vision.patch_size) ** 2 + int(has_cls) if fixed_side else 0
+    # InternVL's pixel shuffle folds (1 / downsample_ratio)^2 patches into one wider feature before its projector.
+    shuffle = round(1 / getattr(config, "downsample_ratio", 1.0)) ** 2
+    tower = model.get_submodule(family.vision)
+    has_cls = any(name.endswith(("class_embedding", "cls_token")) for name, _ in tower.named_parameters())
+    tile_patches = (fixed_side // patch) ** 2 + int(has_cls) if fixed_side else 0
     # The widths of a decoder layer's norms (Llama, Qwen2: two of the hidden size; Gemma 3: four, and q/k norms of
     # head_dim).
     layer_norms = [
@@ -164,6 +168,12 @@ def shape_from_config(config, processor=None, max_image_tokens: int | None = Non
             top_h, top_w = max(h for h, _ in grids), max(w for _, w in grids)
             sizes = grids + [(h, w) for h in range(32, top_h + 1, 32) for w in range(32, top_w + 1, 32)]
             tiles = 1 + max((h // fixed_side) * (w // fixed_side) for h, w in grids)
+        elif fixed_side and family.tiles:
+            # InternVL: a grid of up to max_patches tiles by the image's aspect ratio, plus a thumbnail; every size
+            # up to max_patches tiles long, 64 px apart, reaches every grid.
+            top = fixed_side * processor.image_processor.max_patches
+            sizes = [(h, w) for h in range(64, top + 1, 64) for w in range(64, top + 1, 64)]
+            sizes.sort(key=lambda size: max(size) / min(size))  # the squarest of the worst is reported
         elif fixed_side:
             sizes = [(fixed_side, fixed_side)]
         else:
@@ -176,15 +186,18 @@ def shape_from_config(config, processor=None, max_image_tokens: int | None = Non
         tokens = max(admitted) if max(admitted) > 0 else min(counts)
         if len(set(counts)) > 1:
             worst = sizes[admitted.index(tokens) if tokens in admitted else counts.index(tokens)]
+            if not grids and fixed_side:  # InternVL: the worst image's tiles, as its processor counts them
+                tiles = processor._get_num_multimodal_tokens(image_sizes=[list(worst)]).num_image_patches[0]
         if fixed_side:
             select = getattr(config, "vision_feature_select_strategy", "full")
-            tile_tokens = tile_patches - int(select == "default")
+            tile_tokens = (tile_patches - int(select == "default")) // shuffle
         else:
             tile_patches = tile_tokens = tokens * merge**2  # the merger reads every patch of the image
     keeps_hidden_states = hasattr(config, "vision_feature_layer")
-    projector_keeps = _projector_keeps(model.get_submodule(family.projector), tile_tokens, vision.hidden_size)
+    projector = model.get_submodule(family.projector)
+    projector_keeps = _projector_keeps(projector, tile_tokens, vision.hidden_size * shuffle)
     return Shape(
-        vision_working=_vision_working(model.get_submodule(family.vision), vision, keeps_hidden_states, fixed_side),
+        vision_working=_vision_working(tower, vision, keeps_hidden_states, fixed_side),
         projector_keeps=projector_keeps,
         hidden=text.hidden_size,
         layers=text.num_hidden_layers,
@@ -201,7 +214,7 @@ def shape_from_config(config, processor=None, max_image_tokens: int | None = Non
         vision_intermediate=vision.intermediate_size,
         vision_layers=vision.num_hidden_layers,
         vision_keeps_hidden_states=keeps_hidden_states,
-        pixels_per_tile=tile_patches * 3 * getattr(vision, "temporal_patch_size", 1) * vision.patch_size**2
+        pixels_per_tile=tile_patches * 3 * getattr(vision, "temporal_patch_size", 1) * patch**2
         if not fixed_side
         else 3 * fixed_side**2,
         image_size=fixed_side or 0,
@@ -212,6 +225,15 @@ def shape_from_config(config, processor=None, max_image_tokens: int | None = Non
         tile_tokens=tile_tokens,
         worst_image=worst,
     )
+
+
+def _side(size) -> int | None:
+    """A square's side from a config's size: an int, or InternVL's (height, width) pair."""
+    if isinstance(size, (list, tuple)):
+        if size[0] != size[1]:
+            raise QllavaError(f"the plan assumes square vision inputs and patches, not {size}")
+        return size[0]
+    return size
 
 
 def _vision_working(tower, vision, keeps_hidden_states: bool, fixed_side: int | None) -> int:

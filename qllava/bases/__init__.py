@@ -17,6 +17,7 @@ BASES = {
     "llava-onevision-qwen2-7b-ov-hf": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
     "Qwen2.5-VL-7B-Instruct": "Qwen/Qwen2.5-VL-7B-Instruct",
     "gemma-3-4b-it": "google/gemma-3-4b-it",
+    "InternVL3-8B-hf": "OpenGVLab/InternVL3-8B-hf",
     # Not on the Hub: what `qllava compose --vision clip-vit-large-patch14-336 --llm vicuna-7b-v1.5` writes, the
     # base of the two-stage recipes.
     "clip-vicuna-7b": None,
