@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import TextStreamer
 
-from qllava.data.dataset import encoder_from_recipe
+from qllava.data.dataset import IMAGE_TAG, encoder_from_recipe
 from qllava.data.images import image_problem
 from qllava.errors import QllavaError
 from qllava.generate import Sampling, generate_batch
@@ -51,8 +51,24 @@ class ChatSession:
         self.images = check_images(list(images))
         self.turns: list[tuple[str, str]] = []
 
+    def check_question(self, question: str) -> None:
+        """A QllavaError when `question`'s `<image>` tags cannot place the images: the first question places them
+        all (one tag each, or none), later ones find them placed."""
+        tags = question.count(IMAGE_TAG)
+        if self.turns and tags:
+            raise QllavaError(
+                "the images are placed by the conversation's first question; ask without `<image>`, or start a new "
+                "conversation with /image or /reset"
+            )
+        if tags and tags != len(self.images):
+            raise QllavaError(
+                f"the question has {tags} `<image>` tag(s) but the conversation is about {len(self.images)} "
+                "image(s): put one `<image>` where each image belongs, or none to have them placed before it"
+            )
+
     def ask(self, question: str) -> str:
         """Answer `question` given the conversation so far; tokens are printed as they are generated."""
+        self.check_question(question)
         turns = [*self.turns, ("user", question)]
         streamer = _ReplyStreamer(self.processor.tokenizer)
         answer = generate_batch(
@@ -93,7 +109,9 @@ def repl(session: ChatSession) -> None:
         if line == "/reset":
             session.reset()
             print(f"(conversation cleared; the next question starts a new one {session.about()})")
-        elif line.startswith("/image "):  # without a PATH: the help below
+        elif line == "/image":
+            print(f"(/image needs one or more paths) {HELP}")
+        elif line.startswith("/image "):
             try:
                 session.reset([Path(p) for p in _split_paths(line.removeprefix("/image"))])
                 print(f"(new conversation {session.about()})")
@@ -102,5 +120,10 @@ def repl(session: ChatSession) -> None:
         elif line.startswith("/"):
             print(f"(unknown command) {HELP}")
         else:
+            try:
+                session.check_question(line)
+            except QllavaError as exc:  # nothing was asked: the conversation goes on as it was
+                print(f"(error: {exc})")
+                continue
             print("assistant> ", end="", flush=True)
             session.ask(line)

@@ -75,6 +75,14 @@ def test_fewer_samples_than_one_step_is_one_message_before_the_model_loads(tiny_
     assert result.returncode == 1
     assert "12 training samples are fewer than one optimizer step needs (4 x 4 x 1 processes)" in result.stderr
     assert "LLM in 4-bit" not in result.stdout + result.stderr  # the model's start-up table: it never loaded
+    # `data check` says so too, as a warning beside its report of sound data.
+    args = [f"model.base={tiny_base}", f"data.train={tiny_data / 'train.json'}", "train.micro_batch_size=4"]
+    args += [f"data.image_folder={tiny_data / 'images'}", "data.eval=", "train.grad_accum=4"]
+    check = qllava("data", "check", "demo", *args)
+    assert check.returncode == 0, check.stderr
+    assert "warning: 12 training samples are fewer than one optimizer step needs (4 x 4 on one process)" in (
+        check.stdout
+    )
 
 
 def test_recipes_lists_shipped_recipes_and_keys():

@@ -307,11 +307,25 @@ def test_several_images_with_the_wrong_tags_are_refused_before_the_model_loads(t
     # In a session: /image takes several paths (quoted where they hold spaces); a bad one keeps the images.
     spaced = tmp_path / "an image.png"
     spaced.write_bytes((images / "2.png").read_bytes())
-    session = f"/image {images / '1.png'} '{spaced}'\n/image {images / '1.png'} {tmp_path / 'gone.png'}\n/exit\n"
-    result = qllava_here("chat", base, "--adapter", adapter, *two, input=session)
+    # Tags that cannot place the images are an error line, and the conversation goes on.
+    lines = [
+        f"/image {images / '1.png'} '{spaced}'",
+        f"/image {images / '1.png'} {tmp_path / 'gone.png'}",
+        "Is <image> red?",
+        "What colors?",
+        "And <image>?",
+        "/image",
+        "/exit",
+    ]
+    args = ["--adapter", adapter, *two, "--temperature", "0", "--max-new-tokens", "4"]
+    result = qllava_here("chat", base, *args, input="\n".join(lines) + "\n")
     assert result.exit_code == 0, result.output
     assert f"(new conversation about {images / '1.png'}, {spaced})" in result.stdout
     assert f"image `{tmp_path / 'gone.png'}` not found; still about {images / '1.png'}, {spaced})" in result.stdout
+    assert "(error: the question has 1 `<image>` tag(s) but the conversation is about 2 image(s)" in result.stdout
+    assert "(error: the images are placed by the conversation's first question" in result.stdout
+    assert result.stdout.count("assistant>") == 1  # only "What colors?" was asked
+    assert "(/image needs one or more paths)" in result.stdout
 
 
 def test_score_reports_both_accuracies(tmp_path):

@@ -114,6 +114,15 @@ def check_dataset(recipe: Recipe) -> Report:
     for data in data_files(recipe):
         scan = scan_file(data, recipe, encoder, image_problem=image_problem, decode_videos=True)
         _describe(scan, encoder, report)
+        step = recipe.train.micro_batch_size * recipe.train.grad_accum
+        if data.key == "data.train" and len(scan.samples) < step:
+            # What `train` refuses at start-up (for one process; more processes need more samples). A warning here:
+            # the data itself is sound, and a check of a few samples is a common first try.
+            report.lines.append(
+                f"warning: {len(scan.samples)} training samples are fewer than one optimizer step needs "
+                f"({recipe.train.micro_batch_size} x {recipe.train.grad_accum} on one process): `qllava train` "
+                "refuses this; lower train.micro_batch_size or train.grad_accum, or add samples"
+            )
     return report
 
 
@@ -151,11 +160,16 @@ def show_sample(recipe: Recipe, index: int) -> str:
             raise QllavaError(f"{label}: video `{sample.videos[0]}`: {encoder.no_video}")
         if not recipe.data.image_folder:
             raise QllavaError(f"{label} has a video but data.image_folder is not set")
-        path = Path(recipe.data.image_folder) / sample.videos[0]
+        folder = Path(recipe.data.image_folder)
         try:
-            header = read_header(path)
+            header = read_header(folder / sample.videos[0])
         except (VideoError, OSError) as exc:
-            raise QllavaError(f"{label}: video {path}: {exc}") from None
+            # Unlike an image of a fixed count, a clip cannot be shown without its header: its size sets its count.
+            problem = video_problem(folder / sample.videos[0]) or str(exc)
+            raise QllavaError(
+                f"{label}: video `{sample.videos[0]}` {problem} in data.image_folder `{folder}`; a clip's size, "
+                "read from its header, sets its token count, so the sample cannot be shown without it"
+            ) from None
         video_sizes = [(encoder.video_frames, header.height, header.width)]
     item = encoder.encode(sample, sizes, video_sizes)
     counts = encoder.image_counts(len(sample.images), sizes, sample.id)

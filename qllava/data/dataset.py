@@ -120,7 +120,7 @@ def parse_sample(record, index: int, source: str) -> Sample:
     if video_tags != len(videos):
         raise QllavaError(
             f"{label}: {video_tags} `<video>` tag(s) but {len(videos)} video(s); a sample's `video` needs one "
-            "`<video>` in its first human turn"
+            "`<video>` in the human turns (it is moved to the start of the first)"
         )
     if not any(role == "assistant" for role, _ in turns):
         raise QllavaError(f"{label}: no assistant (gpt) turn, so nothing would be trained")

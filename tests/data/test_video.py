@@ -340,6 +340,9 @@ def test_check_show_truncation_and_length_grouping_count_the_clip(kind, request,
     (data / "images" / "0.mp4").write_bytes(faststart[: len(faststart) * 4 // 5])
     shown = show_sample(recipe, 0).splitlines()
     assert shown[1].startswith("warning: video `0.mp4` declares 12 frames but 5 decode"), shown[:2]
+    (data / "images" / "0.mp4").unlink()  # without its header a clip has no count: the sample cannot be shown
+    with pytest.raises(QllavaError, match=r"sample 'v0' .*: video `0.mp4` not found in data.image_folder"):
+        show_sample(recipe, 0)
 
     if family_named(kind).model_type == "qwen2_5_vl":  # frames go to its vision tower two at a time
         odd = _recipe(kind, base, data, tmp_path / "out", data={"video_frames": 5})
