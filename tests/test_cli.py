@@ -179,7 +179,8 @@ def test_projector_file_of_another_format_is_one_message(tiny_base, tiny_data, t
     from qllava.model.projector import load_projector
 
     (tmp_path / "projector.safetensors").write_text("a text file with a weights file's name")
-    result = train_on_tiny(tiny_base, tiny_data, f"model.projector_from={tmp_path / 'projector.safetensors'}")
+    projector = f"model.projector_from={tmp_path / 'projector.safetensors'}"
+    result = train_on_tiny(tiny_base, tiny_data, projector, "train.micro_batch_size=4")  # 12 samples: 3 steps
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"qllava: error: {tmp_path / 'projector.safetensors'} is not a safetensors file (" in result.stderr
     assert "read from a projector.safetensors (what a stage-1 run saves in its checkpoints) or LLaVA's" in result.stderr
