@@ -17,6 +17,7 @@ from tools import gpu_acceptance as acc
 STAGES = [name for name, _ in acc.STAGES]
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_stage_and_writes_the_json_and_table(tmp_path, capsys):
     """The commands a GPU run uses, at tiny sizes: each stage ends ok and leaves its figures."""
     out = tmp_path / "acc"
