@@ -546,6 +546,34 @@ def build_tiny_gemma3(
     return out
 
 
+def _qwen2_tokenizer(corpus: list[str], specials: list[str], **special_tokens) -> PreTrainedTokenizerFast:
+    """A tiny Qwen2-style tokenizer (no BOS, chatml's end of turn as EOS, `<|endoftext|>` padding) with `specials`."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_train_bpe(corpus, specials, unk=None, bos=None, vocab_size=512),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=512,
+        **special_tokens,
+    )
+
+
+def _qwen2_text(tokenizer, hidden: int, **settings) -> dict:
+    """A tiny Qwen2-style LLM's text config (2 layers, 4 heads, 2 KV heads) for `tokenizer`, with `settings`."""
+    return dict(
+        vocab_size=64 * (len(tokenizer) // 64 + 2),  # padded, as Qwen2's
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **settings,
+    )
+
+
 QWEN2_5_VL_SPECIALS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -579,13 +607,7 @@ def build_tiny_qwen2_5_vl(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_bpe(corpus, QWEN2_5_VL_SPECIALS, unk=None, bos=None, vocab_size=512),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=QWEN2_5_VL_SPECIALS[1:],
-        model_max_length=512,
-    )
+    tokenizer = _qwen2_tokenizer(corpus, QWEN2_5_VL_SPECIALS, additional_special_tokens=QWEN2_5_VL_SPECIALS[1:])
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
         vision_config=dict(
@@ -600,20 +622,12 @@ def build_tiny_qwen2_5_vl(
             out_hidden_size=text_hidden,
             fullatt_block_indexes=[1],
         ),
-        text_config=dict(
-            vocab_size=64 * (len(tokenizer) // 64 + 2),  # padded, as Qwen2's
-            hidden_size=text_hidden,
-            intermediate_size=2 * text_hidden,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
+        text_config=_qwen2_text(
+            tokenizer,
+            text_hidden,
             # The temporal, height and width sections of the rotary half-dimension: 16 of head_dim 32 here
             # (Qwen2.5-VL-7B: 16, 24, 24 of 64).
             rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
-            bos_token_id=None,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
         ),
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
@@ -667,10 +681,9 @@ def build_tiny_internvl(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The processor finds its wrapper, context and video tokens by these names on the tokenizer, as on the released one.
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_bpe(corpus, INTERNVL_SPECIALS, unk=None, bos=None, vocab_size=512),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+    tokenizer = _qwen2_tokenizer(
+        corpus,
+        INTERNVL_SPECIALS,
         extra_special_tokens={
             "start_image_token": "<img>",
             "end_image_token": "</img>",
@@ -678,7 +691,6 @@ def build_tiny_internvl(
             "video_token": "<video>",
         },
         additional_special_tokens=["<|im_start|>"],
-        model_max_length=512,
     )
     tile = [IMAGE_SIZE, IMAGE_SIZE]
     config = InternVLConfig(
@@ -690,20 +702,7 @@ def build_tiny_internvl(
             image_size=tile,
             patch_size=[PATCH_SIZE, PATCH_SIZE],
         ),
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=64 * (len(tokenizer) // 64 + 2),  # padded, as Qwen2's
-            hidden_size=text_hidden,
-            intermediate_size=2 * text_hidden,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-            bos_token_id=None,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        text_config=_qwen2_text(tokenizer, text_hidden, model_type="qwen2", tie_word_embeddings=True),
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
         image_seq_length=INTERNVL_TILE_TOKENS,
         downsample_ratio=0.5,
