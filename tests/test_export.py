@@ -201,6 +201,14 @@ def test_processor_to_save_changes_only_the_image_processor(tiny_base):
     assert padded.tokenizer is processor.tokenizer  # only the image processor differs; the original is untouched
     stretched = processor_to_save(processor, "resize")
     assert not stretched.image_processor.do_center_crop and processor.image_processor.do_center_crop
+    # A base saved by a `pad` run pads in its image processor: `resize` from it still stretches, and saves so.
+    from_padded = processor_to_save(padded, "resize").image_processor
+    assert not from_padded.do_pad and padded.image_processor.do_pad
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 90, 3), dtype=np.uint8))
+    resized = pixel_values(image, "resize", padded.image_processor)
+    assert torch.equal(resized, pixel_values(image, "resize", processor.image_processor))
+    assert torch.equal(from_padded(images=image, return_tensors="pt")["pixel_values"][0], resized)
+    assert not torch.equal(resized, pixel_values(image, "pad", processor.image_processor))
 
 
 @pytest.mark.parametrize("base, own_stretches", [("tiny_base", False), ("tiny_gemma3", True)])

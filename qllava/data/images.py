@@ -71,10 +71,13 @@ def stretching(image_processor):
     every image to the input square (SigLIP's, Gemma 3's), else (CLIP's resizes the short side and center-crops) the
     same settings resizing straight to the input square without a crop. Training and every saved processor use it,
     so an export given to plain transformers sees the pixels training saw, with the base's resample filter."""
-    if not getattr(image_processor, "do_center_crop", False) and "height" in image_processor.size:
+    crops_or_pads = getattr(image_processor, "do_center_crop", False) or getattr(image_processor, "do_pad", False)
+    if not crops_or_pads and "height" in image_processor.size:
         return image_processor
     height, width = input_size(image_processor)
     settings = {**image_processor.to_dict(), "size": {"height": height, "width": width}, "do_center_crop": False}
+    if "do_pad" in settings:  # a base saved by a `pad` run (a LLaVA padding image processor) stretches here too
+        settings["do_pad"] = False
     return type(image_processor)(**settings)
 
 
@@ -204,7 +207,7 @@ def processor_to_save(processor, aspect: str, *, tiles: bool = False):
     whatever `aspect` says) keep the processor. The given processor is left unchanged.
     """
     image_processor = processor.image_processor
-    if tiles or getattr(image_processor, "do_pad", False):
+    if tiles:
         return processor
     if aspect == "resize":
         stretched = stretching(image_processor)
@@ -212,6 +215,8 @@ def processor_to_save(processor, aspect: str, *, tiles: bool = False):
             return processor
         processor = copy.copy(processor)
         processor.image_processor = stretched
+        return processor
+    if getattr(image_processor, "do_pad", False):
         return processor
     settings = {
         key: getattr(image_processor, key)
